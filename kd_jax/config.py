@@ -1,0 +1,300 @@
+"""Experiment configuration: typed dataclasses, YAML files, `section.key=value` overrides.
+
+This module imports no JAX, so a bad config is refused before any accelerator work starts.
+Every value is coerced to its field's declared type (`yaml.safe_load("1e-3")` is the string
+"1e-3"; `optimizer.lr=1e-3` must still be a float), and an unknown key is an error that names
+the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the CLI prints it on one line, exit code 2."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """A decoder-only transformer of the Llama family."""
+
+    vocab_size: int = 256  # embedding rows; may exceed the tokenizer's size (extra rows are masked)
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2  # grouped-query attention: n_heads must be a multiple of n_kv_heads
+    head_dim: int = 0  # 0 means d_model // n_heads
+    d_ff: int = 512  # SwiGLU hidden width
+    max_seq_len: int = 512  # longest context the model accepts (rotary tables are built for it)
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False  # output head shares the embedding matrix, [vocab, d]
+    remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint)
+    dtype: str = "float32"  # activations: float32 | bfloat16
+    param_dtype: str = "float32"
+    init_std: float = 0.02
+    seed: int = 0  # parameter initialization
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+@dataclasses.dataclass
+class TeacherConfig:
+    """Where the frozen teacher comes from; named once, here."""
+
+    source: str = "none"  # none (hard-label training) | checkpoint (a `kd-jax train` run dir)
+    path: str = ""
+    dtype: str = "float32"  # teacher forward precision: float32 | bfloat16
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | text | json | parquet | csv | hub
+    path: str = ""  # data files (comma-separated, globs allowed) or a hub dataset name
+    name: str = ""  # hub dataset configuration name
+    split: str = "train"
+    heldout_split: str = ""  # a split of the source to evaluate on; empty: hold out documents
+    heldout_fraction: float = 0.05  # fraction of documents held out when heldout_split is empty
+    text_column: str = "text"
+    prompt_column: str = ""  # with response_column: chat-style data, loss on the response only
+    response_column: str = ""
+    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    seq_len: int = 256
+    max_documents: int = 0  # 0 means all
+    seed: int = 0  # document split and per-epoch shuffling
+
+
+@dataclasses.dataclass
+class LossConfig:
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd | mse
+    temperature: float = 1.0
+    beta: float = 0.5  # jsd interpolation; 0 is forward KL, 1 is reverse KL (as TRL defines them)
+    skew: float = 0.1  # skew_kl / skew_reverse_kl mixing weight (DistiLLM)
+    kd_weight: float = 1.0
+    ce_weight: float = 0.0  # hard-label cross-entropy at T=1
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 3e-3
+    schedule: str = "cosine"  # cosine | constant (both after a linear warm-up)
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global-norm gradient clipping; 0 disables
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 100
+    batch_size: int = 16  # global batch, in sequences
+    microbatches: int = 1  # gradient accumulation; batch_size must be divisible by it
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_sequences: int = 64  # held-out sequences per evaluation
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    stop_at: int = 0  # stop after this step (a job slot's share); the schedule spans `steps`
+    progress: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+_CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16"),
+    ("model", "param_dtype"): ("float32", "bfloat16"),
+    ("teacher", "source"): ("none", "checkpoint"),
+    ("teacher", "dtype"): ("float32", "bfloat16"),
+    ("data", "source"): ("stdlib", "text", "json", "parquet", "csv", "hub"),
+    ("loss", "divergence"): (
+        "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"),
+    ("optimizer", "schedule"): ("cosine", "constant"),
+}
+
+
+def _closest(name: str, options: typing.Iterable[str]) -> str:
+    options = list(options)
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def _section_types(section_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _set(config: Config, section: str, key: str, value: Any) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section '{section}'{_closest(section, sections)}")
+    target = getattr(config, section)
+    types = _section_types(type(target))
+    if key not in types:
+        valid = [f"{section}.{k}" for k in types]
+        raise ConfigError(
+            f"unknown config key '{section}.{key}'{_closest(f'{section}.{key}', valid)}")
+    setattr(target, key, _coerce(value, types[key], f"{section}.{key}"))
+
+
+def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
+    config = base if base is not None else Config()
+    if not isinstance(raw, dict):
+        raise ConfigError("a config file must be a mapping of sections")
+    for section, values in raw.items():
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+        for key, value in values.items():
+            _set(config, str(section), str(key), value)
+    return config
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Apply `section.key=value` strings; values are parsed as YAML scalars, then typed."""
+    for item in overrides:
+        name, sep, text = item.partition("=")
+        section, dot, key = name.strip().partition(".")
+        if not sep or not dot or not key:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        _set(config, section, key, value)
+    return config
+
+
+def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML experiment file (or start from defaults), apply overrides, and validate."""
+    config = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        from_dict(raw, config)
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def dump(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def validate(config: Config) -> None:
+    """Check values that are wrong whatever the data; raises ConfigError naming the key."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise ConfigError(
+                f"{section}.{key}: '{value}' is not one of {', '.join(choices)}"
+                f"{_closest(value, choices)}")
+    m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.microbatches": t.microbatches, "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
+        "loss.temperature": loss.temperature,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
+            "or model.head_dim set")
+    if m.resolved_head_dim % 2:
+        raise ConfigError(f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) is not divisible by "
+            f"train.microbatches ({t.microbatches})")
+    for name in ("beta", "skew"):
+        value = getattr(loss, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
+    if loss.kd_weight < 0 or loss.ce_weight < 0:
+        raise ConfigError("loss.kd_weight and loss.ce_weight must be >= 0")
+    if not 0.0 < d.heldout_fraction < 1.0 and not d.heldout_split:
+        raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {d.heldout_fraction}")
+    if bool(d.prompt_column) != bool(d.response_column):
+        raise ConfigError("data.prompt_column and data.response_column must be set together")
+    if opt.lr <= 0 or opt.warmup_steps < 0 or not 0.0 <= opt.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            "optimizer: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    if config.teacher.source == "checkpoint" and not config.teacher.path:
+        raise ConfigError("teacher.source is 'checkpoint' but teacher.path is empty")

@@ -1,0 +1,378 @@
+"""The training loop: data, step, checkpoints and metrics, composed top to bottom.
+
+`run(config, mode)` serves `kd-jax train` (hard labels) and `kd-jax distill` (a frozen teacher).
+Everything a user can get wrong is checked before the run directory is touched; then the loop is
+a plain `for step in ...:` with periodic logging, evaluation and checkpoints. A run directory
+with a checkpoint resumes from it: its first step is the checkpoint's step + 1.
+
+Run directory:
+    config.yaml     the resolved config of the run
+    run.json        what later commands need to know (mode, tokenizer, parameter counts)
+    metrics.jsonl   one JSON object per log interval and per evaluation
+    report.json     the final evaluation
+    checkpoints/    orbax, the student only
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from kd_jax import config as config_lib
+from kd_jax import data as data_lib
+from kd_jax.config import Config, ConfigError
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite; the message names the step."""
+
+
+@dataclasses.dataclass
+class RunData:
+    tokenizer: Any
+    train: data_lib.Packed
+    heldout: data_lib.Packed
+    fingerprint: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and loading that happen before anything is written.
+
+
+def prepare_data(cfg: Config) -> RunData:
+    tokenizer = data_lib.load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})")
+    train_docs, heldout_docs = data_lib.load_documents(cfg.data)
+    train = data_lib.pack(train_docs, tokenizer, cfg.data.seq_len)
+    heldout = data_lib.pack(heldout_docs, tokenizer, cfg.data.seq_len)
+    if train.tokens.shape[0] == 0 or not train.loss_mask.any():
+        raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
+    return RunData(tokenizer, train, heldout, data_lib.fingerprint(cfg.data, tokenizer))
+
+
+def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The config and run.json of an existing run directory."""
+    run_dir = Path(run_dir)
+    config_path, info_path = run_dir / "config.yaml", run_dir / "run.json"
+    if not config_path.is_file() or not info_path.is_file():
+        raise ConfigError(f"{run_dir} is not a kd-jax run directory (no config.yaml/run.json)")
+    raw = yaml.safe_load(config_path.read_text())
+    return config_lib.from_dict(raw), json.loads(info_path.read_text())
+
+
+def load_teacher(cfg: Config, tokenizer) -> tuple[Any, Any, config_lib.ModelConfig]:
+    """The frozen teacher named by `teacher.source`: (model, params, model config)."""
+    from kd_jax import checkpoint
+    from kd_jax import step as step_lib
+
+    path = Path(cfg.teacher.path)
+    if not path.is_dir():
+        raise ConfigError(f"teacher.path '{path}' does not exist")
+    teacher_cfg, info = read_run(path)
+    step = checkpoint.latest_step(path)
+    if step is None:
+        raise ConfigError(f"teacher.path '{path}' has no checkpoint")
+    if info["tokenizer_fingerprint"] != tokenizer.fingerprint:
+        raise ConfigError(
+            f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} tokens) "
+            f"differs from the student's ({cfg.data.tokenizer}, {tokenizer.vocab_size} tokens)")
+    model_cfg = dataclasses.replace(teacher_cfg.model, dtype=cfg.teacher.dtype, remat=False)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
+                          f"max_seq_len ({model_cfg.max_seq_len})")
+    model, abstract = step_lib.abstract_model(model_cfg)
+    params = checkpoint.restore_params(path, abstract, step)
+    if cfg.teacher.dtype == "bfloat16":
+        import jax
+        import jax.numpy as jnp
+
+        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    return model, params, model_cfg
+
+
+def check_resume(cfg: Config, run_dir: Path) -> None:
+    """Resuming needs the same model, data, loss, optimizer, teacher and batch."""
+    if not (run_dir / "config.yaml").is_file():
+        return
+    saved, _ = read_run(run_dir)
+    for section in ("model", "data", "loss", "optimizer", "teacher"):
+        old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(
+            getattr(cfg, section))
+        for key in new:
+            if old[key] != new[key]:
+                raise ConfigError(
+                    f"{run_dir} was started with {section}.{key}={old[key]!r}, not "
+                    f"{new[key]!r}: use a new train.run_dir")
+    for key in ("batch_size", "seed"):
+        if getattr(saved.train, key) != getattr(cfg.train, key):
+            raise ConfigError(f"{run_dir} was started with train.{key}="
+                              f"{getattr(saved.train, key)}: use a new train.run_dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _log(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message)
+
+
+def _summarize_memory(compiled) -> str:
+    parts = []
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and "flops" in cost:
+            parts.append(f"{cost['flops'] / 1e9:.2f} GFLOP/step")
+    except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
+        pass
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        mib = 1 << 20
+        parts.append(
+            f"arguments {memory.argument_size_in_bytes / mib:.1f} MiB, "
+            f"outputs {memory.output_size_in_bytes / mib:.1f} MiB, "
+            f"temporaries {memory.temp_size_in_bytes / mib:.1f} MiB per device")
+    return "; ".join(parts)
+
+
+def run(cfg: Config, mode: str) -> dict[str, Any]:
+    """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report."""
+    if mode == "distill" and cfg.teacher.source == "none":
+        raise ConfigError("kd-jax distill needs teacher.source (checkpoint) and teacher.path")
+    run_dir = Path(cfg.train.run_dir)
+    check_resume(cfg, run_dir)
+    run_data = prepare_data(cfg)
+
+    import jax
+
+    from kd_jax import checkpoint
+    from kd_jax import evaluate as evaluate_lib
+    from kd_jax import step as step_lib
+
+    # A teacher named in a `train` config is not trained against; evaluations compare with it.
+    teacher, teacher_params = None, None
+    if cfg.teacher.source != "none":
+        teacher, teacher_params, _ = load_teacher(cfg, run_data.tokenizer)
+    step_teacher, step_teacher_params = (teacher, teacher_params) if mode == "distill" else (
+        None, None)
+    student, params = step_lib.init_model(cfg.model)
+    tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
+    valid_vocab = run_data.tokenizer.vocab_size
+    update = step_lib.make_update(
+        student, step_teacher, tx, schedule, cfg.loss, cfg.train.microbatches, valid_vocab)
+    batches = data_lib.Batches(run_data.train, cfg.train.batch_size, cfg.train.seed,
+                               jax.process_index(), jax.process_count())
+
+    # Everything is checked: from here on the run directory is written.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run_dir / "config.yaml")
+    from kd_jax.model import count_params
+
+    info = {
+        "mode": mode,
+        "tokenizer": cfg.data.tokenizer,
+        "tokenizer_fingerprint": run_data.tokenizer.fingerprint,
+        "tokenizer_vocab_size": run_data.tokenizer.vocab_size,
+        "data_fingerprint": run_data.fingerprint,
+        "student_params": count_params(params),
+        "teacher_params": count_params(teacher_params) if teacher_params is not None else None,
+    }
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    checkpointer = checkpoint.Checkpointer(run_dir, cfg.train.keep_checkpoints)
+    state = step_lib.init_state(params, tx, cfg.train.seed)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, meta = checkpointer.restore(start, jax.eval_shape(lambda: state))
+        if meta["data_position"] != batches.position(start):
+            raise ConfigError(f"checkpoint {start} in {run_dir} is at data position "
+                              f"{meta['data_position']}, expected {batches.position(start)}")
+        _log(f"resuming from checkpoint {start}: first step {start + 1}")
+    if start >= cfg.train.steps:
+        _log(f"{run_dir} already finished {start} of {cfg.train.steps} steps")
+
+    # The state is donated: its buffers are reused for the next state (no second copy in memory).
+    jitted = jax.jit(update, donate_argnums=(0,))
+    compiled = jitted.lower(state, step_teacher_params, batches.at(start)).compile()
+    _log(f"compiled {mode} step: {_summarize_memory(compiled)}")
+    eval_fn = jax.jit(step_lib.make_eval_fn(student, teacher, valid_vocab))
+    byte_lengths = run_data.tokenizer.byte_lengths()
+
+    def evaluate(step: int) -> dict[str, dict]:
+        result = evaluate_lib.evaluate(
+            eval_fn, state.params, teacher_params, run_data.heldout, byte_lengths,
+            cfg.train.batch_size // cfg.train.microbatches, cfg.train.eval_sequences)
+        record = {"step": step, "eval": result}
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        student_eval = result["student"]
+        _log(f"eval step {step}: student {student_eval['bits_per_byte']:.4f} bits/byte, "
+             f"accuracy {student_eval['accuracy']:.4f}")
+        return result
+
+    last_step = min(cfg.train.steps, cfg.train.stop_at) if cfg.train.stop_at else cfg.train.steps
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    clock = _StepClock(tokens_per_step)
+    pending: list[dict] = []  # metrics still on device
+    fetched: list[dict] = []  # metrics on the host, not yet logged
+    last_log_step = start
+
+    def sync() -> None:
+        """Fetch pending metrics; the time since the previous sync is training time."""
+        fetched.extend(jax.device_get(pending))  # note: a host sync point
+        clock.stop(len(pending))
+        pending.clear()
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress,
+               unit="step", dynamic_ncols=True, leave=False)
+    last_eval = None
+    try:
+        clock.start()
+        for step in range(start + 1, last_step + 1):
+            state, metrics = compiled(state, step_teacher_params, batches.at(step - 1))
+            pending.append(metrics)
+            bar.update(1)
+            log_now = step % cfg.train.log_every == 0 or step == last_step
+            eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
+            save_now = step % cfg.train.checkpoint_every == 0 or step == last_step
+            if not (log_now or eval_now or save_now):
+                continue
+            sync()
+            if log_now:
+                record = _log_record(step, fetched, clock.tokens_per_second(step - last_log_step))
+                fetched.clear()
+                last_log_step = step
+                if not math.isfinite(record["loss"]):
+                    bad = int(jax.device_get(state.nonfinite_step))
+                    raise NonFiniteError(f"non-finite loss at step {bad if bad > 0 else step}")
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kd", "ce")
+                                 if k in record} | {"tok/s": f"{record['tokens_per_second']:,.0f}"})
+            if eval_now:
+                last_eval = (step, evaluate(step))
+            if save_now:
+                bad = int(jax.device_get(state.nonfinite_step))
+                if bad > 0:
+                    raise NonFiniteError(f"non-finite loss at step {bad}")
+                checkpointer.save(step, state, {
+                    "step": step, "data_position": batches.position(step),
+                    "rng": np.asarray(jax.device_get(state.rng)).tolist(),
+                    "tokenizer_fingerprint": run_data.tokenizer.fingerprint})
+            clock.start()
+    finally:
+        bar.close()
+        checkpointer.close()
+
+    if last_step < cfg.train.steps:
+        _log(f"stopped after step {last_step} of {cfg.train.steps}; rerun to continue")
+        return {"mode": mode, "run_dir": str(run_dir), "steps": last_step}
+    final_step = max(start, cfg.train.steps)
+    result = last_eval[1] if last_eval and last_eval[0] == final_step else evaluate(final_step)
+    report = {
+        "mode": mode,
+        "run_dir": str(run_dir),
+        "steps": final_step,
+        "student": dict(result["student"], params=info["student_params"],
+                        tokens_per_second=clock.overall_tokens_per_second()),
+    }
+    if "teacher" in result:
+        report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+class _StepClock:
+    """Training time between host sync points, excluding evaluation and checkpoint saves."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.seconds = 0.0
+        self.steps = 0
+        self._since_log = (0.0, 0)
+        self._started = None
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self, steps: int) -> None:
+        elapsed = time.perf_counter() - self._started
+        self.seconds += elapsed
+        self.steps += steps
+        seconds, count = self._since_log
+        self._since_log = (seconds + elapsed, count + steps)
+
+    def tokens_per_second(self, steps: int) -> float:
+        seconds, _ = self._since_log
+        self._since_log = (0.0, 0)
+        return self.tokens_per_step * steps / seconds if seconds else float("nan")
+
+    def overall_tokens_per_second(self) -> float | None:
+        return self.tokens_per_step * self.steps / self.seconds if self.seconds else None
+
+
+def _log_record(step: int, fetched: list[dict], tokens_per_second: float) -> dict[str, float]:
+    """Average the metric sums fetched since the last log over their valid tokens."""
+    totals = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
+    tokens = max(totals["tokens"], 1.0)
+    record = {"step": step, "loss": totals["loss_sum"] / tokens}
+    for key in ("kd", "ce"):
+        if f"{key}_sum" in totals:
+            record[key] = totals[f"{key}_sum"] / tokens
+    record["grad_norm"] = float(fetched[-1]["grad_norm"])
+    record["lr"] = float(fetched[-1]["lr"])
+    record["tokens_per_second"] = tokens_per_second
+    return record
+
+
+def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of a run (and its teacher, for a distillation run)."""
+    import jax
+
+    from kd_jax import checkpoint
+    from kd_jax import evaluate as evaluate_lib
+    from kd_jax import step as step_lib
+
+    run_dir = Path(run_dir)
+    cfg, info = read_run(run_dir)
+    config_lib.apply_overrides(cfg, overrides)
+    config_lib.validate(cfg)
+    step = checkpoint.latest_step(run_dir)
+    if step is None:
+        raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
+    run_data = prepare_data(cfg)
+    teacher, teacher_params = None, None
+    if cfg.teacher.source != "none":
+        teacher, teacher_params, _ = load_teacher(cfg, run_data.tokenizer)
+    student, abstract = step_lib.abstract_model(cfg.model)
+    params = checkpoint.restore_params(run_dir, abstract, step)
+    eval_fn = jax.jit(step_lib.make_eval_fn(student, teacher, run_data.tokenizer.vocab_size))
+    result = evaluate_lib.evaluate(
+        eval_fn, params, teacher_params, run_data.heldout, run_data.tokenizer.byte_lengths(),
+        cfg.train.batch_size // cfg.train.microbatches, cfg.train.eval_sequences)
+    previous = {}
+    if (run_dir / "report.json").is_file():
+        previous = json.loads((run_dir / "report.json").read_text())
+    report = {"mode": info["mode"], "run_dir": str(run_dir), "steps": step,
+              "student": dict(result["student"], params=info["student_params"],
+                              tokens_per_second=previous.get("student", {}).get(
+                                  "tokens_per_second"))}
+    if "teacher" in result:
+        report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report

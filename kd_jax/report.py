@@ -1,0 +1,43 @@
+"""Tables for people and JSON for scripts."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, numbers right-aligned."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 100 else f"{value:,.0f}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
+
+    def line(values):
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in cells)])
+
+
+def eval_table(report: dict[str, Any]) -> str:
+    """The table `kd-jax eval` prints: one row per model in the report."""
+    headers = ["model", "params", "bits/byte", "bits/token", "accuracy", "ECE",
+               "agreement", "KL(T||S)"]
+    rows = []
+    for name in ("teacher", "student"):
+        if name in report:
+            m = report[name]
+            rows.append([name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
+                         m.get("accuracy"), m.get("ece"), m.get("agreement"), m.get("kl")])
+    return format_table(headers, rows)
