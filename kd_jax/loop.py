@@ -262,8 +262,11 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
                     raise NonFiniteError(f"non-finite loss at step {bad if bad > 0 else step}")
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix({k: f"{record[k]:.4g}" for k in ("loss", "kd", "ce")
-                                 if k in record} | {"tok/s": f"{record['tokens_per_second']:,.0f}"})
+                shown = {"loss": record["loss"], "ce": record["ce"]}
+                if "kd" in record:
+                    shown[cfg.loss.divergence] = record["kd"]
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}
+                                | {"tok/s": f"{record['tokens_per_second']:,.0f}"})
             if eval_now:
                 last_eval = (step, evaluate(step))
             if save_now:
