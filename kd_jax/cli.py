@@ -10,6 +10,7 @@ from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
 
 USAGE_ERROR = 2
+PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job they stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,9 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kd-jax: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # the loop's own failures, e.g. a non-finite loss
-        from kd_jax.loop import NonFiniteError
+    except Exception as err:  # the loop's own endings: a non-finite loss, a preemption
+        from kd_jax.loop import NonFiniteError, Preempted
 
+        if isinstance(err, Preempted):
+            print(f"kd-jax: {err}", file=sys.stderr)
+            return PREEMPTED
         if isinstance(err, NonFiniteError):
             print(f"kd-jax: error: {err}", file=sys.stderr)
             return 1

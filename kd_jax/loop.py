@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,28 @@ from kd_jax.config import Config, ConfigError
 
 class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite; the message names the step."""
+
+
+class Preempted(RuntimeError):
+    """SIGTERM arrived (a preemptible slot ending): the current step was checkpointed."""
+
+
+class _PreemptionSignal:
+    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 @dataclasses.dataclass
@@ -200,9 +224,10 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
         if meta["data_position"] != batches.position(start):
             raise ConfigError(f"checkpoint {start} in {run_dir} is at data position "
                               f"{meta['data_position']}, expected {batches.position(start)}")
-        _log(f"resuming from checkpoint {start}: first step {start + 1}")
-    if start >= cfg.train.steps:
-        _log(f"{run_dir} already finished {start} of {cfg.train.steps} steps")
+        if start < cfg.train.steps:
+            _log(f"resuming from checkpoint {start}: first step {start + 1}")
+        else:
+            _log(f"{run_dir} already finished {start} of {cfg.train.steps} steps")
 
     # The state is donated: its buffers are reused for the next state (no second copy in memory).
     jitted = jax.jit(update, donate_argnums=(0,))
@@ -228,7 +253,6 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     clock = _StepClock(tokens_per_step)
     pending: list[dict] = []  # metrics still on device
     fetched: list[dict] = []  # metrics on the host, not yet logged
-    last_log_step = start
 
     def sync() -> None:
         """Fetch pending metrics; the time since the previous sync is training time."""
@@ -238,6 +262,7 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
 
     from tqdm import tqdm
 
+    preemption = _PreemptionSignal()
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress,
                unit="step", dynamic_ncols=True, leave=False)
     last_eval = None
@@ -247,16 +272,16 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
             state, metrics = compiled(state, step_teacher_params, batches.at(step - 1))
             pending.append(metrics)
             bar.update(1)
+            preempted = preemption.requested  # read once: the signal may land mid-step
             log_now = step % cfg.train.log_every == 0 or step == last_step
             eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
-            save_now = step % cfg.train.checkpoint_every == 0 or step == last_step
+            save_now = step % cfg.train.checkpoint_every == 0 or step == last_step or preempted
             if not (log_now or eval_now or save_now):
                 continue
             sync()
             if log_now:
-                record = _log_record(step, fetched, clock.tokens_per_second(step - last_log_step))
+                record = _log_record(step, fetched, clock.tokens_per_second_since_log())
                 fetched.clear()
-                last_log_step = step
                 if not math.isfinite(record["loss"]):
                     bad = int(jax.device_get(state.nonfinite_step))
                     raise NonFiniteError(f"non-finite loss at step {bad if bad > 0 else step}")
@@ -277,8 +302,13 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
                     "step": step, "data_position": batches.position(step),
                     "rng": np.asarray(jax.device_get(state.rng)).tolist(),
                     "tokenizer_fingerprint": run_data.tokenizer.fingerprint})
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(f"preempted after step {step}: checkpoint saved in {run_dir}; "
+                                "rerun to resume")
             clock.start()
     finally:
+        preemption.restore()
         bar.close()
         checkpointer.close()
 
@@ -287,12 +317,17 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
         return {"mode": mode, "run_dir": str(run_dir), "steps": last_step}
     final_step = max(start, cfg.train.steps)
     result = last_eval[1] if last_eval and last_eval[0] == final_step else evaluate(final_step)
+    tokens_per_second = clock.overall_tokens_per_second()
+    if tokens_per_second is None and (run_dir / "report.json").is_file():
+        # Nothing left to train: keep the throughput measured by the run that trained.
+        previous = json.loads((run_dir / "report.json").read_text())
+        tokens_per_second = previous.get("student", {}).get("tokens_per_second")
     report = {
         "mode": mode,
         "run_dir": str(run_dir),
         "steps": final_step,
         "student": dict(result["student"], params=info["student_params"],
-                        tokens_per_second=clock.overall_tokens_per_second()),
+                        tokens_per_second=tokens_per_second),
     }
     if "teacher" in result:
         report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
@@ -305,10 +340,9 @@ class _StepClock:
 
     def __init__(self, tokens_per_step: int):
         self.tokens_per_step = tokens_per_step
-        self.seconds = 0.0
-        self.steps = 0
+        self.seconds, self.steps = 0.0, 0
         self._since_log = (0.0, 0)
-        self._started = None
+        self._started = time.perf_counter()
 
     def start(self) -> None:
         self._started = time.perf_counter()
@@ -320,10 +354,10 @@ class _StepClock:
         seconds, count = self._since_log
         self._since_log = (seconds + elapsed, count + steps)
 
-    def tokens_per_second(self, steps: int) -> float:
-        seconds, _ = self._since_log
+    def tokens_per_second_since_log(self) -> float:
+        seconds, count = self._since_log
         self._since_log = (0.0, 0)
-        return self.tokens_per_step * steps / seconds if seconds else float("nan")
+        return self.tokens_per_step * count / seconds if seconds else float("nan")
 
     def overall_tokens_per_second(self) -> float | None:
         return self.tokens_per_step * self.steps / self.seconds if self.seconds else None

@@ -150,6 +150,26 @@ teacher:
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
 
 
+def test_sigterm_checkpoints_the_current_step_and_exits_143(teacher_run, tmp_path):
+    root, corpus = teacher_run
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
+    process = _run_cli(["train", str(config), "train.steps=400", "train.checkpoint_every=1000"])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    line = next(x for x in output.splitlines() if "preempted after step" in x)
+    step = int(line.split("preempted after step ")[1].split(":")[0])
+    from kd_jax import checkpoint
+
+    assert checkpoint.latest_step(tmp_path / "run") == step < 400
+
+
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in directory.rglob("*")}
