@@ -89,8 +89,9 @@ loss:
   ce_weight: 0.5
 """)
     # The student's embedding is padded past the tokenizer's 256 ids: those rows are masked.
+    # The frozen teacher runs in bfloat16; the loss is still computed in float32.
     assert cli.main(["distill", str(config), "model.d_model=16", "model.n_heads=2",
-                     "model.n_kv_heads=1", "model.vocab_size=320"]) == 0
+                     "model.n_kv_heads=1", "model.vocab_size=320", "teacher.dtype=bfloat16"]) == 0
     report = json.loads((root / "student" / "report.json").read_text())
     assert report["mode"] == "distill" and report["steps"] == 6
     assert report["teacher"]["params"] > report["student"]["params"]

@@ -80,3 +80,21 @@ def test_config_validation_does_not_import_jax(tmp_path):
         assert "jax" not in sys.modules, "config errors must come before jax is imported"
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
+def test_stdlib_configs_are_the_demo_recipe(tmp_path):
+    from pathlib import Path
+
+    from kd_jax import demo
+
+    recipe = demo.recipe(tmp_path)
+    shipped = Path(__file__).parent.parent / "configs"
+    for name, file in (("teacher", "stdlib_teacher"), ("distilled", "stdlib_distill"),
+                       ("baseline", "stdlib_baseline")):
+        cfg = config_lib.load(shipped / f"{file}.yaml")
+        expected = recipe[name]
+        for section in ("model", "data", "loss", "optimizer"):
+            assert getattr(cfg, section) == getattr(expected, section), (file, section)
+        assert cfg.teacher.source == expected.teacher.source, file
+        for key in ("steps", "batch_size", "microbatches", "seed", "eval_sequences"):
+            assert getattr(cfg.train, key) == getattr(expected.train, key), (file, key)
