@@ -61,8 +61,17 @@ class Checkpointer:
             opt_state=args.StandardSave(state.opt_state),
             meta=args.JsonSave(meta)))
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
-        """Restore onto the shapes, dtypes and shardings of `abstract_state`."""
+    def restore(self, step: int, abstract_state: Any,
+                shardings: Any = None) -> tuple[Any, dict[str, Any]]:
+        """Restore onto the shapes and dtypes of `abstract_state`, placed as `shardings` says.
+
+        Arrays are read straight into their shardings, whatever mesh wrote them.
+        """
+        if shardings is not None:
+            abstract_state = jax.tree.map(
+                lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                            sharding=sharding),
+                abstract_state, shardings)
         args = self._ocp.args
         restored = self._manager.restore(step, args=args.Composite(
             params=args.StandardRestore(abstract_state.params),
@@ -75,7 +84,7 @@ class Checkpointer:
             opt_state=restored["opt_state"],
             rng=np.asarray(meta["rng"], np.uint32),
             nonfinite_step=np.asarray(-1, np.int32))
-        return jax.device_put(state), meta
+        return jax.device_put(state, shardings), meta
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

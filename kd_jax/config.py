@@ -112,6 +112,26 @@ class TrainConfig:
     progress: bool = True
 
 
+# Named logical-axis -> mesh-axis tables; the tables themselves live in `kd_jax.sharding` (which
+# checks that its names are exactly these), the names here so a config is checked without JAX.
+MESH_LAYOUTS = ("replicated", "fsdp", "tensor", "fsdp_tensor")
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    """The device mesh ("data", "fsdp", "tensor") and how each model's parameters lie on it.
+
+    The batch is split over data x fsdp; "fsdp" layouts shard the parameters' `embed` dimension
+    over fsdp, "tensor" layouts shard heads, MLP width and vocabulary over tensor.
+    """
+
+    data: int = -1  # -1: the devices left over by the other two axes
+    fsdp: int = 1
+    tensor: int = 1
+    student_layout: str = "replicated"  # replicated | fsdp | tensor | fsdp_tensor
+    teacher_layout: str = "replicated"
+
+
 @dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -120,6 +140,7 @@ class Config:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
 _CHOICES = {
@@ -131,6 +152,8 @@ _CHOICES = {
     ("loss", "divergence"): (
         "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"),
     ("optimizer", "schedule"): ("cosine", "constant"),
+    ("mesh", "student_layout"): MESH_LAYOUTS,
+    ("mesh", "teacher_layout"): MESH_LAYOUTS,
 }
 
 
@@ -296,5 +319,11 @@ def validate(config: Config) -> None:
     if opt.lr <= 0 or opt.warmup_steps < 0 or not 0.0 <= opt.min_lr_ratio <= 1.0:
         raise ConfigError(
             "optimizer: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    mesh_sizes = {name: getattr(config.mesh, name) for name in ("data", "fsdp", "tensor")}
+    for name, size in mesh_sizes.items():
+        if size != -1 and size < 1:
+            raise ConfigError(f"mesh.{name} must be >= 1 or -1 (the remaining devices), got {size}")
+    if list(mesh_sizes.values()).count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
     if config.teacher.source == "checkpoint" and not config.teacher.path:
         raise ConfigError("teacher.source is 'checkpoint' but teacher.path is empty")

@@ -200,6 +200,23 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     batches = data_lib.Batches(run_data.train, cfg.train.batch_size, cfg.train.seed,
                                jax.process_index(), jax.process_count())
 
+    # Where every array lies: the student's state and the teacher's parameters by their own
+    # layouts, the batch split over data x fsdp. One device gives a mesh of one.
+    from kd_jax import sharding
+    from kd_jax.model import logical_axes
+
+    mesh = sharding.make_mesh(cfg.mesh)
+    param_shardings = sharding.param_shardings(
+        logical_axes(student.template), cfg.mesh.student_layout, mesh, params)
+    state_shardings = sharding.tree_shardings(
+        jax.eval_shape(lambda: step_lib.init_state(params, tx, cfg.train.seed)), params,
+        param_shardings, mesh)
+    teacher_shardings = None
+    if teacher is not None:
+        teacher_shardings = sharding.param_shardings(
+            logical_axes(teacher.template), cfg.mesh.teacher_layout, mesh, teacher_params)
+    batch_shardings = sharding.batch_sharding(mesh, cfg.train.batch_size)
+
     # Everything is checked: from here on the run directory is written.
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, run_dir / "config.yaml")
@@ -217,10 +234,14 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     checkpointer = checkpoint.Checkpointer(run_dir, cfg.train.keep_checkpoints)
-    state = step_lib.init_state(params, tx, cfg.train.seed)
+    state = jax.device_put(step_lib.init_state(params, tx, cfg.train.seed), state_shardings)
+    if teacher is not None:
+        teacher_params = jax.device_put(teacher_params, teacher_shardings)
+        if mode == "distill":
+            step_teacher_params = teacher_params
     start = checkpointer.latest_step() or 0
     if start:
-        state, meta = checkpointer.restore(start, jax.eval_shape(lambda: state))
+        state, meta = checkpointer.restore(start, jax.eval_shape(lambda: state), state_shardings)
         if meta["data_position"] != batches.position(start):
             raise ConfigError(f"checkpoint {start} in {run_dir} is at data position "
                               f"{meta['data_position']}, expected {batches.position(start)}")
@@ -230,8 +251,17 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
             _log(f"{run_dir} already finished {start} of {cfg.train.steps} steps")
 
     # The state is donated: its buffers are reused for the next state (no second copy in memory).
-    jitted = jax.jit(update, donate_argnums=(0,))
-    compiled = jitted.lower(state, step_teacher_params, batches.at(start)).compile()
+    jitted = jax.jit(
+        update, donate_argnums=(0,),
+        in_shardings=(state_shardings, teacher_shardings if mode == "distill" else None,
+                      batch_shardings),
+        out_shardings=(state_shardings, sharding.replicated(mesh)))
+
+    def batch_at(step: int):
+        # Single-process: this process holds the whole global batch and places it on the mesh.
+        return jax.device_put(batches.at(step), batch_shardings)
+
+    compiled = jitted.lower(state, step_teacher_params, batch_at(start)).compile()
     _log(f"compiled {mode} step: {_summarize_memory(compiled)}")
     eval_fn = jax.jit(step_lib.make_eval_fn(student, teacher, valid_vocab))
     byte_lengths = run_data.tokenizer.byte_lengths()
@@ -269,7 +299,7 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     try:
         clock.start()
         for step in range(start + 1, last_step + 1):
-            state, metrics = compiled(state, step_teacher_params, batches.at(step - 1))
+            state, metrics = compiled(state, step_teacher_params, batch_at(step - 1))
             pending.append(metrics)
             bar.update(1)
             preempted = preemption.requested  # read once: the signal may land mid-step

@@ -171,6 +171,32 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(teacher_run, tmp_pat
     assert checkpoint.latest_step(tmp_path / "run") == step < 400
 
 
+def test_distill_on_an_8_device_mesh_matches_one_device_and_resumes_on_another(teacher_run,
+                                                                                tmp_path):
+    root, corpus = teacher_run
+    # With a hard-label term the loss is O(1): a near-zero KL alone would compare cancellation
+    # noise, not the sharding.
+    extra = (f"teacher:\n  source: checkpoint\n  path: {root / 'teacher'}\n"
+             "loss:\n  ce_weight: 1.0\n")
+    config = write_config(tmp_path / "d.yaml", corpus, tmp_path / "one", extra)
+    assert cli.main(["distill", str(config)]) == 0
+    expected = losses_by_step(tmp_path / "one")
+
+    # 8 host-platform CPU devices, in a subprocess: data=2 x fsdp=4, student and teacher both
+    # FSDP-sharded; stop after step 3 (a checkpoint), then finish on this process's one device.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    mesh = ["mesh.data=2", "mesh.fsdp=4", "mesh.student_layout=fsdp", "mesh.teacher_layout=fsdp",
+            f"train.run_dir={tmp_path / 'mesh'}"]
+    result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "distill", str(config), *mesh,
+                             "train.stop_at=3"], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert cli.main(["distill", str(config), f"train.run_dir={tmp_path / 'mesh'}"]) == 0
+    got = losses_by_step(tmp_path / "mesh")
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
 def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in directory.rglob("*")}

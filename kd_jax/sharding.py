@@ -1,0 +1,170 @@
+"""The device mesh and where every array of the step lies on it.
+
+The mesh has three axes, always in this order:
+
+    data    the batch is split over it; parameters are replicated along it
+    fsdp    the batch is split over it too; parameters (and optimizer state) are split over it
+            along their `embed` dimension and gathered for use (ZeRO-3 / FSDP)
+    tensor  heads, MLP width and vocabulary are split over it (Megatron-style tensor parallelism)
+
+Each model parameter names its logical axes (`kd_jax.model.logical_axes`); `LAYOUTS`, the one
+table of this module, maps each logical axis to a mesh axis (or None: not split) for each named
+layout. The student and the teacher each choose a layout (`mesh.student_layout`,
+`mesh.teacher_layout`): a large frozen teacher can be fully sharded beside a replicated student.
+
+This module imports only jax, numpy, flax and the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kd_jax.config import MESH_LAYOUTS, ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
+
+# Every logical axis a model parameter may name (see kd_jax.model).
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+
+_REPLICATED = dict.fromkeys(LOGICAL_AXES)
+_TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+
+# layout -> logical axis -> mesh axis (None: that dimension is not split).
+# `layers` is scanned over, `head_dim` is contracted inside one head and `norm` vectors are tiny:
+# none of them is split in any layout.
+LAYOUTS: dict[str, dict[str, str | None]] = {
+    "replicated": _REPLICATED,
+    "fsdp": {**_REPLICATED, "embed": "fsdp"},
+    "tensor": {**_REPLICATED, **_TENSOR},
+    "fsdp_tensor": {**_REPLICATED, "embed": "fsdp", **_TENSOR},
+}
+assert tuple(LAYOUTS) == MESH_LAYOUTS, "config.MESH_LAYOUTS must name exactly these layouts"
+assert all(tuple(rules) == LOGICAL_AXES for rules in LAYOUTS.values())
+
+
+def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) sizes, with a -1 resolved to the devices the others leave over."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    named = ", ".join(f"mesh.{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
+    if sizes.count(-1) > 1 or any(size == 0 or size < -1 for size in sizes):
+        raise ConfigError(f"mesh sizes must be >= 1, with at most one -1; got {named}")
+    if -1 in sizes:
+        known = int(np.prod([size for size in sizes if size != -1]))
+        if device_count % known:
+            raise ConfigError(
+                f"{device_count} devices cannot be split as {named}: {device_count} is not "
+                f"divisible by {known}")
+        sizes[sizes.index(-1)] = device_count // known
+    if int(np.prod(sizes)) != device_count:
+        raise ConfigError(
+            f"mesh {named} has {int(np.prod(sizes))} devices, but there are {device_count}")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: Any = None) -> Mesh:
+    """The ("data", "fsdp", "tensor") mesh over `devices` (default: all of them)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(cfg, len(devices))
+    # Auto axes: the step's sharding is given by in/out shardings and propagated by XLA, not
+    # carried in the types (this JAX makes Explicit axes the default for jax.make_mesh).
+    return Mesh(np.array(devices).reshape(shape), MESH_AXES,
+                axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], layout: str, mesh: Mesh,
+                   name: str = "parameter") -> PartitionSpec:
+    """The PartitionSpec of one array whose dimensions are named `axes` under `layout`.
+
+    A mesh axis of size 1 splits nothing and is left out; a mesh axis already used by an earlier
+    dimension is not used again (a spec may name each mesh axis once).
+    """
+    if layout not in LAYOUTS:
+        raise ConfigError(f"unknown mesh layout '{layout}'; choose from {', '.join(LAYOUTS)}")
+    if len(axes) != len(shape):
+        raise ValueError(f"{name}: {len(axes)} logical axes {axes} for shape {shape}")
+    rules = LAYOUTS[layout]
+    used: set[str] = set()
+    spec = []
+    for dim, (logical, size) in enumerate(zip(axes, shape)):
+        if logical not in rules:
+            raise ValueError(f"{name}: logical axis '{logical}' is not one of {LOGICAL_AXES}")
+        mesh_axis = rules[logical]
+        if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1:
+            spec.append(None)
+            continue
+        if size % mesh.shape[mesh_axis]:
+            raise ConfigError(
+                f"{name}: dimension {dim} ('{logical}', size {size}) is not divisible by mesh "
+                f"axis '{mesh_axis}' (size {mesh.shape[mesh_axis]}) in layout '{layout}'")
+        used.add(mesh_axis)
+        spec.append(mesh_axis)
+    while spec and spec[-1] is None:  # P("fsdp") rather than P("fsdp", None, None)
+        spec.pop()
+    return PartitionSpec(*spec)
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
+
+
+def param_shardings(logical_axes_tree: Any, layout: str, mesh: Mesh, shapes_tree: Any) -> Any:
+    """A NamedSharding for every parameter, shaped like `shapes_tree` (arrays or ShapeDtypeStructs).
+
+    `logical_axes_tree` is `kd_jax.model.logical_axes(state)`: a tuple of names per parameter.
+    """
+    def one(path, axes, leaf):
+        spec = partition_spec(axes, tuple(leaf.shape), layout, mesh, name=_path_name(path))
+        return NamedSharding(mesh, spec)
+
+    return jax.tree_util.tree_map_with_path(
+        one, logical_axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def _dict_key_suffix(path) -> tuple:
+    """The trailing dictionary keys of a tree path: a parameter's name inside an optimizer state."""
+    suffix = []
+    for key in reversed(path):
+        if not isinstance(key, jax.tree_util.DictKey):
+            break
+        suffix.append(key.key)
+    return tuple(reversed(suffix))
+
+
+def tree_shardings(tree: Any, params: Any, params_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for a tree that holds copies of the parameters (a TrainState, an optimizer state).
+
+    A leaf whose path ends in a parameter's name and whose shape is that parameter's is placed
+    like it (Adam's moments are split as the weights are); every other leaf (step counters, rng
+    keys, factored statistics) is replicated.
+    """
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree.leaves(params_shardings)
+    by_name = {_dict_key_suffix(path): (tuple(leaf.shape), sharding)
+               for (path, leaf), sharding in zip(flat_params, flat_shardings)}
+    replicated_sharding = replicated(mesh)
+
+    def one(path, leaf):
+        shape, sharding = by_name.get(_dict_key_suffix(path), (None, None))
+        return sharding if shape == tuple(np.shape(leaf)) else replicated_sharding
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
+    """Batch arrays [batch, ...] split on batch over data x fsdp; checks `batch_size` if given."""
+    if batch_size is not None:
+        ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        if batch_size % ways:
+            raise ConfigError(
+                f"train.batch_size ({batch_size}) is not divisible by mesh data x fsdp "
+                f"({mesh.shape['data']} x {mesh.shape['fsdp']} = {ways})")
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
