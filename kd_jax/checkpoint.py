@@ -33,9 +33,7 @@ def latest_step(run_dir: str | Path) -> int | None:
     directory = checkpoint_dir(run_dir)
     if not directory.is_dir():
         return None
-    ocp = _ocp()
-    steps = ocp.utils.checkpoint_steps(directory) if hasattr(ocp.utils, "checkpoint_steps") else [
-        int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    steps = _ocp().utils.checkpoint_steps(directory)  # finalized steps only
     return max(steps) if steps else None
 
 

@@ -20,8 +20,7 @@ def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: data_
              byte_lengths: np.ndarray, batch_size: int, max_sequences: int) -> dict[str, dict]:
     """Run the jitted `eval_fn` over the first `max_sequences` held-out rows; host-side summary."""
     totals = None
-    rows = min(max_sequences, heldout.tokens.shape[0]) if max_sequences > 0 else (
-        heldout.tokens.shape[0])
+    rows = _scored_rows(heldout, max_sequences)
     for batch in data_lib.heldout_batches(heldout, batch_size, rows):
         sums = eval_fn(params, teacher_params, batch)
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
@@ -34,7 +33,12 @@ def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: data_
 
 def heldout_bytes(heldout: data_lib.Packed, max_sequences: int) -> bytes:
     """The target bytes the evaluation scores, in order (byte-level tokenizer only)."""
-    rows = min(max_sequences, heldout.tokens.shape[0]) if max_sequences > 0 else (
-        heldout.tokens.shape[0])
+    rows = _scored_rows(heldout, max_sequences)
     mask = heldout.loss_mask[:rows].astype(bool)
     return heldout.targets[:rows][mask].astype(np.uint8).tobytes()
+
+
+def _scored_rows(heldout: data_lib.Packed, max_sequences: int) -> int:
+    """How many held-out rows an evaluation scores: the first `max_sequences`, or all (<= 0)."""
+    total = heldout.tokens.shape[0]
+    return min(max_sequences, total) if max_sequences > 0 else total
