@@ -14,8 +14,6 @@ import typing
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 
 class ConfigError(ValueError):
     """A user mistake in a config file or override; the CLI prints it on one line, exit code 2."""
@@ -230,6 +228,8 @@ def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
 
 def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
     """Apply `section.key=value` strings; values are parsed as YAML scalars, then typed."""
+    import yaml  # here, not at the top: the core (step, model) imports this module's types
+
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
@@ -245,6 +245,8 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
 
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
     """Read a YAML experiment file (or start from defaults), apply overrides, and validate."""
+    import yaml
+
     config = Config()
     if path is not None:
         path = Path(path)
@@ -265,6 +267,8 @@ def to_dict(config: Config) -> dict[str, Any]:
 
 
 def dump(config: Config, path: str | Path) -> None:
+    import yaml
+
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
