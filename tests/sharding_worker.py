@@ -35,6 +35,8 @@ SCENARIOS = {
     "fsdp_tensor": (MeshConfig(data=2, fsdp=2, tensor=2), "fsdp_tensor", "fsdp_tensor"),
     # A frozen teacher fully sharded beside a data-parallel student.
     "teacher_fsdp": (MeshConfig(data=2, fsdp=4), "replicated", "fsdp"),
+    # Tensor parallelism over 4, the most the teacher allows (4 heads, 4 kv heads).
+    "teacher_tensor": (MeshConfig(data=2, tensor=4), "replicated", "tensor"),
 }
 
 

@@ -21,7 +21,7 @@ from kd_jax.config import ConfigError, MeshConfig, ModelConfig
 
 # float32 throughout: tolerances set once from the dtype (as in tests/test_step.py).
 RTOL, ATOL_FRACTION = 1e-5, 1e-6
-SCENARIOS = ("data_parallel", "fsdp", "fsdp_tensor", "teacher_fsdp")
+SCENARIOS = ("data_parallel", "fsdp", "fsdp_tensor", "teacher_fsdp", "teacher_tensor")
 
 
 @pytest.fixture(scope="module")
@@ -165,3 +165,16 @@ def test_fsdp_teacher_beside_a_replicated_student(worker):
     assert scenario["teacher_shards"]["layers/w_gate"] == [2, 48 // 4, 96]
     assert scenario["collectives"]["all-gather"]  # the teacher's weights, gathered for use
     assert scenario["collectives"]["all-reduce"]  # the student's gradients
+
+
+def test_tensor_parallel_teacher_over_four_devices(worker):
+    scenario = worker[0]["scenarios"]["teacher_tensor"]
+    assert scenario["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}
+    specs, shards = scenario["teacher_specs"], scenario["teacher_shards"]
+    assert specs["layers/wq"] == "P(None, None, 'tensor')"
+    assert shards["layers/wq"] == [2, 48, 4 // 4, 12]
+    assert specs["layers/w_down"] == "P(None, 'tensor')"
+    assert shards["layers/w_down"] == [2, 96 // 4, 48]
+    assert specs["embedding"] == "P('tensor',)"
+    assert shards["embedding"] == [64 // 4, 48]
+    assert set(scenario["student_specs"].values()) == {"P()"}
