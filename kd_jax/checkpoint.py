@@ -103,9 +103,3 @@ def restore_params(run_dir: str | Path, abstract_params: Any, step: int | None =
             params=ocp.args.StandardRestore(abstract_params)))
     return restored["params"]
 
-
-def read_meta(run_dir: str | Path, step: int) -> dict[str, Any]:
-    ocp = _ocp()
-    with ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=("meta",)) as manager:
-        return dict(manager.restore(step, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"])

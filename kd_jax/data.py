@@ -340,10 +340,6 @@ class Packed:
     def seq_len(self) -> int:
         return int(self.tokens.shape[1])
 
-    @property
-    def n_loss_tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
 
 def pack(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int) -> Packed:
     """Greedy concatenate-and-split packing of next-token pairs; deterministic, vectorized."""
@@ -398,13 +394,19 @@ def pack(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int) -> Packed
     positions[:n_pairs] = np.arange(n_pairs, dtype=np.int64) - np.repeat(piece_starts,
                                                                           piece_lengths)
 
-    byte_lengths = np.asarray(tokenizer.byte_lengths(), dtype=np.float64)
-    byte_count = float(np.bincount(targets, weights=loss_mask, minlength=len(byte_lengths))
-                       @ byte_lengths)
     shape = (n_rows, seq_len)
     return Packed(tokens=tokens.reshape(shape), targets=targets.reshape(shape),
                   positions=positions.reshape(shape), segment_ids=segment_ids.reshape(shape),
-                  loss_mask=loss_mask.reshape(shape), byte_count=byte_count)
+                  loss_mask=loss_mask.reshape(shape),
+                  byte_count=covered_bytes(targets, loss_mask, tokenizer.byte_lengths()))
+
+
+def covered_bytes(targets: np.ndarray, loss_mask: np.ndarray, byte_lengths: np.ndarray) -> float:
+    """UTF-8 bytes the masked-in targets stand for: the denominator of bits per byte."""
+    byte_lengths = np.asarray(byte_lengths, dtype=np.float64)
+    counts = np.bincount(np.ravel(targets), weights=np.ravel(loss_mask).astype(np.float64),
+                         minlength=len(byte_lengths))
+    return float(counts @ byte_lengths)
 
 
 def _tokenize(docs: Sequence[Document], tokenizer: Tokenizer) -> tuple[list[np.ndarray],

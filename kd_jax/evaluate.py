@@ -25,8 +25,8 @@ def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: data_
         sums = eval_fn(params, teacher_params, batch)
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)  # note: the one host sync of an evaluation
-    mask = heldout.loss_mask[:rows].astype(bool)
-    byte_count = float(np.asarray(byte_lengths)[heldout.targets[:rows][mask]].sum())
+    byte_count = data_lib.covered_bytes(heldout.targets[:rows], heldout.loss_mask[:rows],
+                                        byte_lengths)
     return {name: metrics_lib.summarize(sums, byte_count=byte_count)
             for name, sums in totals.items()}
 
@@ -40,5 +40,5 @@ def heldout_bytes(heldout: data_lib.Packed, max_sequences: int) -> bytes:
 
 def _scored_rows(heldout: data_lib.Packed, max_sequences: int) -> int:
     """How many held-out rows an evaluation scores: the first `max_sequences`, or all (<= 0)."""
-    total = heldout.tokens.shape[0]
+    total = heldout.n_rows
     return min(max_sequences, total) if max_sequences > 0 else total

@@ -79,7 +79,7 @@ def prepare_data(cfg: Config) -> RunData:
     train_docs, heldout_docs = data_lib.load_documents(cfg.data)
     train = data_lib.pack(train_docs, tokenizer, cfg.data.seq_len)
     heldout = data_lib.pack(heldout_docs, tokenizer, cfg.data.seq_len)
-    if train.tokens.shape[0] == 0 or not train.loss_mask.any():
+    if train.n_rows == 0 or not train.loss_mask.any():
         raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
     return RunData(tokenizer, train, heldout, data_lib.fingerprint(cfg.data, tokenizer))
 
