@@ -18,6 +18,9 @@ Conventions
   to the loss of one big batch. `metrics` holds plain float32 sums ("loss_sum", "kd_sum",
   "ce_sum", "tokens") that are summed across microbatches, devices and steps, and divided once at
   log time (e.g. mean KD divergence = kd_sum / tokens).
+* Offline distillation trains on teacher targets cached by `kd_jax.targets` instead of teacher
+  logits: `sparse_distillation_loss` is `distillation_loss` for those targets ("full" log-probs,
+  "topk" ids + log-probs + tail mass, "sample" ids + counts + entropy), same contract.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ import jax.numpy as jnp
 from kd_jax.config import LossConfig
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse")
+
+# Cached teacher targets (kd_jax.targets): the keys each mode's dict holds.
+TARGET_KEYS = {"full": ("logprobs",), "topk": ("ids", "logprobs", "tail"),
+               "sample": ("ids", "counts", "entropy")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,6 +154,33 @@ def _log_mixture_btv(log_a_btv, log_b_btv, weight_a: float):
     return jnp.where(either_btv, mixed_btv, -jnp.inf)
 
 
+def _distribution_divergence_bt(kind: str, log_p_btv, log_q_btv, beta: float, skew: float):
+    """The divergences defined on distributions, from log-probabilities over the last axis.
+
+    Shared by the dense losses (the last axis is the vocabulary) and the top-k loss (the last
+    axis is k + 1 buckets), so that both use one definition of each divergence.
+    """
+    if kind == "forward_kl":
+        return _kl_bt(log_p_btv, log_q_btv)
+    if kind == "reverse_kl":
+        return _kl_bt(log_q_btv, log_p_btv)
+    if kind == "jsd":
+        if beta == 0.0:
+            return _kl_bt(log_p_btv, log_q_btv)
+        if beta == 1.0:
+            return _kl_bt(log_q_btv, log_p_btv)
+        log_m_btv = _log_mixture_btv(log_p_btv, log_q_btv, weight_a=beta)
+        return (beta * _kl_bt(log_p_btv, log_m_btv)
+                + (1.0 - beta) * _kl_bt(log_q_btv, log_m_btv))
+    if kind == "skew_kl":
+        return _kl_bt(log_p_btv, _log_mixture_btv(log_p_btv, log_q_btv, weight_a=skew))
+    if kind == "skew_reverse_kl":
+        return _kl_bt(log_q_btv, _log_mixture_btv(log_q_btv, log_p_btv, weight_a=skew))
+    if kind == "tvd":
+        return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p_btv) - jnp.exp(log_q_btv)), axis=-1)
+    raise ValueError(f"{kind!r} is not a divergence between distributions")
+
+
 # ---------------------------------------------------------------------------------------------
 # Per-token losses
 # ---------------------------------------------------------------------------------------------
@@ -190,26 +224,7 @@ def divergence_bt(kind: str, student_logits_btv, teacher_logits_btv, *, temperat
 
     log_q_btv = _log_softmax_btv(student_btv, temperature, padding_from)
     log_p_btv = _log_softmax_btv(teacher_btv, temperature, padding_from)
-    if kind == "forward_kl":
-        per_token_bt = _kl_bt(log_p_btv, log_q_btv)
-    elif kind == "reverse_kl":
-        per_token_bt = _kl_bt(log_q_btv, log_p_btv)
-    elif kind == "jsd":
-        if beta == 0.0:
-            per_token_bt = _kl_bt(log_p_btv, log_q_btv)
-        elif beta == 1.0:
-            per_token_bt = _kl_bt(log_q_btv, log_p_btv)
-        else:
-            log_m_btv = _log_mixture_btv(log_p_btv, log_q_btv, weight_a=beta)
-            per_token_bt = (beta * _kl_bt(log_p_btv, log_m_btv)
-                            + (1.0 - beta) * _kl_bt(log_q_btv, log_m_btv))
-    elif kind == "skew_kl":
-        per_token_bt = _kl_bt(log_p_btv, _log_mixture_btv(log_p_btv, log_q_btv, weight_a=skew))
-    elif kind == "skew_reverse_kl":
-        per_token_bt = _kl_bt(log_q_btv, _log_mixture_btv(log_q_btv, log_p_btv, weight_a=skew))
-    else:  # tvd
-        per_token_bt = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p_btv) - jnp.exp(log_q_btv)), axis=-1)
-    return scale * per_token_bt
+    return scale * _distribution_divergence_bt(kind, log_p_btv, log_q_btv, beta, skew)
 
 
 def cross_entropy_bt(logits_btv, labels_bt, *, valid_vocab=None) -> jax.Array:
@@ -226,6 +241,154 @@ def cross_entropy_bt(logits_btv, labels_bt, *, valid_vocab=None) -> jax.Array:
     log_normalizer_bt = jax.nn.logsumexp(logits_btv, axis=-1)
     label_logit_bt = jnp.take_along_axis(logits_btv, labels_bt[..., None], axis=-1)[..., 0]
     return log_normalizer_bt - label_logit_bt
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-token losses on cached sparse teacher targets (kd_jax.targets)
+# ---------------------------------------------------------------------------------------------
+
+def _check_sparse_divergence(mode: str, kind: str) -> None:
+    if mode not in TARGET_KEYS:
+        raise ValueError(f"unknown target mode {mode!r}; expected one of {', '.join(TARGET_KEYS)}")
+    if mode == "topk" and kind == "mse":
+        raise ValueError("divergence 'mse' compares logits over the whole vocabulary and is not "
+                         "defined for top-k targets, which keep k log-probabilities and a tail "
+                         "mass; use a divergence between distributions or mode 'full'")
+    if mode == "sample" and kind != "forward_kl":
+        raise ValueError(f"divergence {kind!r} cannot be estimated from sampled targets: samples "
+                         "y ~ p give an unbiased forward KL(p || q) = E[-log q(y)] - H(p) only; "
+                         "use divergence 'forward_kl', or mode 'topk' or 'full'")
+
+
+def _check_ids(name: str, ids, leading_shape) -> None:
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token ids, got dtype {ids.dtype}")
+    _check_leading_shapes(student=tuple(leading_shape), **{name: ids.shape[:-1]})
+
+
+def _student_log_probs_btv(student_logits_btv, temperature: float, valid_vocab):
+    """log softmax(student / T) over the valid vocabulary, float32, full width (padding is -inf)."""
+    width = student_logits_btv.shape[-1]
+    valid_vocab = _check_valid_vocab(valid_vocab, (width,))
+    padding_from = valid_vocab if valid_vocab not in (None, width) else None
+    return _log_softmax_btv(student_logits_btv.astype(jnp.float32), temperature, padding_from)
+
+
+def _log_sum_exp_bt(log_x_btv):
+    """logsumexp over the last axis; -inf, with a zero gradient, where every entry is -inf."""
+    # jax.nn.logsumexp of an all -inf row is -inf with a NaN gradient: evaluate it on zeros there.
+    has_mass_bt = jnp.any(log_x_btv != -jnp.inf, axis=-1)  # NaN counts as mass: NaN stays NaN
+    safe_btv = jnp.where(has_mass_bt[..., None], log_x_btv, 0.0)
+    return jnp.where(has_mass_bt, jax.nn.logsumexp(safe_btv, axis=-1), -jnp.inf)
+
+
+def topk_divergence_bt(kind: str, student_logits_btv, ids_btk, logprobs_btk, tail_bt, *,
+                       temperature, beta=0.5, skew=0.1, valid_vocab=None) -> jax.Array:
+    """Per-token divergence against top-k targets, on k + 1 buckets, float32 [batch, tokens].
+
+    Both distributions are coarsened onto the same k + 1 buckets (suffix `_btc`): the k cached ids,
+    and "everything else". The teacher's buckets are `logprobs_btk` and `tail_bt` (log of the
+    mass outside the k ids; see `kd_jax.targets`), renormalized over the k + 1 buckets, which is
+    a no-op for exact targets and absorbs the rounding of a cache stored in bfloat16. The
+    student's last bucket is logsumexp of its log-probabilities with the k ids masked out,
+    accurate however small that mass is (never log1p(-sum q_k), which cancels in float32).
+    `kind` is then applied to the bucketed distributions exactly as `divergence_bt` applies it
+    to the full ones (same definitions, same T^2 factor); `mse` is refused.
+
+    Bias: every divergence here is an f-divergence of (p, q) (JSD and the skew KLs too: coarsening
+    commutes with mixing), so by the data-processing inequality its bucketed value is <= the
+    full one, with equality when k covers the valid vocabulary (empty tail). The gap is top-k's
+    bias; `benchmarks/sparse_bias.py` measures it.
+
+    The targets must have been built at this `temperature` (their normalizer needed the whole
+    vocabulary, so it cannot be changed afterwards), and their ids must be < valid_vocab.
+    """
+    _validate_divergence_args(kind, temperature, beta, skew)
+    _check_sparse_divergence("topk", kind)
+    leading_shape = student_logits_btv.shape[:-1]
+    _check_ids("ids", ids_btk, leading_shape)
+    _check_leading_shapes(ids=ids_btk.shape, logprobs=logprobs_btk.shape)
+    _check_leading_shapes(student=leading_shape, tail=tail_bt.shape)
+    temperature, beta, skew = float(temperature), float(beta), float(skew)
+
+    log_q_btv = _student_log_probs_btv(student_logits_btv, temperature, valid_vocab)
+    log_q_btk = jnp.take_along_axis(log_q_btv, ids_btk, axis=-1)
+    log_q_rest_bt = _log_sum_exp_bt(
+        jnp.put_along_axis(log_q_btv, ids_btk, -jnp.inf, axis=-1, inplace=False))
+    log_q_btc = jnp.concatenate([log_q_btk, log_q_rest_bt[..., None]], axis=-1)
+    teacher_btc = jnp.concatenate([logprobs_btk, tail_bt[..., None]], axis=-1)
+    log_p_btc = jax.nn.log_softmax(teacher_btc.astype(jnp.float32), axis=-1)
+    scale = temperature * temperature  # Hinton et al. 2015, as in divergence_bt
+    return scale * _distribution_divergence_bt(kind, log_p_btc, log_q_btc, beta, skew)
+
+
+def sampled_kl_bt(student_logits_btv, ids_btn, counts_btn, entropy_bt, *, temperature,
+                  valid_vocab=None) -> jax.Array:
+    """Unbiased per-token estimate of T^2 KL(p_T || q_T) from sampled targets, float32 [b, t].
+
+    With n = sum_j counts_j draws y ~ p_T (cached as unique ids and counts, see `kd_jax.targets`):
+
+        sum_j counts_j / n * (-log q_T(id_j)) - H(p_T)
+
+    Its expectation over the draws is E_{y~p}[-log q(y)] - H(p) = KL(p || q), in value and in
+    gradient (the gradient is linear in the empirical distribution), so, unlike renormalized
+    top-k, it has no bias; it pays in variance instead, and one estimate can be negative.
+    Padding slots (count 0) contribute nothing. Random-sampling KD: Anshumann et al. 2025,
+    "Sparse Logit Sampling". Scaled by T^2 like `divergence_bt`; the targets must have been drawn
+    at this temperature.
+    """
+    temperature = _as_float("temperature", temperature)
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    leading_shape = student_logits_btv.shape[:-1]
+    _check_ids("ids", ids_btn, leading_shape)
+    _check_ids("counts", counts_btn, leading_shape)
+    _check_leading_shapes(ids=ids_btn.shape, counts=counts_btn.shape)
+    _check_leading_shapes(student=leading_shape, entropy=entropy_bt.shape)
+
+    log_q_btv = _student_log_probs_btv(student_logits_btv, temperature, valid_vocab)
+    log_q_btn = jnp.take_along_axis(log_q_btv, ids_btn, axis=-1)
+    counts_btn = counts_btn.astype(jnp.float32)
+    drawn_btn = counts_btn > 0
+    # where, not multiply: a padding slot's id may have q = 0, and 0 * -inf is NaN.
+    weighted_btn = jnp.where(drawn_btn, counts_btn * jnp.where(drawn_btn, log_q_btn, 0.0), 0.0)
+    draws_bt = jnp.maximum(jnp.sum(counts_btn, axis=-1), 1.0)
+    cross_entropy_bt = -jnp.sum(weighted_btn, axis=-1) / draws_bt
+    scale = temperature * temperature  # Hinton et al. 2015, as in divergence_bt
+    return scale * (cross_entropy_bt - entropy_bt.astype(jnp.float32))
+
+
+def sparse_divergence_bt(mode: str, kind: str, student_logits_btv, targets: dict, *,
+                         temperature, beta=0.5, skew=0.1, valid_vocab=None) -> jax.Array:
+    """Per-token divergence against cached targets of `mode`, float32 [batch, tokens].
+
+      full    targets["logprobs"] are used as teacher logits: `divergence_bt` exactly, and since
+              log-softmax only shifts logits, T = 1 log-probs are re-tempered exactly at any T
+              (mse excepted: it sees the shift)
+      topk    `topk_divergence_bt` (every divergence but mse)
+      sample  `sampled_kl_bt` (forward_kl only)
+    """
+    _validate_divergence_args(kind, temperature, beta, skew)
+    _check_sparse_divergence(mode, kind)
+    _check_target_keys(mode, targets)
+    if mode == "full":
+        return divergence_bt(kind, student_logits_btv, targets["logprobs"],
+                             temperature=temperature, beta=beta, skew=skew,
+                             valid_vocab=valid_vocab)
+    if mode == "topk":
+        return topk_divergence_bt(kind, student_logits_btv, targets["ids"], targets["logprobs"],
+                                  targets["tail"], temperature=temperature, beta=beta, skew=skew,
+                                  valid_vocab=valid_vocab)
+    return sampled_kl_bt(student_logits_btv, targets["ids"], targets["counts"],
+                         targets["entropy"], temperature=temperature, valid_vocab=valid_vocab)
+
+
+def _check_target_keys(mode: str, targets) -> None:
+    expected = set(TARGET_KEYS[mode])
+    if not isinstance(targets, dict) or set(targets) != expected:
+        found = sorted(targets) if isinstance(targets, dict) else type(targets).__name__
+        raise ValueError(f"{mode} targets must be a dict with keys {sorted(expected)}, "
+                         f"got {found}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +419,16 @@ def distillation_loss(student_logits_btv, teacher_logits_btv, labels_bt, loss_ma
     _check_leading_shapes(student=student_logits_btv.shape[:-1], labels=labels_bt.shape,
                           mask=loss_mask_bt.shape)
     teacher_logits_btv = jax.lax.stop_gradient(teacher_logits_btv)  # the teacher is frozen
-    mask_bt = loss_mask_bt.astype(bool)
-
     kd_bt = divergence_bt(config.divergence, student_logits_btv, teacher_logits_btv,
                           temperature=config.temperature, beta=config.beta, skew=config.skew,
                           valid_vocab=valid_vocab)
     ce_bt = cross_entropy_bt(student_logits_btv, labels_bt, valid_vocab=valid_vocab)
+    return _weighted_loss(kd_bt, ce_bt, loss_mask_bt, config, num_valid_tokens)
+
+
+def _weighted_loss(kd_bt, ce_bt, loss_mask_bt, config: LossConfig, num_valid_tokens
+                   ) -> tuple[jax.Array, dict]:
+    mask_bt = loss_mask_bt.astype(bool)
     kd_sum = _masked_sum(kd_bt, mask_bt)
     ce_sum = _masked_sum(ce_bt, mask_bt)
 
@@ -273,6 +440,33 @@ def distillation_loss(student_logits_btv, teacher_logits_btv, labels_bt, loss_ma
     metrics = {"loss_sum": loss_sum, "kd_sum": kd_sum, "ce_sum": ce_sum,
                "tokens": jnp.sum(mask_bt, dtype=jnp.float32)}
     return _normalize(loss_sum, num_valid_tokens), metrics
+
+
+def sparse_distillation_loss(student_logits_btv, targets: dict, labels_bt, loss_mask_bt, *,
+                             mode: str, config: LossConfig, num_valid_tokens, valid_vocab=None
+                             ) -> tuple[jax.Array, dict]:
+    """`distillation_loss` with cached teacher targets (`kd_jax.targets`) instead of logits.
+
+    Same contract and metrics: kd_weight * divergence + ce_weight * CE(student, labels) at T = 1,
+    masked sums divided by the caller's global `num_valid_tokens`. `targets` holds the keys of
+    TARGET_KEYS[mode]; the divergence is `sparse_divergence_bt(mode, config.divergence, ...)`.
+    With mode "full" the loss is distillation_loss with the stored log-probs as teacher logits;
+    for log_softmax(z) that is distillation_loss with teacher logits z at any config.temperature,
+    for every divergence but mse (mse compares logits, and log_softmax shifts them). With "topk"
+    and "sample", config.temperature must be the temperature the cache was built at.
+    """
+    validate_loss_args(config.divergence, config.temperature, config.beta, config.skew,
+                       config.kd_weight, config.ce_weight)
+    _check_sparse_divergence(mode, config.divergence)
+    _check_target_keys(mode, targets)
+    _check_leading_shapes(student=student_logits_btv.shape[:-1], labels=labels_bt.shape,
+                          mask=loss_mask_bt.shape)
+    targets = jax.lax.stop_gradient(targets)  # the teacher is frozen
+    kd_bt = sparse_divergence_bt(mode, config.divergence, student_logits_btv, targets,
+                                 temperature=config.temperature, beta=config.beta,
+                                 skew=config.skew, valid_vocab=valid_vocab)
+    ce_bt = cross_entropy_bt(student_logits_btv, labels_bt, valid_vocab=valid_vocab)
+    return _weighted_loss(kd_bt, ce_bt, loss_mask_bt, config, num_valid_tokens)
 
 
 def hard_label_loss(logits_btv, labels_bt, loss_mask_bt, *, num_valid_tokens, valid_vocab=None

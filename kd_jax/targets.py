@@ -1,0 +1,186 @@
+"""Teacher targets for offline distillation: what a cache stores per token instead of the logits.
+
+Three modes, each computed from teacher logits inside `jit` (this module is pure: jax and numpy):
+
+* `full`   all log-probabilities, [batch, tokens, valid_vocab].
+* `topk`   the k largest log-probabilities and their token ids, plus `tail`, the log of the mass
+           left outside them, log(1 - sum of the top-k probabilities). The loss uses the tail as
+           one extra bucket, so the teacher distribution it sees still sums to one instead of
+           being silently renormalized onto the k ids.
+* `sample` n token ids drawn i.i.d. from the teacher distribution, stored as unique ids with
+           counts, plus the teacher entropy at that position. E_{y~p}[-log q(y)] - H(p) is
+           KL(p || q), so the sampled loss estimates the forward-KL value (not only its gradient)
+           without bias (random-sampling KD: Anshumann et al. 2025, "Sparse Logit Sampling").
+
+Conventions
+-----------
+* Shapes are in the names: `_btv` [batch, tokens, vocab], `_btk` [batch, tokens, k], `_btn`
+  [batch, tokens, n samples], `_bt` [batch, tokens], `_b` [batch]. Targets are float32 (ids and
+  counts int32) whatever the logits' dtype. The dict keys are those that
+  `losses.sparse_distillation_loss` reads: topk {"ids", "logprobs", "tail"}, sample {"ids",
+  "counts", "entropy"} (full: an array, passed as {"logprobs": ...}).
+* `valid_vocab` is the tokenizer's vocabulary size (None: every column is valid). Columns >=
+  valid_vocab are cut off before anything else, so no padded id is ever selected or drawn, and
+  the results do not depend on how far the embedding table is padded.
+* Tail convention: `tail` is computed as logsumexp over the log-probabilities outside the top k,
+  never as log1p(-sum p_topk): the latter cancels catastrophically in float32 once the tail mass
+  falls below ~1e-7, while the logsumexp stays accurate to float32 relative precision however
+  small the tail is. When the top k hold all of the mass (k == valid_vocab, or every other
+  probability underflows to 0) the tail is exactly -inf: an empty bucket, which the losses treat
+  as probability 0 without producing NaN. A cache must therefore be able to store -inf (float32
+  and bfloat16 both can).
+
+Temperature
+-----------
+Every mode computes p_T = softmax(logits / T) over the valid vocabulary.
+* `full`: store T = 1. log_softmax only shifts the logits by a constant per token, so
+  softmax(log p_1 / T) == softmax(z / T) for any T: stored T = 1 log-probabilities can be fed to
+  the losses as if they were teacher logits and re-tempered exactly at training time.
+* `topk` and `sample`: the temperature is fixed when the cache is built. Their normalizer needs
+  the whole vocabulary (softmax(z / T) restricted to k ids is not a function of the k T = 1
+  log-probabilities), so a cache records its T, and training must use that same loss temperature.
+
+Randomness
+----------
+`sample_targets` takes one PRNG key per row. `row_keys(seed, row_indices_b)` derives it by folding
+the row's GLOBAL index (its place in the whole dataset, not in the batch) into the seed key; each
+token uses fold_in(row_key, position) and its j-th draw fold_in(token_key, j). The draws of a row
+therefore depend on neither the batch it was built in nor the padding of the vocabulary, and the
+first n draws of a larger n are the same draws.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("full", "topk", "sample")
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (Python values only: they run once, at trace time)
+# ---------------------------------------------------------------------------------------------
+
+def _check_temperature(temperature) -> float:
+    try:
+        value = float(temperature)
+    except TypeError:  # includes jax tracers: the temperature must be static
+        raise ValueError(f"temperature must be a Python number, got {temperature!r}") from None
+    if not value > 0.0:  # `not >` also refuses NaN
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return value
+
+
+def _check_count(name: str, value, upper: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be a Python int, got {value!r}")
+    if value < 1 or (upper is not None and value > upper):
+        bound = f"[1, {upper}]" if upper is not None else ">= 1"
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return int(value)
+
+
+def _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab):
+    """log softmax(logits / T) over the first valid_vocab columns, float32 (padding cut off)."""
+    if teacher_logits_btv.ndim != 3:
+        raise ValueError(f"teacher logits must be [batch, tokens, vocab], got shape "
+                         f"{teacher_logits_btv.shape}")
+    temperature = _check_temperature(temperature)
+    width = teacher_logits_btv.shape[-1]
+    valid_vocab = width if valid_vocab is None else _check_count("valid_vocab", valid_vocab, width)
+    logits_btv = teacher_logits_btv[..., :valid_vocab].astype(jnp.float32)
+    return jax.nn.log_softmax(logits_btv / temperature, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The three modes
+# ---------------------------------------------------------------------------------------------
+
+def full_targets(teacher_logits_btv, *, temperature=1.0, valid_vocab) -> jax.Array:
+    """log softmax(logits / T), float32 [batch, tokens, valid_vocab] (padded columns dropped)."""
+    return _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab)
+
+
+def topk_targets(teacher_logits_btv, k, *, temperature, valid_vocab) -> dict[str, jax.Array]:
+    """The k most probable ids at temperature T, their log-probabilities and the log tail mass.
+
+    Returns {"ids": int32 [b, t, k] (most probable first), "logprobs": float32 [b, t, k],
+    "tail": float32 [b, t]}, with exp(tail) + sum(exp(logprobs)) == 1. `tail` is -inf when the
+    k ids hold all the mass (see the module docstring).
+    """
+    log_p_btv = _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab)
+    k = _check_count("k", k, log_p_btv.shape[-1])
+    logprobs_btk, ids_btk = jax.lax.top_k(log_p_btv, k)
+    rest_btv = jnp.put_along_axis(log_p_btv, ids_btk, -jnp.inf, axis=-1, inplace=False)
+    # logsumexp of an all -inf row is -inf (its gradient would be NaN, but targets are constants).
+    tail_bt = jax.nn.logsumexp(rest_btv, axis=-1)
+    return {"ids": ids_btk.astype(jnp.int32), "logprobs": logprobs_btk, "tail": tail_bt}
+
+
+def row_keys(seed, row_indices_b) -> jax.Array:
+    """One PRNG key per row: fold_in(key(seed), global row index).
+
+    `seed` is an int (Python or integer scalar array) or an existing key (typed, or a raw
+    uint32[2] key); the result is a key array of the same kind, shape [b].
+    """
+    is_key = isinstance(seed, jax.Array) and (
+        jnp.issubdtype(seed.dtype, jax.dtypes.prng_key)
+        or (seed.dtype == jnp.uint32 and seed.shape == (2,)))
+    base_key = seed if is_key else jax.random.key(seed)
+    row_indices_b = jnp.asarray(row_indices_b)
+    if row_indices_b.ndim != 1 or not jnp.issubdtype(row_indices_b.dtype, jnp.integer):
+        raise ValueError(f"row indices must be a 1-D integer array, got {row_indices_b.dtype} "
+                         f"{row_indices_b.shape}")
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_indices_b)
+
+
+def _unique_with_counts_btn(draws_btn, empty_id: int):
+    """Sorted unique ids first, then padding (id 0, count 0); n slots, deterministic."""
+    sorted_btn = jnp.sort(draws_btn, axis=-1)
+    # n is small (tens): an n x n comparison is cheaper than any scatter.
+    counts_btn = jnp.sum(sorted_btn[..., :, None] == sorted_btn[..., None, :], axis=-1)
+    is_first_btn = jnp.concatenate(
+        [jnp.ones_like(sorted_btn[..., :1], dtype=bool),
+         sorted_btn[..., 1:] != sorted_btn[..., :-1]], axis=-1)
+    # Repeats get the key `empty_id` (> every id), so one sort puts the unique ids first.
+    order_key_btn = jnp.where(is_first_btn, sorted_btn, empty_id)
+    counts_btn = jnp.where(is_first_btn, counts_btn, 0)
+    order_key_btn, counts_btn = jax.lax.sort((order_key_btn, counts_btn), dimension=-1,
+                                             num_keys=1)
+    ids_btn = jnp.where(counts_btn > 0, order_key_btn, 0)
+    return ids_btn.astype(jnp.int32), counts_btn.astype(jnp.int32)
+
+
+def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
+                   ) -> dict[str, jax.Array]:
+    """n i.i.d. draws from p_T per token, deduplicated, and the teacher entropy H(p_T).
+
+    `key_b` holds one key per row (see `row_keys`). Returns {"ids": int32 [b, t, n],
+    "counts": int32 [b, t, n], "entropy": float32 [b, t]}: the unique ids drawn, in increasing
+    order, each with how many of the n draws it got; the remaining slots are padding (id 0,
+    count 0); counts sum to n on every token.
+    """
+    log_p_btv = _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab)
+    n = _check_count("n", n)
+    batch, tokens, vocab = log_p_btv.shape
+    if key_b.shape[:1] != (batch,):
+        raise ValueError(f"need one key per row: {batch} rows, keys of shape {key_b.shape}")
+
+    positions_t = jnp.arange(tokens, dtype=jnp.uint32)
+    fold_rows = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # keys [b], one position
+    token_keys_bt = jax.vmap(lambda position: fold_rows(key_b, position), out_axes=1)(positions_t)
+    categorical_bt = jax.vmap(jax.vmap(jax.random.categorical))
+    fold_tokens = jax.vmap(jax.vmap(jax.random.fold_in, in_axes=(0, None)), in_axes=(0, None))
+
+    def draw(draw_index):
+        return categorical_bt(fold_tokens(token_keys_bt, draw_index), log_p_btv)
+
+    # One draw at a time: the Gumbel noise of a draw is [b, t, vocab]; all n at once would be n
+    # times that.
+    draws_nbt = jax.lax.map(draw, jnp.arange(n, dtype=jnp.uint32))
+    ids_btn, counts_btn = _unique_with_counts_btn(jnp.moveaxis(draws_nbt, 0, -1), vocab)
+
+    p_btv = jnp.exp(log_p_btv)
+    entropy_bt = -jnp.sum(jnp.where(p_btv != 0.0, p_btv * log_p_btv, 0.0), axis=-1)
+    return {"ids": ids_btn, "counts": counts_btn, "entropy": entropy_bt}
