@@ -93,8 +93,17 @@ class Checkpointer:
 
 
 def restore_params(run_dir: str | Path, abstract_params: Any, step: int | None = None) -> Any:
-    """Read only the parameters of a run's latest (or given) checkpoint, e.g. to load a teacher."""
+    """Read only the parameters of a run's latest (or given) checkpoint, e.g. to load a teacher.
+
+    Leaves of `abstract_params` that carry a sharding are read into it; the others onto the
+    default device, whatever mesh wrote the checkpoint.
+    """
     ocp = _ocp()
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract_params = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                          sharding=getattr(leaf, "sharding", None) or default),
+        abstract_params)
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(run_dir)}")

@@ -128,6 +128,25 @@ class MeshConfig:
     tensor: int = 1
     student_layout: str = "replicated"  # replicated | fsdp | tensor | fsdp_tensor
     teacher_layout: str = "replicated"
+    # Per-model changes to the layout's table, logical axis -> mesh axis (or null: not split),
+    # e.g. {mlp: tensor, vocab: null}; the logical axes are those of kd_jax.sharding.LOGICAL_AXES.
+    student_rules: dict = dataclasses.field(default_factory=dict)
+    teacher_rules: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """Multi-host runs: one process per host, every process running the same command.
+
+    With `enabled`, `jax.distributed.initialize` runs before anything else touches JAX. Fields
+    left empty are detected by JAX where it can (TPU pod slices, SLURM, `JAX_COORDINATOR_ADDRESS`).
+    """
+
+    enabled: bool = False
+    coordinator: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0: detected
+    process_id: int = -1  # -1: detected
+    timeout_s: int = 300  # how long to wait for every process to join
 
 
 @dataclasses.dataclass
@@ -139,6 +158,7 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 _CHOICES = {
@@ -191,6 +211,13 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif kind is dict:
+        if value is None:
+            return {}
+        if isinstance(value, dict) and all(
+                isinstance(v, (str, type(None))) for v in value.values()):
+            return {str(k): v for k, v in value.items()}
+        raise ConfigError(f"{where}: expected a mapping of names to names or null, got {value!r}")
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
@@ -329,5 +356,13 @@ def validate(config: Config) -> None:
             raise ConfigError(f"mesh.{name} must be >= 1 or -1 (the remaining devices), got {size}")
     if list(mesh_sizes.values()).count(-1) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    dist = config.distributed
+    if dist.num_processes < 0 or dist.process_id < -1 or (
+            dist.num_processes and dist.process_id >= dist.num_processes):
+        raise ConfigError(
+            f"distributed.process_id ({dist.process_id}) must be in [0, "
+            f"distributed.num_processes) ({dist.num_processes}), or -1 to detect it")
+    if dist.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {dist.timeout_s}")
     if config.teacher.source == "checkpoint" and not config.teacher.path:
         raise ConfigError("teacher.source is 'checkpoint' but teacher.path is empty")

@@ -475,21 +475,27 @@ class Batches:
             self._permutations[epoch] = rng.permutation(self.n_rows)
         return self._permutations[epoch]
 
-    def rows(self, step: int) -> np.ndarray:
-        """Row indices of this process's share of step `step`."""
+    def rows(self, step: int, positions: np.ndarray | None = None) -> np.ndarray:
+        """Row indices of this process's share of step `step`.
+
+        `positions` picks other places in the global batch (0 .. global_batch - 1) instead: the
+        rows a process's devices hold under a mesh (`kd_jax.sharding.batch_positions`).
+        """
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        first = self.position(step) + self.process_index * self.local_batch
-        stream = np.arange(first, first + self.local_batch, dtype=np.int64)
+        if positions is None:
+            first = self.process_index * self.local_batch
+            positions = np.arange(first, first + self.local_batch, dtype=np.int64)
+        stream = self.position(step) + np.asarray(positions, dtype=np.int64)
         epochs, offsets = np.divmod(stream, self.n_rows)
-        rows = np.empty(self.local_batch, dtype=np.int64)
+        rows = np.empty(len(stream), dtype=np.int64)
         for epoch in np.unique(epochs):
             here = epochs == epoch
             rows[here] = self.permutation(int(epoch))[offsets[here]]
         return rows
 
-    def at(self, step: int) -> dict[str, np.ndarray]:
-        rows = self.rows(step)
+    def at(self, step: int, positions: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        rows = self.rows(step, positions)
         return {key: getattr(self.packed, key)[rows].astype(np.int32) for key in BATCH_KEYS}
 
 

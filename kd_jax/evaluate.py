@@ -17,12 +17,17 @@ from kd_jax import metrics as metrics_lib
 
 
 def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: data_lib.Packed,
-             byte_lengths: np.ndarray, batch_size: int, max_sequences: int) -> dict[str, dict]:
-    """Run the jitted `eval_fn` over the first `max_sequences` held-out rows; host-side summary."""
+             byte_lengths: np.ndarray, batch_size: int, max_sequences: int,
+             place: Callable | None = None) -> dict[str, dict]:
+    """Run the jitted `eval_fn` over the first `max_sequences` held-out rows; host-side summary.
+
+    `place` turns each host batch into the arrays `eval_fn` takes (e.g. this process's rows of
+    a global batch on a mesh); by default the host batch goes in as it is.
+    """
     totals = None
     rows = _scored_rows(heldout, max_sequences)
     for batch in data_lib.heldout_batches(heldout, batch_size, rows):
-        sums = eval_fn(params, teacher_params, batch)
+        sums = eval_fn(params, teacher_params, batch if place is None else place(batch))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)  # note: the one host sync of an evaluation
     byte_count = data_lib.covered_bytes(heldout.targets[:rows], heldout.loss_mask[:rows],

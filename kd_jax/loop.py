@@ -94,8 +94,12 @@ def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
     return config_lib.from_dict(raw), json.loads(info_path.read_text())
 
 
-def load_teacher(cfg: Config, tokenizer) -> tuple[Any, Any, config_lib.ModelConfig]:
-    """The frozen teacher named by `teacher.source`: (model, params, model config)."""
+def load_teacher(cfg: Config, tokenizer, mesh: Any = None) -> tuple[Any, Any, Any]:
+    """The frozen teacher named by `teacher.source`: (model, params, model config).
+
+    With a `mesh`, the parameters are read straight into the shardings of `mesh.teacher_layout`
+    (each process reads only its own shards); without one, onto the default device.
+    """
     from kd_jax import checkpoint
     from kd_jax import step as step_lib
 
@@ -115,12 +119,26 @@ def load_teacher(cfg: Config, tokenizer) -> tuple[Any, Any, config_lib.ModelConf
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
                           f"max_seq_len ({model_cfg.max_seq_len})")
     model, abstract = step_lib.abstract_model(model_cfg)
+    shardings = None
+    if mesh is not None:
+        import jax
+
+        from kd_jax import sharding
+        from kd_jax.model import logical_axes
+
+        rules = sharding.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
+                                   "mesh.teacher_rules")
+        shardings = sharding.param_shardings(logical_axes(model.template), rules, mesh, abstract)
+        abstract = jax.tree.map(
+            lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+            abstract, shardings)
     params = checkpoint.restore_params(path, abstract, step)
     if cfg.teacher.dtype == "bfloat16":
         import jax
         import jax.numpy as jnp
 
-        params = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+        params = jax.jit(lambda tree: jax.tree.map(lambda p: p.astype(jnp.bfloat16), tree),
+                         out_shardings=shardings)(params)
     return model, params, model_cfg
 
 
@@ -148,9 +166,12 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 
 
 def _log(message: str) -> None:
+    """Print a line above the progress bar; in a multi-host run, on process 0 only."""
+    import jax
     from tqdm import tqdm
 
-    tqdm.write(message)
+    if jax.process_index() == 0:
+        tqdm.write(message)
 
 
 def _summarize_memory(compiled) -> str:
@@ -180,68 +201,89 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     check_resume(cfg, run_dir)
     run_data = prepare_data(cfg)
 
+    from kd_jax import sharding
+
+    sharding.initialize_distributed(cfg.distributed)  # before anything else touches JAX
+
     import jax
 
     from kd_jax import checkpoint
     from kd_jax import evaluate as evaluate_lib
     from kd_jax import step as step_lib
+    from kd_jax.model import count_params, logical_axes
 
-    # A teacher named in a `train` config is not trained against; evaluations compare with it.
-    teacher, teacher_params = None, None
-    if cfg.teacher.source != "none":
-        teacher, teacher_params, _ = load_teacher(cfg, run_data.tokenizer)
-    step_teacher, step_teacher_params = (teacher, teacher_params) if mode == "distill" else (
-        None, None)
-    student, params = step_lib.init_model(cfg.model)
-    tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
-    valid_vocab = run_data.tokenizer.vocab_size
-    update = step_lib.make_update(
-        student, step_teacher, tx, schedule, cfg.loss, cfg.train.microbatches, valid_vocab)
-    batches = data_lib.Batches(run_data.train, cfg.train.batch_size, cfg.train.seed,
-                               jax.process_index(), jax.process_count())
+    main_process = jax.process_index() == 0
+    global_batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    microbatch = global_batch // cfg.train.microbatches
 
     # Where every array lies: the student's state and the teacher's parameters by their own
-    # layouts, the batch split over data x fsdp. One device gives a mesh of one.
-    from kd_jax import sharding
-    from kd_jax.model import logical_axes
-
+    # rules, the batch split over data x fsdp. One device gives a mesh of one.
+    student_rules = sharding.rules_for(cfg.mesh.student_layout, cfg.mesh.student_rules,
+                                       "mesh.student_rules")
+    sharding.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules, "mesh.teacher_rules")
     mesh = sharding.make_mesh(cfg.mesh)
+    batch_shardings = sharding.batch_sharding(mesh, global_batch)
+    sharding.batch_sharding(mesh, microbatch, what="train.batch_size / train.microbatches")
+
+    # A teacher named in a `train` config is not trained against; evaluations compare with it.
+    teacher, teacher_params, teacher_cfg = None, None, None
+    if cfg.teacher.source != "none":
+        teacher, teacher_params, teacher_cfg = load_teacher(cfg, run_data.tokenizer, mesh)
+    step_teacher, step_teacher_params = (teacher, teacher_params) if mode == "distill" else (
+        None, None)
+    student, abstract_params = step_lib.abstract_model(cfg.model)
+    tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     param_shardings = sharding.param_shardings(
-        logical_axes(student.template), cfg.mesh.student_layout, mesh, params)
-    state_shardings = sharding.tree_shardings(
-        jax.eval_shape(lambda: step_lib.init_state(params, tx, cfg.train.seed)), params,
-        param_shardings, mesh)
-    teacher_shardings = None
-    if teacher is not None:
-        teacher_shardings = sharding.param_shardings(
-            logical_axes(teacher.template), cfg.mesh.teacher_layout, mesh, teacher_params)
-    batch_shardings = sharding.batch_sharding(mesh, cfg.train.batch_size)
+        logical_axes(student.template), student_rules, mesh, abstract_params)
+    abstract_state = jax.eval_shape(
+        lambda params: step_lib.init_state(params, tx, cfg.train.seed), abstract_params)
+    state_shardings = sharding.tree_shardings(abstract_state, abstract_params, param_shardings,
+                                              mesh)
+    teacher_shardings = jax.tree.map(lambda p: p.sharding, teacher_params)
+    logits_shardings = (sharding.logits_sharding(mesh, student_rules, cfg.model.vocab_size),
+                        None)
+    if step_teacher is not None:
+        teacher_rules = sharding.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules)
+        logits_shardings = (logits_shardings[0], sharding.logits_sharding(
+            mesh, teacher_rules, teacher_cfg.vocab_size))
+    valid_vocab = run_data.tokenizer.vocab_size
+    update = step_lib.make_update(
+        student, step_teacher, tx, schedule, cfg.loss, cfg.train.microbatches, valid_vocab,
+        logits_shardings)
+    batches = data_lib.Batches(run_data.train, global_batch, cfg.train.seed)
+    # This process loads only the rows of each global batch that its own devices hold.
+    train_positions = sharding.batch_positions(batch_shardings, global_batch)
+    eval_positions = sharding.batch_positions(batch_shardings, microbatch)
+
+    def place(local: dict[str, np.ndarray], rows: int) -> dict[str, Any]:
+        return {key: jax.make_array_from_process_local_data(
+            batch_shardings, value, (rows, seq_len)) for key, value in local.items()}
+
+    def batch_at(step: int):
+        return place(batches.at(step, train_positions), global_batch)
+
+    def place_eval(batch: dict[str, np.ndarray]):
+        return place({key: value[eval_positions] for key, value in batch.items()}, microbatch)
 
     # Everything is checked: from here on the run directory is written.
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.dump(cfg, run_dir / "config.yaml")
-    from kd_jax.model import count_params
-
     info = {
         "mode": mode,
         "tokenizer": cfg.data.tokenizer,
         "tokenizer_fingerprint": run_data.tokenizer.fingerprint,
         "tokenizer_vocab_size": run_data.tokenizer.vocab_size,
         "data_fingerprint": run_data.fingerprint,
-        "student_params": count_params(params),
+        "student_params": count_params(abstract_params),
         "teacher_params": count_params(teacher_params) if teacher_params is not None else None,
     }
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_lib.dump(cfg, run_dir / "config.yaml")
+        (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
     checkpointer = checkpoint.Checkpointer(run_dir, cfg.train.keep_checkpoints)
-    state = jax.device_put(step_lib.init_state(params, tx, cfg.train.seed), state_shardings)
-    if teacher is not None:
-        teacher_params = jax.device_put(teacher_params, teacher_shardings)
-        if mode == "distill":
-            step_teacher_params = teacher_params
     start = checkpointer.latest_step() or 0
     if start:
-        state, meta = checkpointer.restore(start, jax.eval_shape(lambda: state), state_shardings)
+        state, meta = checkpointer.restore(start, abstract_state, state_shardings)
         if meta["data_position"] != batches.position(start):
             raise ConfigError(f"checkpoint {start} in {run_dir} is at data position "
                               f"{meta['data_position']}, expected {batches.position(start)}")
@@ -249,6 +291,8 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
             _log(f"resuming from checkpoint {start}: first step {start + 1}")
         else:
             _log(f"{run_dir} already finished {start} of {cfg.train.steps} steps")
+    else:
+        state = step_lib.init_state_on(cfg.model, tx, cfg.train.seed, state_shardings)
 
     # The state is donated: its buffers are reused for the next state (no second copy in memory).
     jitted = jax.jit(
@@ -256,23 +300,20 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
         in_shardings=(state_shardings, teacher_shardings if mode == "distill" else None,
                       batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)))
-
-    def batch_at(step: int):
-        # Single-process: this process holds the whole global batch and places it on the mesh.
-        return jax.device_put(batches.at(step), batch_shardings)
-
     compiled = jitted.lower(state, step_teacher_params, batch_at(start)).compile()
-    _log(f"compiled {mode} step: {_summarize_memory(compiled)}")
-    eval_fn = jax.jit(step_lib.make_eval_fn(student, teacher, valid_vocab))
+    _log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
+         f"processes, mesh {dict(mesh.shape)}): {_summarize_memory(compiled)}")
+    eval_fn = jax.jit(step_lib.make_eval_fn(student, teacher, valid_vocab),
+                      out_shardings=sharding.replicated(mesh))
     byte_lengths = run_data.tokenizer.byte_lengths()
 
     def evaluate(step: int) -> dict[str, dict]:
         result = evaluate_lib.evaluate(
             eval_fn, state.params, teacher_params, run_data.heldout, byte_lengths,
-            cfg.train.batch_size // cfg.train.microbatches, cfg.train.eval_sequences)
-        record = {"step": step, "eval": result}
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+            microbatch, cfg.train.eval_sequences, place=place_eval)
+        if main_process:
+            with open(run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "eval": result}) + "\n")
         student_eval = result["student"]
         _log(f"eval step {step}: student {student_eval['bits_per_byte']:.4f} bits/byte, "
              f"accuracy {student_eval['accuracy']:.4f}")
@@ -292,8 +333,14 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    preemption = _PreemptionSignal()
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress,
+    # One process: SIGTERM sets a flag. Several: JAX's preemption service (started by
+    # jax.distributed) spreads the notice and names one step at which every process saves.
+    multi_process = jax.process_count() > 1
+    preemption = _PreemptionSignal() if not multi_process else None
+    if multi_process:
+        from jax.experimental import multihost_utils
+    bar = tqdm(total=cfg.train.steps, initial=start,
+               disable=not (cfg.train.progress and main_process),
                unit="step", dynamic_ncols=True, leave=False)
     last_eval = None
     try:
@@ -302,7 +349,10 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
             state, metrics = compiled(state, step_teacher_params, batch_at(step - 1))
             pending.append(metrics)
             bar.update(1)
-            preempted = preemption.requested  # read once: the signal may land mid-step
+            if multi_process:
+                preempted = multihost_utils.reached_preemption_sync_point(step)
+            else:
+                preempted = preemption.requested  # read once: the signal may land mid-step
             log_now = step % cfg.train.log_every == 0 or step == last_step
             eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0
             save_now = step % cfg.train.checkpoint_every == 0 or step == last_step or preempted
@@ -315,8 +365,9 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
                 if not math.isfinite(record["loss"]):
                     bad = int(jax.device_get(state.nonfinite_step))
                     raise NonFiniteError(f"non-finite loss at step {bad if bad > 0 else step}")
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+                if main_process:
+                    with open(run_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
                 shown = {"loss": record["loss"], "ce": record["ce"]}
                 if "kd" in record:
                     shown[cfg.loss.divergence] = record["kd"]
@@ -338,7 +389,8 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
                                 "rerun to resume")
             clock.start()
     finally:
-        preemption.restore()
+        if preemption is not None:
+            preemption.restore()
         bar.close()
         checkpointer.close()
 
@@ -361,7 +413,8 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     }
     if "teacher" in result:
         report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if main_process:
+        (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

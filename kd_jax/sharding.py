@@ -17,13 +17,14 @@ This module imports only jax, numpy, flax and the config.
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kd_jax.config import MESH_LAYOUTS, ConfigError, MeshConfig
+from kd_jax.config import MESH_LAYOUTS, ConfigError, DistributedConfig, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
@@ -45,6 +46,27 @@ LAYOUTS: dict[str, dict[str, str | None]] = {
 }
 assert tuple(LAYOUTS) == MESH_LAYOUTS, "config.MESH_LAYOUTS must name exactly these layouts"
 assert all(tuple(rules) == LOGICAL_AXES for rules in LAYOUTS.values())
+
+
+def initialize_distributed(cfg: DistributedConfig) -> None:
+    """Join a multi-host run (`jax.distributed.initialize`) if `cfg.enabled`; else nothing.
+
+    Must run before anything else touches JAX. Unset fields are left to JAX's detection (TPU
+    pod slices, SLURM, the JAX_COORDINATOR_ADDRESS variable).
+    """
+    if not cfg.enabled or jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator or None,
+            num_processes=cfg.num_processes or None,
+            process_id=cfg.process_id if cfg.process_id >= 0 else None,
+            initialization_timeout=cfg.timeout_s)
+    except ValueError as err:  # nothing given and nothing detected
+        raise ConfigError(
+            f"distributed.enabled is set, but {str(err).rstrip('.')}: set distributed.coordinator"
+            "=HOST:PORT, distributed.num_processes and distributed.process_id, or launch where "
+            "JAX detects them (TPU pod slice, SLURM)") from None
 
 
 def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
@@ -76,18 +98,37 @@ def make_mesh(cfg: MeshConfig, devices: Any = None) -> Mesh:
                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], layout: str, mesh: Mesh,
-                   name: str = "parameter") -> PartitionSpec:
-    """The PartitionSpec of one array whose dimensions are named `axes` under `layout`.
-
-    A mesh axis of size 1 splits nothing and is left out; a mesh axis already used by an earlier
-    dimension is not used again (a spec may name each mesh axis once).
-    """
+def rules_for(layout: str, changes: dict[str, str | None] | None = None,
+              where: str = "mesh.student_rules") -> dict[str, str | None]:
+    """The logical-axis -> mesh-axis table of `layout`, with `changes` (from `where`) applied."""
     if layout not in LAYOUTS:
         raise ConfigError(f"unknown mesh layout '{layout}'; choose from {', '.join(LAYOUTS)}")
+    rules = dict(LAYOUTS[layout])
+    for logical, mesh_axis in (changes or {}).items():
+        if logical not in LOGICAL_AXES:
+            match = difflib.get_close_matches(logical, LOGICAL_AXES, n=1)
+            hint = f" (did you mean '{match[0]}'?)" if match else ""
+            raise ConfigError(f"{where}: unknown logical axis '{logical}'{hint}; logical axes are "
+                              f"{', '.join(LOGICAL_AXES)}")
+        if mesh_axis is not None and mesh_axis not in MESH_AXES:
+            raise ConfigError(f"{where}: '{logical}' is mapped to '{mesh_axis}', which is not a "
+                              f"mesh axis ({', '.join(MESH_AXES)}, or null)")
+        rules[logical] = mesh_axis
+    return rules
+
+
+def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], rules: str | dict, mesh: Mesh,
+                   name: str = "parameter") -> PartitionSpec:
+    """The PartitionSpec of one array whose dimensions are named `axes`, placed by `rules`.
+
+    `rules` is a table from `rules_for` or a layout's name. A mesh axis of size 1 splits nothing
+    and is left out; a mesh axis already used by an earlier dimension is not used again (a spec
+    may name each mesh axis once).
+    """
+    if isinstance(rules, str):
+        rules = rules_for(rules)
     if len(axes) != len(shape):
         raise ValueError(f"{name}: {len(axes)} logical axes {axes} for shape {shape}")
-    rules = LAYOUTS[layout]
     used: set[str] = set()
     spec = []
     for dim, (logical, size) in enumerate(zip(axes, shape)):
@@ -100,7 +141,7 @@ def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], layout: str, m
         if size % mesh.shape[mesh_axis]:
             raise ConfigError(
                 f"{name}: dimension {dim} ('{logical}', size {size}) is not divisible by mesh "
-                f"axis '{mesh_axis}' (size {mesh.shape[mesh_axis]}) in layout '{layout}'")
+                f"axis '{mesh_axis}' (size {mesh.shape[mesh_axis]})")
         used.add(mesh_axis)
         spec.append(mesh_axis)
     while spec and spec[-1] is None:  # P("fsdp") rather than P("fsdp", None, None)
@@ -112,13 +153,14 @@ def _path_name(path) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "name", key))) for key in path)
 
 
-def param_shardings(logical_axes_tree: Any, layout: str, mesh: Mesh, shapes_tree: Any) -> Any:
+def param_shardings(logical_axes_tree: Any, rules: str | dict, mesh: Mesh,
+                    shapes_tree: Any) -> Any:
     """A NamedSharding for every parameter, shaped like `shapes_tree` (arrays or ShapeDtypeStructs).
 
     `logical_axes_tree` is `kd_jax.model.logical_axes(state)`: a tuple of names per parameter.
     """
     def one(path, axes, leaf):
-        spec = partition_spec(axes, tuple(leaf.shape), layout, mesh, name=_path_name(path))
+        spec = partition_spec(axes, tuple(leaf.shape), rules, mesh, name=_path_name(path))
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(
@@ -159,12 +201,31 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, batch_size: int | None = None) -> NamedSharding:
+def logits_sharding(mesh: Mesh, rules: str | dict, vocab_size: int) -> NamedSharding:
+    """Where [batch, tokens, vocab] logits lie: batch over data x fsdp, vocabulary as `rules` say."""
+    vocab_spec = partition_spec(("vocab",), (vocab_size,), rules, mesh, name="logits")
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, *vocab_spec))
+
+
+def batch_positions(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+    """Which rows of a [batch_size, ...] global array this process's devices hold, in order.
+
+    A process loads exactly these rows of each global batch and hands them to
+    `jax.make_array_from_process_local_data`, which lays them out in this same order.
+    """
+    rows: set[int] = set()
+    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
+        rows.update(range(*index[0].indices(batch_size)))
+    return np.array(sorted(rows), dtype=np.int64)
+
+
+def batch_sharding(mesh: Mesh, batch_size: int | None = None,
+                   what: str = "train.batch_size") -> NamedSharding:
     """Batch arrays [batch, ...] split on batch over data x fsdp; checks `batch_size` if given."""
     if batch_size is not None:
         ways = mesh.shape["data"] * mesh.shape["fsdp"]
         if batch_size % ways:
             raise ConfigError(
-                f"train.batch_size ({batch_size}) is not divisible by mesh data x fsdp "
+                f"{what} ({batch_size}) is not divisible by mesh data x fsdp "
                 f"({mesh.shape['data']} x {mesh.shape['fsdp']} = {ways})")
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

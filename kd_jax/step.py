@@ -69,6 +69,20 @@ def init_model(cfg: ModelConfig) -> tuple[PureModel, Params]:
     return PureModel(graphdef, template), params
 
 
+def init_state_on(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
+                  shardings: Any) -> TrainState:
+    """A fresh TrainState built straight into `shardings` (one jit; no host copy of the model).
+
+    Every process of a multi-host run computes the same values (the RNG does not depend on how
+    the arrays are split), each keeping only its own shards.
+    """
+    def build() -> TrainState:
+        module = Transformer(cfg, rngs=nnx.Rngs(cfg.seed))
+        return init_state(split_params(module)[2], tx, seed)
+
+    return jax.jit(build, out_shardings=shardings)()
+
+
 def abstract_model(cfg: ModelConfig) -> tuple[PureModel, Params]:
     """Like `init_model`, but with shape/dtype placeholders instead of arrays (for restoring)."""
     module = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(cfg.seed)))
@@ -103,17 +117,27 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> T
         nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
+def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def make_loss_fn(student: PureModel, teacher: PureModel | None, loss_cfg: LossConfig,
-                 valid_vocab: int) -> Callable:
-    """loss_fn(params, teacher_params, batch, num_valid_tokens) -> (loss, metric sums)."""
+                 valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None)) -> Callable:
+    """loss_fn(params, teacher_params, batch, num_valid_tokens) -> (loss, metric sums).
+
+    `logits_shardings` (student, teacher) pins the [batch, tokens, vocab] logits, the largest
+    activations of the step, to a sharding each (None: left to XLA's propagation).
+    """
+    student_logits_sharding, teacher_logits_sharding = logits_shardings
 
     def loss_fn(params, teacher_params, batch, num_valid_tokens):
-        student_logits_btv = student.logits(params, batch)
+        student_logits_btv = _constrain(student.logits(params, batch), student_logits_sharding)
         if teacher is None:
             return losses.hard_label_loss(
                 student_logits_btv, batch["targets"], batch["loss_mask"],
                 num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab)
-        teacher_logits_btv = jax.lax.stop_gradient(teacher.logits(teacher_params, batch))
+        teacher_logits_btv = jax.lax.stop_gradient(
+            _constrain(teacher.logits(teacher_params, batch), teacher_logits_sharding))
         return losses.distillation_loss(
             student_logits_btv, teacher_logits_btv, batch["targets"], batch["loss_mask"],
             config=loss_cfg, num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab)
@@ -150,9 +174,9 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
 
 def make_update(student: PureModel, teacher: PureModel | None, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, loss_cfg: LossConfig, microbatches: int,
-                valid_vocab: int) -> Callable:
+                valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None)) -> Callable:
     """Build `update(state, teacher_params, batch) -> (state, metrics)`; jit it with donation."""
-    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab)
+    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_shardings)
 
     def update(state: TrainState, teacher_params: Params, batch: Batch):
         grads, metrics = accumulate_gradients(

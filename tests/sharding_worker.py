@@ -74,8 +74,11 @@ def main(out_dir: Path) -> None:
     for batch in batches:
         state, metrics = reference_update(state, teacher_params, batch)
         losses.append(float(metrics["loss_sum"]) / float(metrics["tokens"]))
+    next_batch = make_batch(STEPS, batch=BATCH)
+    _, next_metrics = reference_update(state, teacher_params, next_batch)  # not donated
     report["reference"] = {"losses": losses,
-                           "devices": sorted({d.id for d in state.params["head"].devices()})}
+                           "devices": sorted({d.id for d in state.params["head"].devices()}),
+                           "next_loss": float(next_metrics["loss_sum"] / next_metrics["tokens"])}
     final_params.update({f"reference/{k}": np.asarray(v) for k, v in flat(state.params).items()})
 
     for name, (mesh_cfg, student_layout, teacher_layout) in SCENARIOS.items():
@@ -93,10 +96,17 @@ def main(out_dir: Path) -> None:
         sharded_teacher = jax.device_put(teacher_params, teacher_shardings)
 
         traces = []
+        # The logits, the step's largest activations, pinned: batch over data x fsdp, the
+        # vocabulary as each model's layout says.
+        scenario_update = step_lib.make_update(
+            student, teacher, tx, optax.constant_schedule(0.5), LOSS, 1, VALID_VOCAB,
+            logits_shardings=(
+                sharding.logits_sharding(mesh, student_layout, STUDENT.vocab_size),
+                sharding.logits_sharding(mesh, teacher_layout, TEACHER.vocab_size)))
 
         def counted_update(state, teacher_params, batch):
             traces.append(1)
-            return update(state, teacher_params, batch)
+            return scenario_update(state, teacher_params, batch)
 
         # The state is donated: its buffers are reused for the new state, so the parameters and
         # optimizer state are held once, not twice, across the step.
@@ -105,7 +115,11 @@ def main(out_dir: Path) -> None:
                          out_shardings=(state_shardings, sharding.replicated(mesh)),
                          donate_argnums=(0,))
         first_batch = jax.device_put(batches[0], batch_sharding)
-        compiled = jitted.lower(state, sharded_teacher, first_batch).compile()
+        lowered = jitted.lower(state, sharded_teacher, first_batch)
+        constraints = sorted({line.split("<@mesh, ", 1)[1].split(">", 1)[0]
+                              for line in lowered.as_text().splitlines()
+                              if "sharding_constraint" in line and "x64xf32>" in line})
+        compiled = lowered.compile()
         hlo = compiled.as_text()
         losses = []
         for batch in batches:
@@ -124,9 +138,15 @@ def main(out_dir: Path) -> None:
             "teacher_shards": {k: list(v.addressable_shards[0].data.shape)
                                for k, v in flat(sharded_teacher).items()},
             "step_spec": str(state.step.sharding.spec),
+            "logits_constraints": constraints,
             "collectives": {op: op in hlo for op in ("all-gather", "reduce-scatter", "all-reduce")},
         }
         final_params.update({f"{name}/{k}": np.asarray(v) for k, v in flat(state.params).items()})
+        if name == "fsdp":
+            saved_on_fsdp = state
+
+    report["elastic"] = elastic_restore(out_dir / "checkpoints", saved_on_fsdp, tx, update,
+                                        teacher_params, next_batch)
 
     fsdp_mesh = sharding.make_mesh(MeshConfig(fsdp=8))
     tensor_mesh = sharding.make_mesh(MeshConfig(data=2, tensor=4))
@@ -141,6 +161,44 @@ def main(out_dir: Path) -> None:
     }
     np.savez(out_dir / "params.npz", **final_params)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+
+
+def elastic_restore(run_dir: Path, saved_state, tx, update, teacher_params, next_batch) -> dict:
+    """Save the FSDP-over-8 state; restore it on other meshes and take the next step there."""
+    from kd_jax import checkpoint
+
+    checkpointer = checkpoint.Checkpointer(run_dir, keep=1)
+    checkpointer.save(STEPS, saved_state, {
+        "step": STEPS, "data_position": STEPS * BATCH,
+        "rng": np.asarray(jax.device_get(saved_state.rng)).tolist()})
+    checkpointer.wait()
+    saved = {k: np.asarray(v) for k, v in flat(saved_state.params).items()}
+    targets = {  # name -> (mesh config, devices, student layout)
+        "data_parallel_4": (MeshConfig(data=4), jax.devices()[:4], "replicated"),
+        "fsdp_tensor_8": (MeshConfig(data=2, fsdp=2, tensor=2), jax.devices(), "fsdp_tensor"),
+    }
+    student_axes = model.logical_axes(step_lib.abstract_model(STUDENT)[0].template)
+    results = {}
+    for name, (mesh_cfg, devices, layout) in targets.items():
+        mesh = sharding.make_mesh(mesh_cfg, devices)
+        abstract = jax.eval_shape(lambda s: s, saved_state)
+        params_shardings = sharding.param_shardings(student_axes, layout, mesh, abstract.params)
+        shardings = sharding.tree_shardings(abstract, abstract.params, params_shardings, mesh)
+        state, meta = checkpointer.restore(STEPS, abstract, shardings)
+        restored = {k: np.asarray(v) for k, v in flat(state.params).items()}
+        teacher = jax.device_put(teacher_params, sharding.replicated(mesh))
+        batch = jax.device_put(next_batch, sharding.batch_sharding(mesh, BATCH))
+        _, metrics = jax.jit(update)(state, teacher, batch)
+        results[name] = {
+            "identical": all(np.array_equal(restored[k], saved[k]) for k in saved),
+            "keys": len(saved),
+            "devices": len(state.params["head"].sharding.device_set),
+            "head_spec": str(state.params["head"].sharding.spec),
+            "step": int(state.step), "data_position": meta["data_position"],
+            "next_loss": float(metrics["loss_sum"] / metrics["tokens"]),
+        }
+    checkpointer.close()
+    return results
 
 
 if __name__ == "__main__":

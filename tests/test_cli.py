@@ -182,11 +182,12 @@ def test_distill_on_an_8_device_mesh_matches_one_device_and_resumes_on_another(t
     assert cli.main(["distill", str(config)]) == 0
     expected = losses_by_step(tmp_path / "one")
 
-    # 8 host-platform CPU devices, in a subprocess: data=2 x fsdp=4, student and teacher both
-    # FSDP-sharded; stop after step 3 (a checkpoint), then finish on this process's one device.
+    # 8 host-platform CPU devices, in a subprocess: data=2 x fsdp=2 x tensor=2, the student
+    # FSDP- and tensor-sharded, the teacher FSDP-sharded; stop after step 3 (a checkpoint), then
+    # finish on this process's one device.
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    mesh = ["mesh.data=2", "mesh.fsdp=4", "mesh.student_layout=fsdp", "mesh.teacher_layout=fsdp",
-            f"train.run_dir={tmp_path / 'mesh'}"]
+    mesh = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.student_layout=fsdp_tensor",
+            "mesh.teacher_layout=fsdp", f"train.run_dir={tmp_path / 'mesh'}"]
     result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "distill", str(config), *mesh,
                              "train.stop_at=3"], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

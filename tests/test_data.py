@@ -257,6 +257,17 @@ def test_batches_process_slices_concatenate_to_global_batch():
         data.Batches(packed, 6, seed=0, process_index=0, process_count=4)
 
 
+def test_batches_at_positions_picks_rows_of_the_global_batch():
+    packed = _packed_rows(17)
+    batches = data.Batches(packed, 8, seed=2)
+    positions = np.array([0, 1, 4, 5])  # e.g. one process's devices on a data x tensor mesh
+    for step in range(6):  # crosses epoch boundaries (17 rows, 8 per step)
+        whole = batches.at(step)
+        part = batches.at(step, positions)
+        for key in data.BATCH_KEYS:
+            np.testing.assert_array_equal(part[key], whole[key][positions])
+
+
 def test_heldout_batches_pad_to_one_shape():
     packed = _packed_rows(10)
     batches = list(data.heldout_batches(packed, batch=4, max_sequences=7))

@@ -96,8 +96,7 @@ def test_multi_device_errors_name_the_numbers(worker):
     assert errors["mesh_product"] == (
         "mesh mesh.data=3, mesh.fsdp=2, mesh.tensor=1 has 6 devices, but there are 8")
     assert errors["not_divisible"] == (
-        "w: dimension 1 ('embed', size 12) is not divisible by mesh axis 'fsdp' (size 8) "
-        "in layout 'fsdp'")
+        "w: dimension 1 ('embed', size 12) is not divisible by mesh axis 'fsdp' (size 8)")
     assert "layers/wk: dimension 2 ('kv_heads', size 2)" in errors["kv_heads_over_tensor"]
     assert "'tensor' (size 4)" in errors["kv_heads_over_tensor"]
     assert errors["batch"] == (
@@ -117,6 +116,42 @@ def test_sharded_step_matches_one_device(worker, name):
         expected, actual = params[f"reference/{key}"], params[f"{name}/{key}"]
         np.testing.assert_allclose(actual, expected, rtol=RTOL,
                                    atol=ATOL_FRACTION * np.abs(expected).max(), err_msg=key)
+
+
+def test_logits_carry_sharding_constraints(worker):
+    scenarios = worker[0]["scenarios"]
+    batch_only = '[{"data", "fsdp"}, {}, {}]'
+    vocab_over_tensor = '[{"data", "fsdp"}, {}, {"tensor"}]'
+    assert scenarios["data_parallel"]["logits_constraints"] == [batch_only]
+    # A replicated student beside a tensor-parallel teacher: each model's logits as it lies.
+    assert scenarios["teacher_tensor"]["logits_constraints"] == sorted(
+        [batch_only, vocab_over_tensor])
+    assert scenarios["fsdp_tensor"]["logits_constraints"] == [vocab_over_tensor]
+
+
+def test_a_checkpoint_from_one_mesh_restores_on_another_and_trains_on(worker):
+    report = worker[0]
+    elastic = report["elastic"]
+    assert set(elastic) == {"data_parallel_4", "fsdp_tensor_8"}
+    for name, result in elastic.items():
+        assert result["identical"] and result["keys"] == 12, name
+        assert result["step"] == 3 and result["data_position"] == 24
+        # The next step on the new mesh continues the one-device run.
+        assert result["next_loss"] == pytest.approx(report["reference"]["next_loss"], rel=RTOL)
+    assert elastic["data_parallel_4"]["devices"] == 4
+    assert elastic["data_parallel_4"]["head_spec"] == "P()"
+    assert elastic["fsdp_tensor_8"]["head_spec"] == "P('tensor', 'fsdp')"
+
+
+def test_rules_change_a_layout_and_refuse_unknown_names():
+    rules = sharding.rules_for("fsdp", {"vocab": "tensor", "embed": None})
+    assert rules["vocab"] == "tensor" and rules["embed"] is None and rules["mlp"] is None
+    assert sharding.LAYOUTS["fsdp"]["embed"] == "fsdp"  # the table itself is untouched
+    with pytest.raises(ConfigError, match=r"mesh.teacher_rules: unknown logical axis 'mpl' "
+                                          r"\(did you mean 'mlp'\?\)"):
+        sharding.rules_for("fsdp", {"mpl": "tensor"}, "mesh.teacher_rules")
+    with pytest.raises(ConfigError, match="'embed' is mapped to 'model', which is not a mesh"):
+        sharding.rules_for("replicated", {"embed": "model"})
 
 
 def test_data_parallel_replicates_and_all_reduces(worker):
