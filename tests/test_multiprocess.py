@@ -3,14 +3,17 @@
 The processes join through `jax.distributed` (coordinator on 127.0.0.1), each loads only the
 rows of each global batch that its devices hold, and orbax writes and reads the checkpoints with
 both. The run stops at step 3, resumes in two processes again, and must match the same mesh
-driven by one process with 8 devices.
+driven by one process with 8 devices. A SIGTERM that reaches one host makes both save the same
+step; mesh mistakes on 8 devices are one-line errors.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,17 +39,21 @@ def cli_env(devices: int) -> dict[str, str]:
             "JAX_PLATFORMS": "cpu"}
 
 
-def run_two_processes(config: Path, overrides: list[str]) -> list[str]:
-    """Run `kd-jax distill` in 2 processes of 4 devices; returns each process's output."""
+def start_two_processes(command: str, config: Path, overrides: list[str]):
     port = free_port()
-    processes = [
+    return [
         subprocess.Popen(
-            [sys.executable, "-m", "kd_jax.cli", "distill", str(config), *MESH, *overrides,
+            [sys.executable, "-m", "kd_jax.cli", command, str(config), *MESH, *overrides,
              "distributed.enabled=true", f"distributed.coordinator=127.0.0.1:{port}",
              "distributed.num_processes=2", f"distributed.process_id={index}",
              "distributed.timeout_s=120"],
             env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for index in range(2)]
+
+
+def run_two_processes(config: Path, overrides: list[str]) -> list[str]:
+    """Run `kd-jax distill` in 2 processes of 4 devices; returns each process's output."""
+    processes = start_two_processes("distill", config, overrides)
     outputs = []
     for process in processes:
         try:
@@ -127,6 +134,30 @@ def test_two_processes_match_one_process(runs):
     report_multi = json.loads((root / "multi" / "report.json").read_text())
     assert report_multi["student"]["bits_per_byte"] == pytest.approx(
         report_one["student"]["bits_per_byte"], rel=1e-4)
+
+
+def test_sigterm_on_one_host_saves_the_same_step_everywhere(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
+    processes = start_two_processes(
+        "train", config, ["train.steps=400", "train.checkpoint_every=1000",
+                          "train.microbatches=1"])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and processes[0].poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)  # the notice reaches one host only
+    steps = []
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 143, output[-4000:]
+        line = next(x for x in output.splitlines() if "preempted after step" in x)
+        steps.append(int(line.split("preempted after step ")[1].split(":")[0]))
+    from kd_jax import checkpoint
+
+    assert steps[0] == steps[1] == checkpoint.latest_step(tmp_path / "run") < 400
 
 
 MESH_ERRORS = {
