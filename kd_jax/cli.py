@@ -22,6 +22,25 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="experiment YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value")
+    text = "run the teacher once and cache its targets in cache.dir (topk, sample or full)"
+    p = sub.add_parser("precompute", help=text, description=text)
+    p.add_argument("config", help="experiment YAML file (teacher.path, cache.dir, cache.mode)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p = sub.add_parser("cache", help="check or import a teacher-logit cache")
+    cache_sub = p.add_subparsers(dest="cache_command", required=True)
+    p = cache_sub.add_parser("verify", help="check every shard's checksum and the alignment "
+                                            "with the data")
+    p.add_argument("dir", help="cache directory")
+    p.add_argument("--config", help="the experiment YAML the cache is for: also check that its "
+                                    "rows are the cached ones")
+    p.add_argument("overrides", nargs="*", help="section.key=value (with --config)")
+    p = cache_sub.add_parser(
+        "import", help="a top-k cache from API logprobs (OpenAI chat-completions JSONL)")
+    p.add_argument("jsonl", help="one response per line: prompt and logprobs.content")
+    p.add_argument("dir", help="cache directory to create")
+    p.add_argument("--config", help="experiment YAML (data.tokenizer, data.seq_len, "
+                                    "data.heldout_fraction, cache.value_dtype)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
     p = sub.add_parser("eval", help="evaluate a run on held-out data",
                        description="evaluate a run's latest checkpoint on held-out data")
     p.add_argument("target", help="a run directory, or an experiment YAML (its train.run_dir)")
@@ -33,6 +52,46 @@ def _parser() -> argparse.ArgumentParser:
                    help="a much smaller budget, to check the pipeline (numbers not meaningful)")
     return parser
 
+
+
+def _cache_summary(summary: dict) -> str:
+    parts = [f"{summary['cache_dir']}: {summary['mode']} cache, {summary['shards']} shards "
+             f"({summary['shards_written']} written now), {summary['rows']} rows"]
+    if summary.get("bytes_per_token") is not None:
+        parts.append(f"{summary['bytes_per_token']:.2f} bytes/token on disk")
+    if summary.get("tokens_per_second"):
+        parts.append(f"{summary['tokens_per_second']:,.0f} tokens/s")
+    return ", ".join(parts)
+
+
+def _cache_command(args) -> None:
+    from kd_jax import cache_store
+
+    if args.cache_command == "verify":
+        expected = None
+        if args.config:
+            cfg = config_lib.load(args.config, args.overrides)
+            from kd_jax import cache as cache_lib
+            from kd_jax import loop
+
+            expected = cache_lib.train_row_hashes(loop.prepare_data(cfg).train)
+        elif args.overrides:
+            raise ConfigError("overrides need --config")
+        result = cache_store.verify(args.dir, expected)
+        aligned = ", rows match the data" if expected is not None else ""
+        print(f"{args.dir}: {result['shards']} shards, {result['rows']} rows, "
+              f"{result['bytes_per_token']:.2f} bytes/token: checksums pass{aligned}")
+    elif args.cache_command == "import":
+        cfg = config_lib.load(args.config, args.overrides)
+        from kd_jax import cache_import
+        from kd_jax import data as data_lib
+
+        summary = cache_import.import_openai_jsonl(
+            args.jsonl, data_lib.load_tokenizer(cfg.data.tokenizer), args.dir,
+            seq_len=cfg.data.seq_len, heldout_fraction=cfg.data.heldout_fraction,
+            seed=cfg.data.seed, value_dtype=cfg.cache.value_dtype,
+            rows_per_shard=cfg.cache.rows_per_shard)
+        print(f"{args.dir}: {summary}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +118,14 @@ def main(argv: list[str] | None = None) -> int:
             result = loop.evaluate_run(target, overrides)
             print(report.eval_table(result))
             print(f"wrote {target / 'report.json'}")
+        elif args.command == "precompute":
+            cfg = config_lib.load(args.config, args.overrides)
+            from kd_jax import precompute
+
+            summary = precompute.precompute(cfg)
+            print(_cache_summary(summary))
+        elif args.command == "cache":
+            _cache_command(args)
         elif args.command == "demo":
             from kd_jax import demo
 

@@ -49,14 +49,18 @@ class ModelConfig:
 class TeacherConfig:
     """Where the frozen teacher comes from; named once, here."""
 
-    source: str = "none"  # none (hard-label training) | checkpoint (a `kd-jax train` run dir)
+    # none: hard-label training; checkpoint: a `kd-jax train` run directory at `path`;
+    # cache: targets precomputed by `kd-jax precompute` into `cache.dir` (`path`, if set, names
+    # the teacher run the cache came from: checked against the cache, and evaluated beside)
+    source: str = "none"
     path: str = ""
     dtype: str = "float32"  # teacher forward precision: float32 | bfloat16
 
 
 @dataclasses.dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | text | json | parquet | csv | hub
+    # stdlib | text | json | parquet | csv | hub | cache (the rows of `kd-jax cache import`)
+    source: str = "stdlib"
     path: str = ""  # data files (comma-separated, globs allowed) or a hub dataset name
     name: str = ""  # hub dataset configuration name
     split: str = "train"
@@ -135,6 +139,28 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class CacheConfig:
+    """The teacher-logit cache: written by `kd-jax precompute`, read with `teacher.source: cache`.
+
+    topk keeps the k most likely tokens and the mass of the rest; sample keeps `draws` tokens
+    drawn from the teacher (an unbiased estimate of the full loss); full keeps every log-prob.
+    """
+
+    dir: str = ""
+    mode: str = "topk"  # topk | sample | full
+    k: int = 32  # topk
+    draws: int = 12  # sample
+    # topk and sample store the teacher at this temperature, and training must use the same
+    # loss.temperature; full stores T = 1 and any loss.temperature applies exactly.
+    temperature: float = 1.0
+    seed: int = 0  # sample: draws are seeded by this and the global row index
+    value_dtype: str = "float16"  # float16 | float32
+    rows_per_shard: int = 256
+    batch_size: int = 0  # rows per teacher forward pass in precompute; 0: train.batch_size
+    prefetch: int = 2  # batches read ahead while training from a cache
+
+
+@dataclasses.dataclass
 class DistributedConfig:
     """Multi-host runs: one process per host, every process running the same command.
 
@@ -158,18 +184,21 @@ class Config:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
 _CHOICES = {
     ("model", "dtype"): ("float32", "bfloat16"),
     ("model", "param_dtype"): ("float32", "bfloat16"),
-    ("teacher", "source"): ("none", "checkpoint"),
+    ("teacher", "source"): ("none", "checkpoint", "cache"),
     ("teacher", "dtype"): ("float32", "bfloat16"),
-    ("data", "source"): ("stdlib", "text", "json", "parquet", "csv", "hub"),
+    ("data", "source"): ("stdlib", "text", "json", "parquet", "csv", "hub", "cache"),
     ("loss", "divergence"): (
         "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"),
     ("optimizer", "schedule"): ("cosine", "constant"),
+    ("cache", "mode"): ("topk", "sample", "full"),
+    ("cache", "value_dtype"): ("float16", "float32"),
     ("mesh", "student_layout"): MESH_LAYOUTS,
     ("mesh", "teacher_layout"): MESH_LAYOUTS,
 }
@@ -317,6 +346,9 @@ def validate(config: Config) -> None:
         "train.microbatches": t.microbatches, "train.log_every": t.log_every,
         "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
         "loss.temperature": loss.temperature,
+        "cache.k": config.cache.k, "cache.draws": config.cache.draws,
+        "cache.temperature": config.cache.temperature,
+        "cache.rows_per_shard": config.cache.rows_per_shard, "cache.prefetch": config.cache.prefetch,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -366,3 +398,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"distributed.timeout_s must be > 0, got {dist.timeout_s}")
     if config.teacher.source == "checkpoint" and not config.teacher.path:
         raise ConfigError("teacher.source is 'checkpoint' but teacher.path is empty")
+    if config.teacher.source == "cache" and not config.cache.dir:
+        raise ConfigError("teacher.source is 'cache' but cache.dir is empty")
+    if config.data.source == "cache" and not config.cache.dir:
+        raise ConfigError("data.source is 'cache' but cache.dir is empty")
+    if config.cache.batch_size < 0:
+        raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kd_jax import cache_store
 from kd_jax import config as config_lib
 from kd_jax import data as data_lib
 from kd_jax.config import Config, ConfigError
@@ -76,9 +77,17 @@ def prepare_data(cfg: Config) -> RunData:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
             f"vocabulary ({tokenizer.vocab_size})")
-    train_docs, heldout_docs = data_lib.load_documents(cfg.data)
-    train = data_lib.pack(train_docs, tokenizer, cfg.data.seq_len)
-    heldout = data_lib.pack(heldout_docs, tokenizer, cfg.data.seq_len)
+    if cfg.data.source == "cache":  # the token rows of an imported cache
+        from kd_jax import cache_import
+
+        train, heldout = cache_import.load_rows(cfg.cache.dir, tokenizer)
+        if train.seq_len != cfg.data.seq_len:
+            raise ConfigError(f"cache {cfg.cache.dir} holds rows of {train.seq_len} tokens; "
+                              f"set data.seq_len={train.seq_len} (got {cfg.data.seq_len})")
+    else:
+        train_docs, heldout_docs = data_lib.load_documents(cfg.data)
+        train = data_lib.pack(train_docs, tokenizer, cfg.data.seq_len)
+        heldout = data_lib.pack(heldout_docs, tokenizer, cfg.data.seq_len)
     if train.n_rows == 0 or not train.loss_mask.any():
         raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
     return RunData(tokenizer, train, heldout, data_lib.fingerprint(cfg.data, tokenizer))
@@ -94,6 +103,19 @@ def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
     return config_lib.from_dict(raw), json.loads(info_path.read_text())
 
 
+def teacher_step(cfg: Config) -> int:
+    """The latest checkpoint step of the teacher run `teacher.path`."""
+    from kd_jax import checkpoint
+
+    path = Path(cfg.teacher.path)
+    if not path.is_dir():
+        raise ConfigError(f"teacher.path '{path}' does not exist")
+    step = checkpoint.latest_step(path)
+    if step is None or not (path / "run.json").is_file():
+        raise ConfigError(f"teacher.path '{path}' has no checkpoint")
+    return step
+
+
 def load_teacher(cfg: Config, tokenizer, mesh: Any = None) -> tuple[Any, Any, Any]:
     """The frozen teacher named by `teacher.source`: (model, params, model config).
 
@@ -104,12 +126,8 @@ def load_teacher(cfg: Config, tokenizer, mesh: Any = None) -> tuple[Any, Any, An
     from kd_jax import step as step_lib
 
     path = Path(cfg.teacher.path)
-    if not path.is_dir():
-        raise ConfigError(f"teacher.path '{path}' does not exist")
+    step = teacher_step(cfg)
     teacher_cfg, info = read_run(path)
-    step = checkpoint.latest_step(path)
-    if step is None:
-        raise ConfigError(f"teacher.path '{path}' has no checkpoint")
     if info["tokenizer_fingerprint"] != tokenizer.fingerprint:
         raise ConfigError(
             f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} tokens) "
@@ -147,7 +165,7 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
     if not (run_dir / "config.yaml").is_file():
         return
     saved, _ = read_run(run_dir)
-    for section in ("model", "data", "loss", "optimizer", "teacher"):
+    for section in ("model", "data", "loss", "optimizer", "teacher", "cache"):
         old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(
             getattr(cfg, section))
         for key in new:
@@ -196,7 +214,8 @@ def _summarize_memory(compiled) -> str:
 def run(cfg: Config, mode: str) -> dict[str, Any]:
     """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report."""
     if mode == "distill" and cfg.teacher.source == "none":
-        raise ConfigError("kd-jax distill needs teacher.source (checkpoint) and teacher.path")
+        raise ConfigError("kd-jax distill needs teacher.source: checkpoint (with teacher.path) "
+                          "or cache (with cache.dir)")
     run_dir = Path(cfg.train.run_dir)
     check_resume(cfg, run_dir)
     run_data = prepare_data(cfg)
@@ -209,6 +228,7 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
 
     from kd_jax import checkpoint
     from kd_jax import evaluate as evaluate_lib
+    from kd_jax import losses
     from kd_jax import step as step_lib
     from kd_jax.model import count_params, logical_axes
 
@@ -226,11 +246,24 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     sharding.batch_sharding(mesh, microbatch, what="train.batch_size / train.microbatches")
 
     # A teacher named in a `train` config is not trained against; evaluations compare with it.
+    # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
+    from_cache = cfg.teacher.source == "cache"
     teacher, teacher_params, teacher_cfg = None, None, None
-    if cfg.teacher.source != "none":
+    if cfg.teacher.source == "checkpoint" or (from_cache and cfg.teacher.path):
         teacher, teacher_params, teacher_cfg = load_teacher(cfg, run_data.tokenizer, mesh)
-    step_teacher, step_teacher_params = (teacher, teacher_params) if mode == "distill" else (
-        None, None)
+    step_teacher, step_teacher_params = (teacher, teacher_params) if (
+        mode == "distill" and not from_cache) else (None, None)
+    cache_mode, targets = None, None
+    if from_cache:
+        from kd_jax import cache as cache_lib
+
+        teacher_fingerprint = cache_lib.teacher_fingerprint(
+            cfg.teacher.path, teacher_step(cfg)) if cfg.teacher.path else None
+        manifest, hashes = cache_lib.open_for_training(
+            cfg, run_data.tokenizer, run_data.train, teacher_fingerprint)
+        if mode == "distill":
+            cache_mode = manifest["mode"]
+            targets = cache_lib.TargetBatches(cfg.cache.dir, manifest, hashes)
     student, abstract_params = step_lib.abstract_model(cfg.model)
     tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     param_shardings = sharding.param_shardings(
@@ -249,7 +282,7 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     valid_vocab = run_data.tokenizer.vocab_size
     update = step_lib.make_update(
         student, step_teacher, tx, schedule, cfg.loss, cfg.train.microbatches, valid_vocab,
-        logits_shardings)
+        logits_shardings, cache_mode)
     batches = data_lib.Batches(run_data.train, global_batch, cfg.train.seed)
     # This process loads only the rows of each global batch that its own devices hold.
     train_positions = sharding.batch_positions(batch_shardings, global_batch)
@@ -257,10 +290,15 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
 
     def place(local: dict[str, np.ndarray], rows: int) -> dict[str, Any]:
         return {key: jax.make_array_from_process_local_data(
-            batch_shardings, value, (rows, seq_len)) for key, value in local.items()}
+            batch_shardings, value, (rows, *value.shape[1:])) for key, value in local.items()}
 
-    def batch_at(step: int):
-        return place(batches.at(step, train_positions), global_batch)
+    def host_batch(step: int) -> dict[str, np.ndarray]:
+        """This process's rows of step `step`'s batch (and their cached targets): numpy."""
+        local = batches.at(step, train_positions)
+        if targets is not None:
+            cached = targets.read(batches.rows(step, train_positions))
+            local.update({losses.TARGET_PREFIX + key: value for key, value in cached.items()})
+        return local
 
     def place_eval(batch: dict[str, np.ndarray]):
         return place({key: value[eval_positions] for key, value in batch.items()}, microbatch)
@@ -297,10 +335,13 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     # The state is donated: its buffers are reused for the next state (no second copy in memory).
     jitted = jax.jit(
         update, donate_argnums=(0,),
-        in_shardings=(state_shardings, teacher_shardings if mode == "distill" else None,
+        in_shardings=(state_shardings, teacher_shardings if step_teacher is not None else None,
                       batch_shardings),
         out_shardings=(state_shardings, sharding.replicated(mesh)))
-    compiled = jitted.lower(state, step_teacher_params, batch_at(start)).compile()
+    abstract_batch = {key: jax.ShapeDtypeStruct((global_batch, *value.shape[1:]), value.dtype,
+                                                sharding=batch_shardings)
+                      for key, value in host_batch(start).items()}
+    compiled = jitted.lower(state, step_teacher_params, abstract_batch).compile()
     _log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
          f"processes, mesh {dict(mesh.shape)}): {_summarize_memory(compiled)}")
     eval_fn = jax.jit(step_lib.make_eval_fn(student, teacher, valid_vocab),
@@ -339,6 +380,9 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     preemption = _PreemptionSignal() if not multi_process else None
     if multi_process:
         from jax.experimental import multihost_utils
+    # Batches (and cached targets) are read on a background thread, a few steps ahead.
+    host_batches = cache_store.Prefetcher(host_batch, range(start, last_step),
+                                          depth=cfg.cache.prefetch)
     bar = tqdm(total=cfg.train.steps, initial=start,
                disable=not (cfg.train.progress and main_process),
                unit="step", dynamic_ncols=True, leave=False)
@@ -346,7 +390,8 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     try:
         clock.start()
         for step in range(start + 1, last_step + 1):
-            state, metrics = compiled(state, step_teacher_params, batch_at(step - 1))
+            batch = place(next(host_batches), global_batch)
+            state, metrics = compiled(state, step_teacher_params, batch)
             pending.append(metrics)
             bar.update(1)
             if multi_process:
@@ -391,6 +436,9 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     finally:
         if preemption is not None:
             preemption.restore()
+        host_batches.close()
+        if targets is not None:
+            targets.close()
         bar.close()
         checkpointer.close()
 

@@ -37,6 +37,8 @@ DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", 
 # Cached teacher targets (kd_jax.targets): the keys each mode's dict holds.
 TARGET_KEYS = {"full": ("logprobs",), "topk": ("ids", "logprobs", "tail"),
                "sample": ("ids", "counts", "entropy")}
+# In a training batch they travel beside the tokens, under these names prefixed.
+TARGET_PREFIX = "teacher_"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,9 +314,18 @@ def topk_divergence_bt(kind: str, student_logits_btv, ids_btk, logprobs_btk, tai
     temperature, beta, skew = float(temperature), float(beta), float(skew)
 
     log_q_btv = _student_log_probs_btv(student_logits_btv, temperature, valid_vocab)
-    log_q_btk = jnp.take_along_axis(log_q_btv, ids_btk, axis=-1)
-    log_q_rest_bt = _log_sum_exp_bt(
-        jnp.put_along_axis(log_q_btv, ids_btk, -jnp.inf, axis=-1, inplace=False))
+    # A slot whose teacher log-prob is -inf holds no token (padding, e.g. an API that returned
+    # fewer than k alternatives): its bucket is empty for both models, and the student's mass
+    # on its id stays in "everything else". Otherwise a reverse KL would see the student's mass
+    # on a bucket the teacher calls impossible, and be infinite.
+    present_btk = logprobs_btk != -jnp.inf
+    log_q_btk = jnp.where(present_btk, jnp.take_along_axis(log_q_btv, ids_btk, axis=-1),
+                          -jnp.inf)
+    rows_b11 = jnp.arange(ids_btk.shape[0])[:, None, None]
+    tokens_1t1 = jnp.arange(ids_btk.shape[1])[None, :, None]
+    cached_btv = jnp.zeros(log_q_btv.shape, bool).at[rows_b11, tokens_1t1, ids_btk].max(
+        present_btk)
+    log_q_rest_bt = _log_sum_exp_bt(jnp.where(cached_btv, -jnp.inf, log_q_btv))
     log_q_btc = jnp.concatenate([log_q_btk, log_q_rest_bt[..., None]], axis=-1)
     teacher_btc = jnp.concatenate([logprobs_btk, tail_bt[..., None]], axis=-1)
     log_p_btc = jax.nn.log_softmax(teacher_btc.astype(jnp.float32), axis=-1)

@@ -219,6 +219,14 @@ def batch_positions(sharding: NamedSharding, batch_size: int) -> np.ndarray:
     return np.array(sorted(rows), dtype=np.int64)
 
 
+def process_local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in `batch_positions` order."""
+    by_start = {}
+    for shard in x.addressable_shards:  # replicas (e.g. along tensor) hold the same rows
+        by_start.setdefault(shard.index[0].start or 0, shard)
+    return np.concatenate([np.asarray(by_start[start].data) for start in sorted(by_start)])
+
+
 def batch_sharding(mesh: Mesh, batch_size: int | None = None,
                    what: str = "train.batch_size") -> NamedSharding:
     """Batch arrays [batch, ...] split on batch over data x fsdp; checks `batch_size` if given."""

@@ -122,16 +122,26 @@ def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
 
 
 def make_loss_fn(student: PureModel, teacher: PureModel | None, loss_cfg: LossConfig,
-                 valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None)) -> Callable:
+                 valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None),
+                 cache_mode: str | None = None) -> Callable:
     """loss_fn(params, teacher_params, batch, num_valid_tokens) -> (loss, metric sums).
 
     `logits_shardings` (student, teacher) pins the [batch, tokens, vocab] logits, the largest
-    activations of the step, to a sharding each (None: left to XLA's propagation).
+    activations of the step, to a sharding each (None: left to XLA's propagation). With a
+    `cache_mode` (topk, sample, full) there is no teacher: the batch carries its cached targets
+    under `losses.TARGET_PREFIX` + `losses.TARGET_KEYS[cache_mode]`.
     """
     student_logits_sharding, teacher_logits_sharding = logits_shardings
 
     def loss_fn(params, teacher_params, batch, num_valid_tokens):
         student_logits_btv = _constrain(student.logits(params, batch), student_logits_sharding)
+        if cache_mode is not None:
+            targets = {key: batch[losses.TARGET_PREFIX + key]
+                       for key in losses.TARGET_KEYS[cache_mode]}
+            return losses.sparse_distillation_loss(
+                student_logits_btv, targets, batch["targets"], batch["loss_mask"],
+                mode=cache_mode, config=loss_cfg, num_valid_tokens=num_valid_tokens,
+                valid_vocab=valid_vocab)
         if teacher is None:
             return losses.hard_label_loss(
                 student_logits_btv, batch["targets"], batch["loss_mask"],
@@ -174,9 +184,14 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
 
 def make_update(student: PureModel, teacher: PureModel | None, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, loss_cfg: LossConfig, microbatches: int,
-                valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None)) -> Callable:
-    """Build `update(state, teacher_params, batch) -> (state, metrics)`; jit it with donation."""
-    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_shardings)
+                valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None),
+                cache_mode: str | None = None) -> Callable:
+    """Build `update(state, teacher_params, batch) -> (state, metrics)`; jit it with donation.
+
+    With a `cache_mode`, the teacher's targets come in the batch (see `make_loss_fn`).
+    """
+    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_shardings,
+                           cache_mode)
 
     def update(state: TrainState, teacher_params: Params, batch: Batch):
         grads, metrics = accumulate_gradients(

@@ -502,3 +502,23 @@ def test_sparse_argument_errors():
     with pytest.raises(ValueError, match="integer token ids"):
         losses.topk_divergence_bt("forward_kl", student, topk["logprobs"], topk["logprobs"],
                                   topk["tail"], temperature=1.0, valid_vocab=V)
+
+
+def test_topk_slots_at_minus_infinity_are_absent_not_impossible():
+    """Padding slots (id 0, log-prob -inf) leave the student's mass on id 0 in the rest bucket."""
+    rng = np.random.default_rng(5)
+    student = jnp.asarray(rng.normal(size=(1, 2, 8)), jnp.float32)
+    ids = jnp.asarray([[[3, 5, 0, 0], [0, 2, 0, 0]]], jnp.int32)  # id 0 is real in row 2 only
+    logprobs = jnp.asarray([[[-0.5, -1.5, -jnp.inf, -jnp.inf], [-0.7, -1.0, -jnp.inf,
+                                                               -jnp.inf]]], jnp.float32)
+    tail = jnp.log1p(-jnp.exp(logprobs).sum(-1))
+    for kind in ("forward_kl", "reverse_kl", "jsd", "tvd"):
+        got = losses.topk_divergence_bt(kind, student, ids, logprobs, tail, temperature=1.0)
+        # The same targets without the padding slots.
+        want = losses.topk_divergence_bt(kind, student, ids[..., :2], logprobs[..., :2], tail,
+                                         temperature=1.0)
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=kind)
+        assert np.isfinite(np.asarray(got)).all(), kind
+        grads = jax.grad(lambda s: losses.topk_divergence_bt(
+            kind, s, ids, logprobs, tail, temperature=1.0).sum())(student)
+        assert np.isfinite(np.asarray(grads)).all(), kind
