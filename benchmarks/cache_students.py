@@ -9,7 +9,7 @@ where the teacher's distribution comes from: the teacher itself (online, full di
 top-k cache (k ids and the tail mass) and a sampled cache (n draws), with k = n by default so
 both caches keep as many entries a token. The table gives held-out bits per byte, expected
 calibration error, agreement with the teacher and KL(teacher || student), and each cache's
-size and build speed.
+size (speed is measured by benchmarks/cache_throughput.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 from kd_jax import cache_store, demo, loop, precompute
@@ -53,31 +52,24 @@ def main() -> None:
                             draws=args.draws, batch_size=64, rows_per_shard=256)
         cfg = dataclasses.replace(base, cache=cache)
         cfg.train = dataclasses.replace(base.train, run_dir=str(out / mode))
-        started = time.perf_counter()
-        summary = precompute.precompute(cfg)
-        build_seconds = time.perf_counter() - started
+        precompute.precompute(cfg)
         cfg.teacher = dataclasses.replace(base.teacher, source="cache")
         name = f"topk k={args.k}" if mode == "topk" else f"sample n={args.draws}"
         rows[name] = {"report": loop.run(cfg, "distill"),
-                      "bytes_per_token": cache_store.disk_bytes_per_token(cache.dir),
-                      "build_tokens_per_second": summary["tokens_per_second"],
-                      "build_seconds": build_seconds}
+                      "bytes_per_token": cache_store.disk_bytes_per_token(cache.dir)}
 
     teacher = rows["online (full)"]["report"]["teacher"]
     print(f"\n{args.documents} files, students of {base.train.steps} steps; held-out bytes")
     header = (f"{'student':<16} {'bits/byte':>9} {'ECE':>7} {'agree':>7} {'KL(T||S)':>9} "
-              f"{'cache B/tok':>11} {'build tok/s':>11}")
+              f"{'cache B/tok':>11}")
     print(header)
     print("-" * len(header))
     print(f"{'(teacher)':<16} {teacher['bits_per_byte']:>9.4f} {teacher['ece']:>7.4f}")
     for name, row in rows.items():
         student = row["report"]["student"]
         size = f"{row['bytes_per_token']:.2f}" if "bytes_per_token" in row else "-"
-        speed = (f"{row['build_tokens_per_second']:,.0f}"
-                 if row.get("build_tokens_per_second") else "-")
         print(f"{name:<16} {student['bits_per_byte']:>9.4f} {student['ece']:>7.4f} "
-              f"{student['agreement']:>7.4f} {student['kl']:>9.4f} "
-              f"{size:>11} {speed:>11}")
+              f"{student['agreement']:>7.4f} {student['kl']:>9.4f} {size:>11}")
     (out / "cache_students.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 

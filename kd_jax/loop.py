@@ -160,6 +160,12 @@ def load_teacher(cfg: Config, tokenizer, mesh: Any = None) -> tuple[Any, Any, An
     return model, params, model_cfg
 
 
+def _names_a_teacher_run(cfg: Config) -> bool:
+    """A teacher checkpoint to load: the teacher itself, or the one a cache was built from."""
+    return cfg.teacher.source == "checkpoint" or (
+        cfg.teacher.source == "cache" and bool(cfg.teacher.path))
+
+
 def check_resume(cfg: Config, run_dir: Path) -> None:
     """Resuming needs the same model, data, loss, optimizer, teacher and batch."""
     if not (run_dir / "config.yaml").is_file():
@@ -249,7 +255,7 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
     # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
     from_cache = cfg.teacher.source == "cache"
     teacher, teacher_params, teacher_cfg = None, None, None
-    if cfg.teacher.source == "checkpoint" or (from_cache and cfg.teacher.path):
+    if _names_a_teacher_run(cfg):
         teacher, teacher_params, teacher_cfg = load_teacher(cfg, run_data.tokenizer, mesh)
     step_teacher, step_teacher_params = (teacher, teacher_params) if (
         mode == "distill" and not from_cache) else (None, None)
@@ -525,7 +531,7 @@ def evaluate_run(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, An
         raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
     run_data = prepare_data(cfg)
     teacher, teacher_params = None, None
-    if cfg.teacher.source != "none":
+    if _names_a_teacher_run(cfg):
         teacher, teacher_params, _ = load_teacher(cfg, run_data.tokenizer)
     student, abstract = step_lib.abstract_model(cfg.model)
     params = checkpoint.restore_params(run_dir, abstract, step)

@@ -114,11 +114,13 @@ def precompute(cfg: Config) -> dict[str, Any]:
                                                                  teacher_step)),
         value_dtype=cfg.cache.value_dtype)
     cache_dir = cfg.cache.dir
+    if (Path(cache_dir) / cache_store.MANIFEST_NAME).is_file():
+        # Every process refuses a cache built from something else (none waits for another).
+        cache_store.create_manifest(cache_dir, manifest)
     if jax.process_index() == 0:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        cache_store.create_manifest(cache_dir, manifest)  # or check the one there
+        cache_store.create_manifest(cache_dir, manifest)  # or accept the identical one there
     _barrier("manifest")
-    cache_store.check_fingerprints(cache_store.read_manifest(cache_dir), manifest, cache_dir)
 
     shards = cache_store.shards_to_write(cache_dir, manifest, jax.process_index(),
                                          jax.process_count())
@@ -140,7 +142,6 @@ def precompute(cfg: Config) -> dict[str, Any]:
         return {"logprobs": targets_lib.full_targets(logits, temperature=1.0,
                                                      valid_vocab=valid_vocab)}
 
-    compiled = jax.jit(targets_fn, out_shardings=batch_sharding)
     seq_len = cfg.data.seq_len
 
     def global_batch(rows: np.ndarray) -> tuple[dict, Any]:
@@ -153,6 +154,9 @@ def precompute(cfg: Config) -> dict[str, Any]:
         batch = {key: place(value, (rows_per_step, seq_len)) for key, value in local.items()}
         return batch, place(padded.astype(np.int32), (rows_per_step,))
 
+    compiled = jax.jit(targets_fn, out_shardings=batch_sharding).lower(
+        teacher_params, *global_batch(np.zeros(0, np.int64))).compile()
+
     from tqdm import tqdm
 
     main_process = jax.process_index() == 0
@@ -161,15 +165,22 @@ def precompute(cfg: Config) -> dict[str, Any]:
                leave=False)
     writer = _ShardWriter(cache_dir, manifest, hashes)
     started = time.perf_counter()
+    def collect(shard, rows, out) -> None:
+        if shard is not None:  # not a step of padding only
+            writer.add(shard, rows, {key: sharding.process_local_rows(value)[:len(rows)]
+                                     for key, value in out.items()})
+        bar.update(rows_per_step * seq_len)
+
+    pending = None  # the previous step's outputs, still being computed
     try:
         for step in range(steps):
             shard, rows = chunks[step] if step < len(chunks) else (None, np.zeros(0, np.int64))
-            out = compiled(teacher_params, *global_batch(rows))
-            if shard is not None:
-                local = {key: sharding.process_local_rows(value)[:len(rows)]
-                         for key, value in out.items()}
-                writer.add(shard, rows, local)
-            bar.update(rows_per_step * seq_len)
+            out = compiled(teacher_params, *global_batch(rows))  # dispatched, not waited for
+            if pending is not None:
+                collect(*pending)  # the host fetches and packs step - 1 while step runs
+            pending = (shard, rows, out)
+        if pending is not None:
+            collect(*pending)
     finally:
         bar.close()
         writer.close()

@@ -199,6 +199,10 @@ def test_distill_from_a_sample_cache_trains(setup, tmp_path):
     assert all(np.isfinite(list(losses_seen.values())))
     report = json.loads((run_dir / "report.json").read_text())
     assert "teacher" not in report and report["student"]["bits_per_byte"] > 0
+    assert cli.main(["eval", str(run_dir)]) == 0  # no teacher to load for it either
+    again = json.loads((run_dir / "report.json").read_text())
+    assert again["student"]["bits_per_byte"] == pytest.approx(report["student"]["bits_per_byte"],
+                                                              rel=1e-6)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -291,3 +295,13 @@ train: {{run_dir: {tmp_path / 'run'}, steps: 4, batch_size: 4, log_every: 1, pro
     assert cli.main(["distill", str(config), "data.seq_len=128",
                      f"train.run_dir={tmp_path / 'other'}"]) == 2
     assert "holds rows of 256 tokens" in capsys.readouterr().err
+
+
+def test_precompute_into_a_cache_built_otherwise_is_refused(setup, capsys):
+    root, _, config = setup
+    before = cache_bytes(root / "reference")
+    capsys.readouterr()
+    assert cli.main(["precompute", str(config), "cache.draws=6"]) == 2
+    err = capsys.readouterr().err
+    assert "was built with a different params.draws (params.draws: cache 12 != expected 6)" in err
+    assert cache_bytes(root / "reference") == before
