@@ -56,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 MODES = ("full", "topk", "sample")
+_CDF_SCALE = float(2 ** 30)  # sampling resolution: probabilities in multiples of 2^-30
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,18 +171,25 @@ def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
     positions_t = jnp.arange(tokens, dtype=jnp.uint32)
     fold_rows = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # keys [b], one position
     token_keys_bt = jax.vmap(lambda position: fold_rows(key_b, position), out_axes=1)(positions_t)
-    uniform_bt = jax.vmap(jax.vmap(lambda key, j: jax.random.uniform(jax.random.fold_in(key, j)),
-                                   in_axes=(0, None)), in_axes=(0, None))
-    # Draw j of a token uses fold_in(token key, j): the first n draws are those of any larger n.
-    uniforms_btn = jnp.moveaxis(jax.vmap(lambda j: uniform_bt(token_keys_bt, j))(
-        jnp.arange(n, dtype=jnp.uint32)), 0, -1)
 
     # Inverse CDF: one cumulative sum per token, then n binary searches (n log V), instead of n
-    # passes of Gumbel noise over the vocabulary (n V random numbers). An id of probability 0 is
-    # a flat step of the CDF and is never found. The float32 sum rounds the probabilities of ids
-    # far out in the tail of a large vocabulary (to about 6e-8 near the end of the CDF).
-    cdf_btv = jnp.cumsum(jnp.exp(log_p_btv), axis=-1)
-    targets_btn = uniforms_btn * cdf_btv[..., -1:]  # in [0, total): never past the last id
+    # passes of Gumbel noise over the vocabulary (n V random numbers). The probabilities are
+    # rounded to multiples of 2^-30 and summed as integers: the sum is exact whatever order XLA
+    # adds in, and as fine near the end of the CDF as at its start (a float32 cumsum resolves
+    # 6e-8 there). An id of probability below 2^-31 is never drawn, nor one of probability 0
+    # (a flat step of the CDF).
+    quanta_btv = jnp.round(jnp.exp(log_p_btv) * _CDF_SCALE).astype(jnp.int32)
+    cdf_btv = jnp.cumsum(quanta_btv, axis=-1)  # <= 2^30 + V / 2: fits int32
+    total_bt = cdf_btv[..., -1]
+
+    # Draw j of a token is uniform in [0, total) from fold_in(token key, j): the first n draws
+    # are those of any larger n.
+    def uniform_ints(key, total, j):
+        return jax.random.randint(jax.random.fold_in(key, j), (), 0, total, dtype=jnp.int32)
+
+    per_token = jax.vmap(jax.vmap(uniform_ints, in_axes=(0, 0, None)), in_axes=(0, 0, None))
+    targets_btn = jnp.moveaxis(jax.vmap(lambda j: per_token(token_keys_bt, total_bt, j))(
+        jnp.arange(n, dtype=jnp.uint32)), 0, -1)
     search = jax.vmap(jax.vmap(lambda cdf, u: jnp.searchsorted(cdf, u, side="right")))
     draws_btn = jnp.minimum(search(cdf_btv, targets_btn), vocab - 1)
     ids_btn, counts_btn = _unique_with_counts_btn(draws_btn, vocab)
