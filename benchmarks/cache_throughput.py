@@ -29,8 +29,8 @@ import jax
 import numpy as np
 
 from kd_jax import cache as cache_lib
-from kd_jax import cache_store, demo, loop, losses, precompute
 from kd_jax import data as data_lib
+from kd_jax import demo, loop, losses, precompute
 from kd_jax import step as step_lib
 from kd_jax.config import CacheConfig
 

@@ -29,8 +29,9 @@ entries any position of the file has; shorter positions are padded with id 0, lo
 top_logprobs is empty or missing uses the generated token and its logprob as its one entry.
 tail = log(1 - sum p) in float64, floored at log(`_FULL_MASS_SLACK`): an API model's softmax never
 leaves exactly nothing outside its top entries, and a sum that reaches 1 is the rounding of its
-logprobs (an empty tail would make a reverse KL infinite wherever the student has mass there). Pairs that are not response targets (prompt,
-padding) hold id 0, log-probability 0, tail -inf; their loss_mask is 0.
+logprobs (an empty tail would make a reverse KL infinite wherever the student has mass there).
+Pairs that are not response targets (prompt, padding) hold id 0, log-probability 0, tail -inf;
+their loss_mask is 0.
 
 Errors name the line (1-based, as an editor counts) and the response token (0-based: its index in
 the content list), and whether the generated token or a top_logprobs entry is at fault.

@@ -348,7 +348,8 @@ def validate(config: Config) -> None:
         "loss.temperature": loss.temperature,
         "cache.k": config.cache.k, "cache.draws": config.cache.draws,
         "cache.temperature": config.cache.temperature,
-        "cache.rows_per_shard": config.cache.rows_per_shard, "cache.prefetch": config.cache.prefetch,
+        "cache.rows_per_shard": config.cache.rows_per_shard,
+        "cache.prefetch": config.cache.prefetch,
     }
     for name, value in positive.items():
         if value <= 0:

@@ -232,14 +232,13 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
 
     import jax
 
-    from kd_jax import checkpoint
+    from kd_jax import checkpoint, losses
     from kd_jax import evaluate as evaluate_lib
-    from kd_jax import losses
     from kd_jax import step as step_lib
     from kd_jax.model import count_params, logical_axes
 
     main_process = jax.process_index() == 0
-    global_batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
+    global_batch = cfg.train.batch_size
     microbatch = global_batch // cfg.train.microbatches
 
     # Where every array lies: the student's state and the teacher's parameters by their own

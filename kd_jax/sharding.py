@@ -202,7 +202,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def logits_sharding(mesh: Mesh, rules: str | dict, vocab_size: int) -> NamedSharding:
-    """Where [batch, tokens, vocab] logits lie: batch over data x fsdp, vocabulary as `rules` say."""
+    """Where [batch, tokens, vocab] logits lie: batch over data x fsdp, vocabulary by `rules`."""
     vocab_spec = partition_spec(("vocab",), (vocab_size,), rules, mesh, name="logits")
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, *vocab_spec))
 

@@ -69,7 +69,7 @@ def run_two_processes(config: Path, overrides: list[str]) -> list[str]:
 
 
 def final_params(run_dir: Path) -> dict[str, np.ndarray]:
-    from kd_jax import checkpoint, config as config_lib, loop
+    from kd_jax import checkpoint, loop
     from kd_jax import step as step_lib
 
     cfg, _ = loop.read_run(run_dir)
