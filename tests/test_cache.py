@@ -20,7 +20,12 @@ import optax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import losses_by_step, write_config, write_corpus, write_tokenizer  # noqa: E402
+from test_cli import (  # noqa: E402
+    losses_by_step,
+    teacher_and_distill_config,
+    write_config,
+    write_tokenizer,
+)
 from test_multiprocess import MESH, cli_env, start_two_processes  # noqa: E402
 from test_step import LOSS, STUDENT, TEACHER, VALID_VOCAB, make_batch  # noqa: E402
 
@@ -80,14 +85,9 @@ def test_topk_of_the_whole_vocabulary_equals_the_online_step():
 def setup(tmp_path_factory):
     """A trained tiny teacher, a distillation config, and an uninterrupted reference cache."""
     root = tmp_path_factory.mktemp("cache")
-    corpus = write_corpus(root / "corpus.txt")
-    assert cli.main(["train", str(write_config(root / "teacher.yaml", corpus,
-                                               root / "teacher"))]) == 0
-    extra = (f"teacher:\n  source: checkpoint\n  path: {root / 'teacher'}\n"
-             "loss:\n  ce_weight: 1.0\n"
-             f"cache:\n  dir: {root / 'reference'}\n  mode: sample\n  rows_per_shard: 8\n"
-             "  batch_size: 8\n")
-    config = write_config(root / "distill.yaml", corpus, root / "unused", extra)
+    corpus, config = teacher_and_distill_config(
+        root, f"cache:\n  dir: {root / 'reference'}\n  mode: sample\n  rows_per_shard: 8\n"
+              "  batch_size: 8\n")
     assert cli.main(["precompute", str(config)]) == 0
     return root, corpus, config
 

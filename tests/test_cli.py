@@ -60,6 +60,20 @@ optimizer:
     return path
 
 
+def teacher_and_distill_config(root: Path, extra: str = "") -> tuple[Path, Path]:
+    """Train the tiny teacher in root/teacher; (corpus, a distill config naming it, plus `extra`).
+
+    The distill config has a hard-label term: with it the loss is O(1), so comparisons of
+    losses compare the step, not the cancellation noise of a near-zero KL.
+    """
+    corpus = write_corpus(root / "corpus.txt")
+    assert cli.main(["train", str(write_config(root / "teacher.yaml", corpus,
+                                               root / "teacher"))]) == 0
+    teacher = (f"teacher:\n  source: checkpoint\n  path: {root / 'teacher'}\n"
+               "loss:\n  ce_weight: 1.0\n")
+    return corpus, write_config(root / "distill.yaml", corpus, root / "unused", teacher + extra)
+
+
 def losses_by_step(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if "loss" in r}

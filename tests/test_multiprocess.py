@@ -20,9 +20,12 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_cli import losses_by_step, write_config, write_corpus  # noqa: E402
-
-from kd_jax import cli  # noqa: E402
+from test_cli import (  # noqa: E402
+    losses_by_step,
+    teacher_and_distill_config,
+    write_config,
+    write_corpus,
+)
 
 MESH = ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "mesh.student_layout=fsdp_tensor",
         "mesh.teacher_layout=fsdp"]
@@ -84,12 +87,7 @@ def final_params(run_dir: Path) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("multiprocess")
-    corpus = write_corpus(root / "corpus.txt")
-    assert cli.main(["train", str(write_config(root / "teacher.yaml", corpus,
-                                               root / "teacher"))]) == 0
-    extra = (f"teacher:\n  source: checkpoint\n  path: {root / 'teacher'}\n"
-             "loss:\n  ce_weight: 1.0\n")
-    config = write_config(root / "distill.yaml", corpus, root / "unused", extra)
+    _, config = teacher_and_distill_config(root)
 
     one = subprocess.run(
         [sys.executable, "-m", "kd_jax.cli", "distill", str(config), *MESH,
