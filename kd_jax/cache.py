@@ -27,6 +27,10 @@ from kd_jax import cache_store
 from kd_jax.config import Config
 
 
+# The algorithm of `kd_jax.targets.sample_targets`; change it whenever the draws change.
+SAMPLER = "inverse-cdf-int30"
+
+
 def teacher_fingerprint(teacher_dir: str | Path, step: int) -> str:
     """A hash of the bytes of a teacher run's parameter files at checkpoint `step`.
 
@@ -86,7 +90,8 @@ def manifest_params(cfg: Config) -> dict[str, Any]:
     if c.mode == "topk":
         return {"k": c.k, "temperature": c.temperature}
     if c.mode == "sample":
-        return {"draws": c.draws, "temperature": c.temperature, "seed": c.seed}
+        return {"draws": c.draws, "temperature": c.temperature, "seed": c.seed,
+                "sampler": SAMPLER}
     return {"temperature": 1.0}  # full: stored at T = 1, re-tempered exactly when training
 
 

@@ -68,7 +68,8 @@ VALUE_DTYPES = ("float16", "float32")
 FINGERPRINT_PARTS = ("teacher", "tokenizer", "data", "packing")
 MODE_PARAMS = {  # each mode's parameters and their types
     "topk": {"k": int, "temperature": float},
-    "sample": {"draws": int, "temperature": float, "seed": int},
+    # `sampler` names the drawing algorithm: a cache is never finished by another one.
+    "sample": {"draws": int, "temperature": float, "seed": int, "sampler": str},
     "full": {"temperature": float},
 }
 MANIFEST_KEYS = ("format_version", "mode", "params", "vocab_size", "id_bits", "seq_len",
@@ -160,6 +161,8 @@ def validate_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def _typed(value: Any, kind: type, name: str) -> Any:
     """`value` as `kind`: an int must be an integer; a float may be any finite number."""
+    if kind is str and isinstance(value, str) and value:
+        return value
     if not isinstance(value, bool):
         if kind is int and isinstance(value, (int, np.integer)):
             return int(value)

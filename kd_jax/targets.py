@@ -162,6 +162,7 @@ def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
     order, each with how many of the n draws it got; the remaining slots are padding (id 0,
     count 0); counts sum to n on every token.
     """
+    # (kd_jax.cache.SAMPLER names this algorithm in a cache's manifest: keep them in step.)
     log_p_btv = _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab)
     n = _check_count("n", n)
     batch, tokens, vocab = log_p_btv.shape

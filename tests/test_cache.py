@@ -319,3 +319,17 @@ def test_precompute_into_a_cache_built_otherwise_is_refused(setup, capsys):
     err = capsys.readouterr().err
     assert "was built with a different params.draws (params.draws: cache 12 != expected 6)" in err
     assert cache_bytes(root / "reference") == before
+
+
+def test_a_cache_begun_by_another_sampler_is_not_finished_by_this_one(setup, tmp_path, capsys):
+    root, _, config = setup
+    cache_dir = tmp_path / "older"
+    for name, content in cache_bytes(root / "reference").items():
+        (cache_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (cache_dir / name).write_bytes(content)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    manifest["params"]["sampler"] = "gumbel-max"
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert cli.main(["precompute", str(config), f"cache.dir={cache_dir}"]) == 2
+    assert "was built with a different params.sampler" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from kd_jax.config import ConfigError
 
 FINGERPRINTS = {"teacher": "teacher-a", "tokenizer": "tok-a", "data": "data-a", "packing": "pack-a"}
 MODE_PARAMS = {"topk": {"k": 5, "temperature": 1.0},
-               "sample": {"draws": 12, "temperature": 1.0, "seed": 3},
+               "sample": {"draws": 12, "temperature": 1.0, "seed": 3, "sampler": "test"},
                "full": {"temperature": 2.0}}
 
 
