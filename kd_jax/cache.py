@@ -133,7 +133,6 @@ class TargetBatches:
     """The cached targets of any rows, checked against the rows' hashes."""
 
     def __init__(self, cache_dir: str, manifest: dict[str, Any], hashes: np.ndarray):
-        self.mode = manifest["mode"]
         self.hashes = hashes
         self.reader = cache_store.CacheReader(cache_dir)
 
