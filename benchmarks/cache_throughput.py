@@ -135,7 +135,7 @@ def main() -> None:
         manifest, hashes = cache_lib.open_for_training(
             dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, source="cache")),
             run_data.tokenizer, run_data.train, None)
-        reader = cache_lib.TargetBatches(cfg.cache.dir, manifest, hashes)
+        reader = cache_lib.TargetBatches(cfg.cache.dir, hashes)
         read = timed(lambda: reader.read(rng.integers(0, run_data.train.n_rows, batch_rows)),
                      args.steps)
         batch = dict(host, **{losses.TARGET_PREFIX + k: v for k, v in reader.read(rows).items()})

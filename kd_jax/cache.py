@@ -26,7 +26,6 @@ import numpy as np
 from kd_jax import cache_store
 from kd_jax.config import Config
 
-
 # The algorithm of `kd_jax.targets.sample_targets`; change it whenever the draws change.
 SAMPLER = "inverse-cdf-int30"
 
@@ -132,7 +131,7 @@ def open_for_training(cfg: Config, tokenizer, train, teacher: str | None
 class TargetBatches:
     """The cached targets of any rows, checked against the rows' hashes."""
 
-    def __init__(self, cache_dir: str, manifest: dict[str, Any], hashes: np.ndarray):
+    def __init__(self, cache_dir: str, hashes: np.ndarray):
         self.hashes = hashes
         self.reader = cache_store.CacheReader(cache_dir)
 

@@ -268,7 +268,7 @@ def run(cfg: Config, mode: str) -> dict[str, Any]:
             cfg, run_data.tokenizer, run_data.train, teacher_fingerprint)
         if mode == "distill":
             cache_mode = manifest["mode"]
-            targets = cache_lib.TargetBatches(cfg.cache.dir, manifest, hashes)
+            targets = cache_lib.TargetBatches(cfg.cache.dir, hashes)
     student, abstract_params = step_lib.abstract_model(cfg.model)
     tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     param_shardings = sharding.param_shardings(
