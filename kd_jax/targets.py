@@ -82,16 +82,53 @@ def _check_count(name: str, value, upper: int | None = None) -> int:
     return int(value)
 
 
-def _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab):
-    """log softmax(logits / T) over the first valid_vocab columns, float32 (padding cut off)."""
+def _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab):
+    """logits / T over the first valid_vocab columns, float32 (padding cut off)."""
     if teacher_logits_btv.ndim != 3:
         raise ValueError(f"teacher logits must be [batch, tokens, vocab], got shape "
                          f"{teacher_logits_btv.shape}")
     temperature = _check_temperature(temperature)
     width = teacher_logits_btv.shape[-1]
     valid_vocab = width if valid_vocab is None else _check_count("valid_vocab", valid_vocab, width)
-    logits_btv = teacher_logits_btv[..., :valid_vocab].astype(jnp.float32)
-    return jax.nn.log_softmax(logits_btv / temperature, axis=-1)
+    return teacher_logits_btv[..., :valid_vocab].astype(jnp.float32) / temperature
+
+
+def _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab):
+    """log softmax(logits / T) over the first valid_vocab columns, float32 (padding cut off)."""
+    return jax.nn.log_softmax(
+        _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab), axis=-1)
+
+
+def top_k(x, k: int) -> tuple[jax.Array, jax.Array]:
+    """`jax.lax.top_k` over the last axis, the same values and ids in the same order (ties go
+    to the lower id), computed in two stages when the axis is long.
+
+    The last axis is cut into blocks of b entries. Every entry of the top k lies in a block
+    whose maximum is at least the k-th largest value, and at most k blocks have such a
+    maximum, so the top k of the whole axis are the top k of the k blocks with the largest
+    maxima. Those blocks are taken in increasing order, so ties still go to the lower id. At a
+    vocabulary of 32k to 128k this makes 2 to 5 times fewer comparisons than one `top_k` over
+    the axis; short axes (width < 256 k) use `lax.top_k` directly.
+    """
+    width = x.shape[-1]
+    if width < 256 * k:
+        return jax.lax.top_k(x, k)
+    block = 32 if width >= 1024 * k else 16
+    n_full = width // block
+    maxima = jnp.max(x[..., :n_full * block].reshape(*x.shape[:-1], n_full, block), axis=-1)
+    if n_full * block != width:  # the last, shorter block
+        maxima = jnp.concatenate([maxima, jnp.max(x[..., n_full * block:], axis=-1,
+                                                  keepdims=True)], axis=-1)
+    _, chosen = jax.lax.top_k(maxima, k)
+    chosen = jnp.sort(chosen, axis=-1)
+    candidate_ids = (chosen[..., None] * block + jnp.arange(block)).reshape(
+        *x.shape[:-1], k * block)
+    inside = candidate_ids < width  # ids past the end (last block) compete as -inf, after all
+    candidates = jnp.where(inside, jnp.take_along_axis(
+        x, jnp.minimum(candidate_ids, width - 1), axis=-1), -jnp.inf)
+    values, places = jax.lax.top_k(candidates, k)
+    ids = jnp.take_along_axis(candidate_ids, places, axis=-1)
+    return values, ids
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,13 +147,18 @@ def topk_targets(teacher_logits_btv, k, *, temperature, valid_vocab) -> dict[str
     "tail": float32 [b, t]}, with exp(tail) + sum(exp(logprobs)) == 1. `tail` is -inf when the
     k ids hold all the mass (see the module docstring).
     """
-    log_p_btv = _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab)
-    k = _check_count("k", k, log_p_btv.shape[-1])
-    logprobs_btk, ids_btk = jax.lax.top_k(log_p_btv, k)
-    rest_btv = jnp.put_along_axis(log_p_btv, ids_btk, -jnp.inf, axis=-1, inplace=False)
+    z_btv = _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab)
+    k = _check_count("k", k, z_btv.shape[-1])
+    # Selected on z and normalized afterwards, as log_softmax does it: log p = (z - max) -
+    # log sum exp(z - max). The log-probabilities over the vocabulary are never materialized.
+    max_bt1 = jnp.max(z_btv, axis=-1, keepdims=True)
+    log_norm_bt1 = jnp.log(jnp.sum(jnp.exp(z_btv - max_bt1), axis=-1, keepdims=True))
+    z_btk, ids_btk = top_k(z_btv, k)
+    rest_btv = jnp.put_along_axis(z_btv, ids_btk, -jnp.inf, axis=-1, inplace=False)
     # logsumexp of an all -inf row is -inf (its gradient would be NaN, but targets are constants).
-    tail_bt = jax.nn.logsumexp(rest_btv, axis=-1)
-    return {"ids": ids_btk.astype(jnp.int32), "logprobs": logprobs_btk, "tail": tail_bt}
+    tail_bt = jax.nn.logsumexp(rest_btv, axis=-1) - (max_bt1 + log_norm_bt1)[..., 0]
+    return {"ids": ids_btk.astype(jnp.int32), "logprobs": (z_btk - max_bt1) - log_norm_bt1,
+            "tail": tail_bt}
 
 
 def row_keys(seed, row_indices_b) -> jax.Array:

@@ -129,6 +129,19 @@ def test_pack_bits_round_trip(bits):
                                   values[[5, 0]])
 
 
+@pytest.mark.parametrize("bits", range(1, 33))
+def test_pack_bits_matches_a_bit_by_bit_reference(bits):
+    # The reference spells every value out bit by bit (LSB first) and packs the bit string.
+    rng = np.random.default_rng(100 + bits)
+    for count in (1, 8, 13, 64):
+        values = rng.integers(0, 2**bits, (3, count), dtype=np.uint64)
+        values[0] = 2**bits - 1
+        value_bits = (values[..., None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)
+        expected = np.packbits(value_bits.reshape(3, -1).astype(np.uint8), axis=-1,
+                               bitorder="little")
+        np.testing.assert_array_equal(cache_store.pack_bits(values, bits), expected)
+
+
 def test_pack_bits_layout_is_least_significant_bit_first():
     # 3-bit values 1, 2, 7 -> bits 100 010 111 (LSB first) -> bytes 0b11010001, 0b00000001.
     packed = cache_store.pack_bits(np.array([[1, 2, 7]]), 3)

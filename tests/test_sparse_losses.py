@@ -140,6 +140,38 @@ def test_topk_tail_is_exact_when_tiny_and_minus_inf_when_empty():
     assert_close(np.exp(np.asarray(everything["logprobs"])).sum(-1), np.ones((B, T)))
 
 
+@pytest.mark.parametrize("width, k", [(4096, 16), (4099, 16), (8192, 4), (16400, 8)])
+def test_two_stage_top_k_equals_a_stable_sort(width, k):
+    # Widths >= 256 k take the blocked path (blocks of 16 or 32, 4099 and 16400 with a short
+    # last block). Logits rounded to 1/4 tie often, and whole rows of -inf tie everywhere:
+    # the ids must be those of a stable descending sort, ties to the lower id, as lax.top_k.
+    logits = np.round(4 * random_logits(7, (3, 4, width))) / 4
+    logits[0, 0] = -np.inf
+    logits[0, 1, : width - k // 2] = -np.inf  # fewer finite values than k
+    logits[1, 2] = logits[1, 2, 5]  # one value everywhere
+    logits[2, 3, -1] = 1e4  # the winner in the short last block
+    values, ids = jax.jit(lambda x: targets.top_k(x, k))(logits)
+    expected_ids = np.argsort(-logits, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(np.asarray(ids), expected_ids)
+    np.testing.assert_array_equal(np.asarray(values), np.take_along_axis(logits, expected_ids, -1))
+    lax_values, lax_ids = jax.lax.top_k(logits, k)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(lax_ids))
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(lax_values))
+
+
+def test_topk_targets_at_a_large_vocabulary_against_float64():
+    width, k = 8300, 32  # the blocked top-k, with a short last block
+    teacher = random_logits(8, (1, 3, width), scale=4.0)
+    result = targets.topk_targets(teacher, k, temperature=1.5, valid_vocab=width)
+    log_p = np_log_softmax(teacher, 1.5)
+    expected_ids = np.argsort(-teacher, axis=-1, kind="stable")[..., :k]
+    np.testing.assert_array_equal(np.asarray(result["ids"]), expected_ids)
+    assert_close(result["logprobs"], np.take_along_axis(log_p, expected_ids, -1))
+    in_top = np.zeros(log_p.shape, bool)
+    np.put_along_axis(in_top, expected_ids, True, -1)
+    assert_close(result["tail"], np.log(np.where(in_top, 0.0, np.exp(log_p)).sum(-1)))
+
+
 def test_sample_targets_structure_and_padding():
     n = 12
     teacher = pad_columns(random_logits(4, scale=1.0), WIDTH, 1e4)  # padding would win every draw
