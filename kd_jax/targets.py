@@ -57,6 +57,7 @@ import numpy as np
 
 MODES = ("full", "topk", "sample")
 _CDF_SCALE = float(2 ** 30)  # sampling resolution: probabilities in multiples of 2^-30
+_CDF_BLOCK = 256  # ids a block in the two-level inverse CDF of large vocabularies
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +196,38 @@ def _unique_with_counts_btn(draws_btn, empty_id: int):
     return ids_btn.astype(jnp.int32), counts_btn.astype(jnp.int32)
 
 
+def _search_btn(cdf_btv, targets_btn):
+    """Per token, for each target u: the first place whose cumulative sum exceeds u."""
+    return jax.vmap(jax.vmap(lambda cdf, u: jnp.searchsorted(cdf, u, side="right")))(
+        cdf_btv, targets_btn)
+
+
+def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
+    """For each target u in [0, sum of the quanta): the first id whose running sum exceeds u.
+
+    Vocabularies of 16 blocks or more are searched in two levels, with the same result (the
+    sums are integers): the running sum of the block sums finds each target's block, and only
+    that block's running sum finds the id. The full cumulative sum over the vocabulary, the
+    costly part at 32k ids and more, is never formed.
+    """
+    vocab = quanta_btv.shape[-1]
+    if vocab < 16 * block:
+        return _search_btn(jnp.cumsum(quanta_btv, axis=-1), targets_btn)
+    n_blocks = -(-vocab // block)
+    padding = [(0, 0), (0, 0), (0, n_blocks * block - vocab)]  # quanta 0: never drawn
+    blocks_btcb = jnp.pad(quanta_btv, padding).reshape(*quanta_btv.shape[:2], n_blocks, block)
+    block_cdf_btc = jnp.cumsum(jnp.sum(blocks_btcb, axis=-1), axis=-1)
+    block_btn = _search_btn(block_cdf_btc, targets_btn)
+    before_btn = jnp.where(block_btn > 0, jnp.take_along_axis(
+        block_cdf_btc, jnp.maximum(block_btn - 1, 0), axis=-1), 0)
+    inner_cdf_btnb = jnp.cumsum(jnp.take_along_axis(
+        blocks_btcb, block_btn[..., None], axis=-2), axis=-1)
+    inner_btn = jax.vmap(jax.vmap(jax.vmap(
+        lambda cdf, u: jnp.searchsorted(cdf, u, side="right"))))(
+            inner_cdf_btnb, targets_btn - before_btn)
+    return block_btn * block + inner_btn
+
+
 def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
                    ) -> dict[str, jax.Array]:
     """n i.i.d. draws from p_T per token, deduplicated, and the teacher entropy H(p_T).
@@ -215,15 +248,14 @@ def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
     fold_rows = jax.vmap(jax.random.fold_in, in_axes=(0, None))  # keys [b], one position
     token_keys_bt = jax.vmap(lambda position: fold_rows(key_b, position), out_axes=1)(positions_t)
 
-    # Inverse CDF: one cumulative sum per token, then n binary searches (n log V), instead of n
-    # passes of Gumbel noise over the vocabulary (n V random numbers). The probabilities are
-    # rounded to multiples of 2^-30 and summed as integers: the sum is exact whatever order XLA
-    # adds in, and as fine near the end of the CDF as at its start (a float32 cumsum resolves
-    # 6e-8 there). An id of probability below 2^-31 is never drawn, nor one of probability 0
-    # (a flat step of the CDF).
+    # Inverse CDF: the cumulative sum of the probabilities, then n binary searches (n log V),
+    # instead of n passes of Gumbel noise over the vocabulary (n V random numbers). The
+    # probabilities are rounded to multiples of 2^-30 and summed as integers: the sums are exact
+    # whatever order XLA adds in, and as fine near the end of the CDF as at its start (a float32
+    # cumsum resolves 6e-8 there). An id of probability below 2^-31 is never drawn, nor one of
+    # probability 0 (a flat step of the CDF).
     quanta_btv = jnp.round(jnp.exp(log_p_btv) * _CDF_SCALE).astype(jnp.int32)
-    cdf_btv = jnp.cumsum(quanta_btv, axis=-1)  # <= 2^30 + V / 2: fits int32
-    total_bt = cdf_btv[..., -1]
+    total_bt = jnp.sum(quanta_btv, axis=-1)  # <= 2^30 + V / 2: fits int32
 
     # Draw j of a token is uniform in [0, total) from fold_in(token key, j): the first n draws
     # are those of any larger n.
@@ -233,8 +265,7 @@ def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
     per_token = jax.vmap(jax.vmap(uniform_ints, in_axes=(0, 0, None)), in_axes=(0, 0, None))
     targets_btn = jnp.moveaxis(jax.vmap(lambda j: per_token(token_keys_bt, total_bt, j))(
         jnp.arange(n, dtype=jnp.uint32)), 0, -1)
-    search = jax.vmap(jax.vmap(lambda cdf, u: jnp.searchsorted(cdf, u, side="right")))
-    draws_btn = jnp.minimum(search(cdf_btv, targets_btn), vocab - 1)
+    draws_btn = jnp.minimum(_inverse_cdf_btn(quanta_btv, targets_btn), vocab - 1)
     ids_btn, counts_btn = _unique_with_counts_btn(draws_btn, vocab)
 
     p_btv = jnp.exp(log_p_btv)

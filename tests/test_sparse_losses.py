@@ -213,6 +213,30 @@ def test_sample_draws_depend_on_the_global_row_index_only():
     assert not np.array_equal(np.asarray(other_seed["ids"]), np.asarray(alone["ids"]))
 
 
+def test_inverse_cdf_in_two_levels_equals_numpy():
+    # Vocabulary 4100 = 16 blocks of 256 and a short one: the two-level search. Zero quanta
+    # (never drawn) fill a whole block and more; targets include 0, total - 1 and each block's
+    # boundaries, where an off-by-one would land in the neighbouring block.
+    rng = np.random.default_rng(11)
+    vocab = 4100
+    quanta = rng.integers(0, 2**30 // vocab, (2, 3, vocab)).astype(np.int32)
+    quanta[0, 0, 200:800] = 0
+    quanta[1, 2, -4:] = 0
+    cdf = np.cumsum(quanta.astype(np.int64), axis=-1)
+    boundaries = cdf[..., 255::256][..., :8]
+    targets_btn = np.concatenate([np.zeros((2, 3, 1)), cdf[..., -1:] - 1, boundaries - 1,
+                                  boundaries, rng.integers(0, cdf[..., -1:], (2, 3, 6))],
+                                 axis=-1).astype(np.int32)
+    expected = np.stack([np.searchsorted(row_cdf, row_u, side="right") for row_cdf, row_u in
+                         zip(cdf.reshape(-1, vocab), targets_btn.reshape(6, -1))]).reshape(
+                             targets_btn.shape)
+    two_levels = jax.jit(targets._inverse_cdf_btn)(quanta, targets_btn)
+    one_level = jax.jit(lambda q, u: targets._inverse_cdf_btn(q, u, block=vocab))(
+        quanta, targets_btn)
+    np.testing.assert_array_equal(np.asarray(two_levels), expected)
+    np.testing.assert_array_equal(np.asarray(one_level), expected)
+
+
 def pearson_chi_square(counts, probabilities):
     expected = counts.sum() * probabilities
     assert expected.min() >= 5  # the chi-square approximation needs about 5 per cell
