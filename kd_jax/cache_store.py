@@ -564,13 +564,18 @@ def _checked_floats(values: np.ndarray, field: Field, path: Path) -> np.ndarray:
         values = values.astype(np.float32)
     if values.dtype.kind != "f":
         raise CacheError(f"cache shard {path}: {field.name} must be floats, got {values.dtype}")
-    if np.isnan(values).any():
+    if not values.size:
+        return values
+    # One reduction answers both questions: the extreme on the wrong side is NaN if any is.
+    extreme = values.max() if field.sign < 0 else values.min()
+    if np.isnan(extreme):
         raise CacheError(f"cache shard {path}: {field.name} holds NaN")
-    wrong_sign = values > _SIGN_SLACK if field.sign < 0 else values < -_SIGN_SLACK
-    if wrong_sign.any():
+    beyond = -field.sign * extreme  # how far the extreme lies on the wrong side of 0
+    if beyond > _SIGN_SLACK:
         sign = "positive" if field.sign < 0 else "negative"
-        raise CacheError(f"cache shard {path}: {field.name} value {values[wrong_sign].flat[0]} "
-                         f"is {sign}")
+        raise CacheError(f"cache shard {path}: {field.name} value {extreme} is {sign}")
+    if beyond <= 0:  # nothing on the wrong side: nothing to clip
+        return values
     return np.minimum(values, 0) if field.sign < 0 else np.maximum(values, 0)
 
 
