@@ -7,8 +7,9 @@ The demo's models (teacher d128 x 4 layers, student d48 x 2 layers, byte vocabul
 against a baseline measured in the same run:
 
 - precompute: `kd-jax precompute` end to end (host batches in, targets back to the host, packed
-  and written on a thread), per mode, against the jitted teacher forward pass alone on the same
-  number of device-resident batches (goal: >= 0.9x);
+  and written on a thread), per mode, against the jitted teacher forward pass alone on
+  device-resident batches (goal: >= 0.9x), for the demo's teacher and for a larger one
+  (d256 x 8 layers, 6.9M parameters; --larger-documents 0 skips it);
 - cache reads: decoding the targets of 64 random rows, against what the cached distill step
   consumes (goal: >= 10x);
 - the cached distill step (student forward/backward with the sparse loss and the update)
@@ -51,59 +52,92 @@ def timed(fn, steps: int) -> float:
     return float(np.median(seconds))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/cache_throughput")
-    parser.add_argument("--documents", type=int, default=30)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per step benchmark")
-    args = parser.parse_args()
-    out = Path(args.out)
-    recipe = demo.recipe(out)
+# A wider, deeper teacher than the demo's: the same precompute, with more forward pass per token.
+# 8 x (attention 2*256*256 + 2*256*128, MLP 3*256*768) + 2 x 256*256 = 6.9M parameters.
+LARGER_TEACHER = {"d_model": 256, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "d_ff": 768}
+
+
+def precompute_table(out: Path, recipe: dict, teacher_model: dict, documents: int, steps: int,
+                     label: str) -> tuple[dict, dict, dict]:
+    """Train a teacher for one step, then time its forward pass alone and each mode's precompute.
+
+    Returns the caches' configs by mode, the data, and the student's base config.
+    """
     teacher_cfg = recipe["teacher"]
-    teacher_cfg.train = dataclasses.replace(teacher_cfg.train, steps=1, progress=False)
+    teacher_cfg.model = dataclasses.replace(teacher_cfg.model, **teacher_model)
+    teacher_cfg.train = dataclasses.replace(teacher_cfg.train, steps=1, progress=False,
+                                            run_dir=str(out / "teacher"))
     loop.run(teacher_cfg, "train")
 
     base = recipe["distilled"]
-    base.data.max_documents = args.documents
+    base.data.max_documents = documents
     base.train = dataclasses.replace(base.train, progress=False)
+    base.teacher = dataclasses.replace(base.teacher, path=str(out / "teacher"))
     run_data = loop.prepare_data(base)
     batch_rows, seq_len = base.train.batch_size, base.data.seq_len
     tokens_per_step = batch_rows * seq_len
-    n_steps = -(-run_data.train.n_rows // batch_rows)
-    print(f"{jax.devices()[0].platform}, {run_data.train.n_rows} rows x {seq_len} tokens "
-          f"({n_steps} batches of {batch_rows}), teacher d{teacher_cfg.model.d_model} x "
-          f"{teacher_cfg.model.n_layers}, student d{base.model.d_model} x "
-          f"{base.model.n_layers}")
+    model = teacher_cfg.model
+    print(f"\n{label}: teacher d{model.d_model} x {model.n_layers} layers, "
+          f"{run_data.train.n_rows} rows x {seq_len} tokens "
+          f"({-(-run_data.train.n_rows // batch_rows)} batches of {batch_rows})")
 
     # The teacher forward pass alone, on device-resident batches: what precompute cannot beat.
+    # It is timed before each mode and after the last, and each mode is compared with the mean
+    # of the two timings around it: the machine's speed drifts by more than the effect.
     teacher, teacher_params, _ = loop.load_teacher(base, run_data.tokenizer)
     forward = jax.jit(teacher.logits)
     batches = data_lib.Batches(run_data.train, batch_rows, seed=0)
     device_batch = jax.device_put(batches.at(0))
-    forward_seconds = timed(lambda: forward(teacher_params, device_batch).block_until_ready(),
-                            args.steps)
-    forward_rate = tokens_per_step / forward_seconds
 
-    print("\nprecompute vs the teacher forward alone: its loop (batches in, targets out and "
+    def forward_rate() -> float:
+        return tokens_per_step / timed(
+            lambda: forward(teacher_params, device_batch).block_until_ready(), steps)
+
+    print("precompute vs the teacher forward alone: its loop (batches in, targets out and "
           "written), and end to end (with loading data and teacher, and compiling)")
-    print(f"{'mode':<14} {'B/token':>8} {'loop tok/s':>10} {'x forward':>9} {'e2e tok/s':>10} "
-          f"{'x forward':>9}")
-    print(f"{'forward alone':<14} {'':>8} {forward_rate:>10,.0f} {1.0:>9.2f}")
+    print(f"{'mode':<8} {'B/token':>8} {'forward tok/s':>13} {'loop tok/s':>10} {'x forward':>9} "
+          f"{'e2e tok/s':>10} {'x forward':>9}")
     caches = {}
+    before = forward_rate()
     for mode, params in MODES.items():
         cache_dir = out / f"cache_{mode}"
         shutil.rmtree(cache_dir, ignore_errors=True)
         cfg = dataclasses.replace(base, cache=CacheConfig(
             dir=str(cache_dir), mode=mode, batch_size=batch_rows, **params))
-        cfg.teacher = dataclasses.replace(base.teacher, path=str(out / "teacher"))
         started = time.perf_counter()
         summary = precompute.precompute(cfg)
         elapsed = time.perf_counter() - started
+        after = forward_rate()
+        baseline = (before + after) / 2
         rate = run_data.train.n_rows * seq_len / elapsed
         caches[mode] = cfg
         loop_rate = summary["tokens_per_second"]
-        print(f"{mode:<14} {summary['bytes_per_token']:>8.2f} {loop_rate:>10,.0f} "
-              f"{loop_rate / forward_rate:>9.2f} {rate:>10,.0f} {rate / forward_rate:>9.2f}")
+        print(f"{mode:<8} {summary['bytes_per_token']:>8.2f} {baseline:>13,.0f} "
+              f"{loop_rate:>10,.0f} {loop_rate / baseline:>9.2f} {rate:>10,.0f} "
+              f"{rate / baseline:>9.2f}", flush=True)
+        before = after
+    return caches, run_data, base
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/cache_throughput")
+    parser.add_argument("--documents", type=int, default=30)
+    parser.add_argument("--larger-documents", type=int, default=20,
+                        help="files for the larger teacher's precompute (0: skip it)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per step benchmark")
+    args = parser.parse_args()
+    out = Path(args.out)
+    print(f"{jax.devices()[0].platform}, jax {jax.__version__}")
+    caches, run_data, base = precompute_table(out / "demo", demo.recipe(out / "demo"), {},
+                                              args.documents, args.steps, "demo teacher")
+    if args.larger_documents:
+        precompute_table(out / "larger", demo.recipe(out / "larger"), LARGER_TEACHER,
+                         args.larger_documents, max(5, args.steps // 4), "larger teacher")
+
+    batch_rows, seq_len = base.train.batch_size, base.data.seq_len
+    tokens_per_step = batch_rows * seq_len
+    batches = data_lib.Batches(run_data.train, batch_rows, seed=0)
 
     # The steps: a plain student step, and the student step from each cache.
     student, params = step_lib.init_model(base.model)
