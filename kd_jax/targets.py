@@ -115,11 +115,14 @@ def top_k(x, k: int) -> tuple[jax.Array, jax.Array]:
     if width < 256 * k:
         return jax.lax.top_k(x, k)
     block = 32 if width >= 1024 * k else 16
-    n_full = width // block
-    maxima = jnp.max(x[..., :n_full * block].reshape(*x.shape[:-1], n_full, block), axis=-1)
-    if n_full * block != width:  # the last, shorter block
-        maxima = jnp.concatenate([maxima, jnp.max(x[..., n_full * block:], axis=-1,
-                                                  keepdims=True)], axis=-1)
+    n_blocks = -(-width // block)
+    if n_blocks * block == width:
+        maxima = jnp.max(x.reshape(*x.shape[:-1], n_blocks, block), axis=-1)
+    else:  # the last block is shorter: a strided window, no copy of x cut to whole blocks
+        ones = (1,) * (x.ndim - 1)
+        maxima = jax.lax.reduce_window(
+            x, -jnp.inf, jax.lax.max, (*ones, block), (*ones, block),
+            [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - width)])
     _, chosen = jax.lax.top_k(maxima, k)
     chosen = jnp.sort(chosen, axis=-1)
     candidate_ids = (chosen[..., None] * block + jnp.arange(block)).reshape(
