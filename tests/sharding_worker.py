@@ -21,7 +21,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).parent))
 from test_step import LOSS, STUDENT, TEACHER, VALID_VOCAB, make_batch  # noqa: E402
 
-from kd_jax import model, sharding  # noqa: E402
+from kd_jax import model, sharding, targets  # noqa: E402
 from kd_jax import step as step_lib  # noqa: E402
 from kd_jax.config import ConfigError, MeshConfig  # noqa: E402
 
@@ -159,8 +159,39 @@ def main(out_dir: Path) -> None:
             student_axes, "tensor", tensor_mesh, student_params)),
         "batch": error_of(lambda: sharding.batch_sharding(fsdp_mesh, 12)),
     }
+    report["sharded_targets"] = sharded_targets(tensor_mesh)
     np.savez(out_dir / "params.npz", **final_params)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+
+
+def sharded_targets(mesh) -> dict:
+    """Cache targets at a large vocabulary (the blocked top-k, the two-level sampler), computed on
+    logits split over data (rows) x tensor (vocabulary), against the same on one device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    result = {}
+    for vocab, valid in ((8192, 8192), (8200, 8197)):  # whole blocks; a short last block
+        logits = 3.0 * np.random.default_rng(vocab).standard_normal((4, 6, vocab), np.float32)
+        keys = targets.row_keys(3, np.arange(4))
+
+        def both(x, keys):
+            return (targets.topk_targets(x, 8, temperature=1.0, valid_vocab=valid),
+                    targets.sample_targets(x, keys, 12, temperature=1.0, valid_vocab=valid))
+
+        alone = jax.jit(both)(logits, keys)
+        split = jax.jit(both, in_shardings=(
+            NamedSharding(mesh, PartitionSpec("data", None, "tensor")),
+            NamedSharding(mesh, PartitionSpec("data"))))(logits, keys)
+        result[str(vocab)] = {
+            "topk_ids_equal": bool(np.array_equal(alone[0]["ids"], split[0]["ids"])),
+            "sample_equal": all(np.array_equal(alone[1][key], split[1][key])
+                                for key in ("ids", "counts")),
+            "max_difference": max(float(np.max(np.abs(np.asarray(alone[i][key])
+                                                      - np.asarray(split[i][key]))))
+                                  for i, key in ((0, "logprobs"), (0, "tail"),
+                                                 (1, "entropy"))),
+        }
+    return result
 
 
 def elastic_restore(run_dir: Path, saved_state, tx, update, teacher_params, next_batch) -> dict:

@@ -143,6 +143,16 @@ def test_a_checkpoint_from_one_mesh_restores_on_another_and_trains_on(worker):
     assert elastic["fsdp_tensor_8"]["head_spec"] == "P('tensor', 'fsdp')"
 
 
+def test_cache_targets_on_a_vocabulary_split_over_devices(worker):
+    # The blocked top-k and the two-level sampler on logits split over 2 x 4 devices (rows x
+    # vocabulary) select and draw what one device does.
+    results = worker[0]["sharded_targets"]
+    assert set(results) == {"8192", "8200"}
+    for result in results.values():
+        assert result["topk_ids_equal"] and result["sample_equal"]
+        assert result["max_difference"] <= 1e-5
+
+
 def test_rules_change_a_layout_and_refuse_unknown_names():
     rules = sharding.rules_for("fsdp", {"vocab": "tensor", "embed": None})
     assert rules["vocab"] == "tensor" and rules["embed"] is None and rules["mlp"] is None
