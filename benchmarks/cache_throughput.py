@@ -146,7 +146,8 @@ def main() -> None:
     host = batches.at(1)
     rows = batches.rows(1)
 
-    def step_seconds(cache_mode, batch):
+    def step_timer(cache_mode, batch):
+        """Compile the step once; the returned call times it (median of --steps steps)."""
         update = jax.jit(step_lib.make_update(student, None, tx, schedule, base.loss, 1,
                                               valid_vocab, cache_mode=cache_mode),
                          donate_argnums=(0,))
@@ -157,27 +158,33 @@ def main() -> None:
             state[0], metrics = update(state[0], None, batch)
             metrics["loss_sum"].block_until_ready()
 
-        return timed(one, args.steps)
+        return lambda: timed(one, args.steps)
 
-    plain = step_seconds(None, host)
+    # The plain step is timed before each cached one and after the last; each cached step is
+    # compared with the mean of the two plain timings around it.
+    plain_timer = step_timer(None, host)
+    plain_before = plain_timer()
     print("\nsteps (64 x 128 tokens) and cache reads (64 random rows, decoded)")
-    print(f"{'step':<14} {'s/step':>8} {'tokens/s':>10} {'x plain':>8} {'read tok/s':>11} "
-          f"{'read/step':>9}")
-    print(f"{'plain student':<14} {plain:>8.3f} {tokens_per_step / plain:>10,.0f} {1.0:>8.2f}")
+    print(f"{'step':<8} {'plain s/step':>12} {'s/step':>8} {'tokens/s':>10} {'x plain':>8} "
+          f"{'read tok/s':>11} {'read/step':>9}")
     rng = np.random.default_rng(0)
     for mode, cfg in caches.items():
-        manifest, hashes = cache_lib.open_for_training(
+        _, hashes = cache_lib.open_for_training(
             dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, source="cache")),
             run_data.tokenizer, run_data.train, None)
         reader = cache_lib.TargetBatches(cfg.cache.dir, hashes)
-        read = timed(lambda: reader.read(rng.integers(0, run_data.train.n_rows, batch_rows)),
-                     args.steps)
+        read = timed(lambda reader=reader: reader.read(
+            rng.integers(0, run_data.train.n_rows, batch_rows)), args.steps)
         batch = dict(host, **{losses.TARGET_PREFIX + k: v for k, v in reader.read(rows).items()})
-        seconds = step_seconds(mode, batch)
+        seconds = step_timer(mode, batch)()
+        plain_after = plain_timer()
+        plain = (plain_before + plain_after) / 2
         read_rate, step_rate = tokens_per_step / read, tokens_per_step / seconds
-        print(f"{mode:<14} {seconds:>8.3f} {step_rate:>10,.0f} {plain / seconds:>8.2f} "
-              f"{read_rate:>11,.0f} {read_rate / step_rate:>9.1f}")
+        print(f"{mode:<8} {plain:>12.3f} {seconds:>8.3f} {step_rate:>10,.0f} "
+              f"{plain / seconds:>8.2f} {read_rate:>11,.0f} {read_rate / step_rate:>9.1f}",
+              flush=True)
         reader.close()
+        plain_before = plain_after
     print("\nx plain: the plain step's time over this step's (>= 0.9 is the goal); read/step: "
           "reads per step time (>= 10)")
 
