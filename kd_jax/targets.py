@@ -101,15 +101,16 @@ def _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab):
 
 
 def top_k(x, k: int) -> tuple[jax.Array, jax.Array]:
-    """`jax.lax.top_k` over the last axis, the same values and ids in the same order (ties go
-    to the lower id), computed in two stages when the axis is long.
+    """`jax.lax.top_k` over the last axis of floating `x`: the same values and ids in the same
+    order (ties go to the lower id), computed in two stages when the axis is long.
 
     The last axis is cut into blocks of b entries. Every entry of the top k lies in a block
     whose maximum is at least the k-th largest value, and at most k blocks have such a
     maximum, so the top k of the whole axis are the top k of the k blocks with the largest
     maxima. Those blocks are taken in increasing order, so ties still go to the lower id. On a
-    CPU, one `lax.top_k` of k = 16 to 128 over 32k to 128k columns ran 2 to 5 times slower than
-    this; short axes (width < 256 k) use `lax.top_k` directly.
+    CPU, one `lax.top_k` of k = 16 to 128 over 32k to 128k columns ran 1.2 to 5 times slower
+    than this (the most for small k at large widths); short axes (width < 256 k) use
+    `lax.top_k` directly.
     """
     width = x.shape[-1]
     if width < 256 * k:
@@ -121,7 +122,7 @@ def top_k(x, k: int) -> tuple[jax.Array, jax.Array]:
     else:  # the last block is shorter: a strided window, no copy of x cut to whole blocks
         ones = (1,) * (x.ndim - 1)
         maxima = jax.lax.reduce_window(
-            x, -jnp.inf, jax.lax.max, (*ones, block), (*ones, block),
+            x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (*ones, block), (*ones, block),
             [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - width)])
     _, chosen = jax.lax.top_k(maxima, k)
     chosen = jnp.sort(chosen, axis=-1)
