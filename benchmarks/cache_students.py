@@ -10,8 +10,9 @@ cache (k ids and the tail mass) or a sampled cache (n draws), with k = n (each -
 so that both caches keep as many entries a token. Every kind of student is trained with
 --seeds seeds (initialization and data order; the caches are built once), and the table gives
 the mean and standard deviation over seeds of held-out bits per byte, expected calibration
-error, agreement with the teacher and KL(teacher || student), with each cache's size (speed is
-measured by benchmarks/cache_throughput.py).
+error, agreement with the teacher and KL(teacher || student), with each cache's size, then each
+cached student minus the online student of the same seed (speed is measured by
+benchmarks/cache_throughput.py). Rerunning with the same --out reuses the finished runs.
 """
 
 from __future__ import annotations
@@ -92,6 +93,19 @@ def main() -> None:
         cells = " ".join(f"{row['mean'][key]:>8.4f} +-{row['sd'][key]:.4f}" for key in METRICS)
         size = f"{row['bytes_per_token']:.2f}" if row["bytes_per_token"] else "-"
         print(f"{name:<14} {cells} {size:>11}")
+    # Students of the same seed share their initialization and data order: the differences
+    # between them, seed by seed, are much less noisy than their spread across seeds.
+    reference = rows["online (full)"]["seeds"]
+    print(f"\nminus the online student of the same seed (mean +- sd over {args.seeds} seeds)")
+    print(f"{'student':<14} {'bits/byte':>16} {'ECE':>16} {'agree':>16} {'KL(T||S)':>16}")
+    for name, row in list(rows.items())[1:]:
+        deltas = {key: np.array([seed[key] - ref[key]
+                                 for seed, ref in zip(row["seeds"], reference, strict=True)])
+                  for key in METRICS}
+        row["minus_online"] = {key: float(v.mean()) for key, v in deltas.items()}
+        print(f"{name:<14} " + " ".join(
+            f"{v.mean():>+8.4f} +-{v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+            for v in deltas.values()))
     (out / "cache_students.json").write_text(
         json.dumps({"teacher": teacher, "students": rows}, indent=2) + "\n")
 
