@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from kd_jax import cache_store
+from kd_jax.cache import SAMPLER
 
 VOCAB = 131072
 FINGERPRINTS = {"teacher": "synthetic", "tokenizer": "synthetic", "data": "synthetic",
                 "packing": "synthetic"}
 MODES = {"topk": {"k": 32, "temperature": 1.0},
-         "sample": {"draws": 12, "temperature": 1.0, "seed": 0}}
+         "sample": {"draws": 12, "temperature": 1.0, "seed": 0, "sampler": SAMPLER}}
 
 
 def synthetic_shard(manifest: dict, first: int, stop: int, rng: np.random.Generator) -> dict:

@@ -218,17 +218,25 @@ def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
     if vocab < 16 * block:
         return _search_btn(jnp.cumsum(quanta_btv, axis=-1), targets_btn)
     n_blocks = -(-vocab // block)
-    padding = [(0, 0), (0, 0), (0, n_blocks * block - vocab)]  # quanta 0: never drawn
-    blocks_btcb = jnp.pad(quanta_btv, padding).reshape(*quanta_btv.shape[:2], n_blocks, block)
-    block_cdf_btc = jnp.cumsum(jnp.sum(blocks_btcb, axis=-1), axis=-1)
+    if n_blocks * block == vocab:
+        block_sums_btc = jnp.sum(quanta_btv.reshape(*quanta_btv.shape[:2], n_blocks, block),
+                                 axis=-1)
+    else:  # the last block is shorter: a strided window, no padded copy of the quanta
+        block_sums_btc = jax.lax.reduce_window(
+            quanta_btv, jnp.array(0, quanta_btv.dtype), jax.lax.add, (1, 1, block),
+            (1, 1, block), [(0, 0), (0, 0), (0, n_blocks * block - vocab)])
+    block_cdf_btc = jnp.cumsum(block_sums_btc, axis=-1)
     block_btn = _search_btn(block_cdf_btc, targets_btn)
     before_btn = jnp.where(block_btn > 0, jnp.take_along_axis(
         block_cdf_btc, jnp.maximum(block_btn - 1, 0), axis=-1), 0)
-    inner_cdf_btnb = jnp.cumsum(jnp.take_along_axis(
-        blocks_btcb, block_btn[..., None], axis=-2), axis=-1)
+    # The drawn block's quanta, gathered by id; ids past the end of the vocabulary weigh 0.
+    ids_btnb = block_btn[..., None] * block + jnp.arange(block)
+    inner_btnb = jnp.where(ids_btnb < vocab, jnp.take_along_axis(
+        quanta_btv, jnp.minimum(ids_btnb, vocab - 1).reshape(*quanta_btv.shape[:2], -1),
+        axis=-1).reshape(ids_btnb.shape), 0)
     inner_btn = jax.vmap(jax.vmap(jax.vmap(
         lambda cdf, u: jnp.searchsorted(cdf, u, side="right"))))(
-            inner_cdf_btnb, targets_btn - before_btn)
+            jnp.cumsum(inner_btnb, axis=-1), targets_btn - before_btn)
     return block_btn * block + inner_btn
 
 

@@ -213,12 +213,13 @@ def test_sample_draws_depend_on_the_global_row_index_only():
     assert not np.array_equal(np.asarray(other_seed["ids"]), np.asarray(alone["ids"]))
 
 
-def test_inverse_cdf_in_two_levels_equals_numpy():
-    # Vocabulary 4100 = 16 blocks of 256 and a short one: the two-level search. Zero quanta
-    # (never drawn) fill a whole block and more; targets include 0, total - 1 and each block's
-    # boundaries, where an off-by-one would land in the neighbouring block.
+@pytest.mark.parametrize("vocab", (4096, 4100))
+def test_inverse_cdf_in_two_levels_equals_numpy(vocab):
+    # Vocabularies of 16 blocks of 256, without and with a short last block: the two-level
+    # search. Zero quanta (never drawn) fill a whole block and more; targets include 0,
+    # total - 1 and each block's boundaries, where an off-by-one would land in the neighbouring
+    # block.
     rng = np.random.default_rng(11)
-    vocab = 4100
     quanta = rng.integers(0, 2**30 // vocab, (2, 3, vocab)).astype(np.int32)
     quanta[0, 0, 200:800] = 0
     quanta[1, 2, -4:] = 0
