@@ -9,7 +9,7 @@ against a baseline measured in the same run:
 - precompute: `kd-jax precompute` end to end (host batches in, targets back to the host, packed
   and written on a thread), per mode, against the jitted teacher forward pass alone on
   device-resident batches (goal: >= 0.9x), for the demo's teacher and for a larger one
-  (d256 x 8 layers, 6.9M parameters; --larger-documents 0 skips it);
+  (d256 x 8 layers, 6.4M parameters; --larger-documents 0 skips it);
 - cache reads: decoding the targets of 64 random rows, against what the cached distill step
   consumes (goal: >= 10x);
 - the cached distill step (student forward/backward with the sparse loss and the update)
@@ -53,7 +53,7 @@ def timed(fn, steps: int) -> float:
 
 
 # A wider, deeper teacher than the demo's: the same precompute, with more forward pass per token.
-# 8 x (attention 2*256*256 + 2*256*128, MLP 3*256*768) + 2 x 256*256 = 6.9M parameters.
+# 8 x (attention 2*256*256 + 2*256*128, MLP 3*256*768) + 2 x 256*256 = 6.4M parameters.
 LARGER_TEACHER = {"d_model": 256, "n_layers": 8, "n_heads": 8, "n_kv_heads": 4, "d_ff": 768}
 
 

@@ -100,6 +100,23 @@ def _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab):
         _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab), axis=-1)
 
 
+_BLOCK_REDUCERS = {"max": (jnp.max, jax.lax.max, -np.inf), "sum": (jnp.sum, jax.lax.add, 0)}
+
+
+def _reduce_blocks(x, block: int, how: str):
+    """The max or sum of each run of `block` entries of the last axis (the last run may be
+    shorter): [..., ceil(width / block)]."""
+    reduce, op, identity = _BLOCK_REDUCERS[how]
+    width = x.shape[-1]
+    n_blocks = -(-width // block)
+    if n_blocks * block == width:
+        return reduce(x.reshape(*x.shape[:-1], n_blocks, block), axis=-1)
+    # A strided window: no copy of x padded (or cut) to whole blocks.
+    window = (1,) * (x.ndim - 1) + (block,)
+    return jax.lax.reduce_window(x, jnp.array(identity, x.dtype), op, window, window,
+                                 [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - width)])
+
+
 def top_k(x, k: int) -> tuple[jax.Array, jax.Array]:
     """`jax.lax.top_k` over the last axis of floating `x`: the same values and ids in the same
     order (ties go to the lower id), computed in two stages when the axis is long.
@@ -116,15 +133,7 @@ def top_k(x, k: int) -> tuple[jax.Array, jax.Array]:
     if width < 256 * k:
         return jax.lax.top_k(x, k)
     block = 32 if width >= 1024 * k else 16
-    n_blocks = -(-width // block)
-    if n_blocks * block == width:
-        maxima = jnp.max(x.reshape(*x.shape[:-1], n_blocks, block), axis=-1)
-    else:  # the last block is shorter: a strided window, no copy of x cut to whole blocks
-        ones = (1,) * (x.ndim - 1)
-        maxima = jax.lax.reduce_window(
-            x, jnp.array(-jnp.inf, x.dtype), jax.lax.max, (*ones, block), (*ones, block),
-            [(0, 0)] * (x.ndim - 1) + [(0, n_blocks * block - width)])
-    _, chosen = jax.lax.top_k(maxima, k)
+    _, chosen = jax.lax.top_k(_reduce_blocks(x, block, "max"), k)
     chosen = jnp.sort(chosen, axis=-1)
     candidate_ids = (chosen[..., None] * block + jnp.arange(block)).reshape(
         *x.shape[:-1], k * block)
@@ -217,15 +226,7 @@ def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
     vocab = quanta_btv.shape[-1]
     if vocab < 16 * block:
         return _search_btn(jnp.cumsum(quanta_btv, axis=-1), targets_btn)
-    n_blocks = -(-vocab // block)
-    if n_blocks * block == vocab:
-        block_sums_btc = jnp.sum(quanta_btv.reshape(*quanta_btv.shape[:2], n_blocks, block),
-                                 axis=-1)
-    else:  # the last block is shorter: a strided window, no padded copy of the quanta
-        block_sums_btc = jax.lax.reduce_window(
-            quanta_btv, jnp.array(0, quanta_btv.dtype), jax.lax.add, (1, 1, block),
-            (1, 1, block), [(0, 0), (0, 0), (0, n_blocks * block - vocab)])
-    block_cdf_btc = jnp.cumsum(block_sums_btc, axis=-1)
+    block_cdf_btc = jnp.cumsum(_reduce_blocks(quanta_btv, block, "sum"), axis=-1)
     block_btn = _search_btn(block_cdf_btc, targets_btn)
     before_btn = jnp.where(block_btn > 0, jnp.take_along_axis(
         block_cdf_btc, jnp.maximum(block_btn - 1, 0), axis=-1), 0)
