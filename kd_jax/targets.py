@@ -209,10 +209,15 @@ def _unique_with_counts_btn(draws_btn, empty_id: int):
     return ids_btn.astype(jnp.int32), counts_btn.astype(jnp.int32)
 
 
-def _search_btn(cdf_btv, targets_btn):
-    """Per token, for each target u: the first place whose cumulative sum exceeds u."""
-    return jax.vmap(jax.vmap(lambda cdf, u: jnp.searchsorted(cdf, u, side="right")))(
-        cdf_btv, targets_btn)
+def _search(cdf, targets):
+    """For each target u: the first place of its running sum that exceeds u.
+
+    `cdf` is [..., m] and `targets` [..., n], with the same leading axes.
+    """
+    lead = cdf.shape[:-1]
+    found = jax.vmap(lambda row, u: jnp.searchsorted(row, u, side="right"))(
+        cdf.reshape(-1, cdf.shape[-1]), targets.reshape(-1, targets.shape[-1]))
+    return found.reshape(*lead, targets.shape[-1])
 
 
 def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
@@ -225,9 +230,9 @@ def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
     """
     vocab = quanta_btv.shape[-1]
     if vocab < 16 * block:
-        return _search_btn(jnp.cumsum(quanta_btv, axis=-1), targets_btn)
+        return _search(jnp.cumsum(quanta_btv, axis=-1), targets_btn)
     block_cdf_btc = jnp.cumsum(_reduce_blocks(quanta_btv, block, "sum"), axis=-1)
-    block_btn = _search_btn(block_cdf_btc, targets_btn)
+    block_btn = _search(block_cdf_btc, targets_btn)
     before_btn = jnp.where(block_btn > 0, jnp.take_along_axis(
         block_cdf_btc, jnp.maximum(block_btn - 1, 0), axis=-1), 0)
     # The drawn block's quanta, gathered by id; ids past the end of the vocabulary weigh 0.
@@ -235,9 +240,8 @@ def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
     inner_btnb = jnp.where(ids_btnb < vocab, jnp.take_along_axis(
         quanta_btv, jnp.minimum(ids_btnb, vocab - 1).reshape(*quanta_btv.shape[:2], -1),
         axis=-1).reshape(ids_btnb.shape), 0)
-    inner_btn = jax.vmap(jax.vmap(jax.vmap(
-        lambda cdf, u: jnp.searchsorted(cdf, u, side="right"))))(
-            jnp.cumsum(inner_btnb, axis=-1), targets_btn - before_btn)
+    inner_btn = _search(jnp.cumsum(inner_btnb, axis=-1), (targets_btn - before_btn)[..., None])[
+        ..., 0]
     return block_btn * block + inner_btn
 
 
