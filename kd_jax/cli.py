@@ -53,7 +53,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-
 def _cache_summary(summary: dict) -> str:
     parts = [f"{summary['cache_dir']}: {summary['mode']} cache, {summary['shards']} shards "
              f"({summary['shards_written']} written now), {summary['rows']} rows"]
@@ -65,29 +64,29 @@ def _cache_summary(summary: dict) -> str:
 
 
 def _cache_command(args) -> None:
-    from kd_jax import cache_store
+    from kd_jax.cache import shards
 
     if args.cache_command == "verify":
         expected = None
         if args.config:
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax import cache as cache_lib
-            from kd_jax import loop
+            from kd_jax.cache.fingerprints import packed_row_hashes
+            from kd_jax.train.builder import load_data
 
-            expected = cache_lib.train_row_hashes(loop.prepare_data(cfg).train)
+            expected = packed_row_hashes(load_data(cfg).train)
         elif args.overrides:
             raise ConfigError("overrides need --config")
-        result = cache_store.verify(args.dir, expected)
+        result = shards.verify(args.dir, expected)
         aligned = ", rows match the data" if expected is not None else ""
         print(f"{args.dir}: {result['shards']} shards, {result['rows']} rows, "
               f"{result['bytes_per_token']:.2f} bytes/token: checksums pass{aligned}")
     elif args.cache_command == "import":
         cfg = config_lib.load(args.config, args.overrides)
-        from kd_jax import cache_import
-        from kd_jax import data as data_lib
+        from kd_jax.cache.api_import import import_openai_jsonl
+        from kd_jax.data.tokenizers import load_tokenizer
 
-        summary = cache_import.import_openai_jsonl(
-            args.jsonl, data_lib.load_tokenizer(cfg.data.tokenizer), args.dir,
+        summary = import_openai_jsonl(
+            args.jsonl, load_tokenizer(cfg.data.tokenizer), args.dir,
             seq_len=cfg.data.seq_len, heldout_fraction=cfg.data.heldout_fraction,
             seed=cfg.data.seed, value_dtype=cfg.cache.value_dtype,
             rows_per_shard=cfg.cache.rows_per_shard)
@@ -100,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in ("train", "distill"):
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax import loop, report
+            from kd_jax.eval.report import eval_table
+            from kd_jax.train.loop import run
 
-            result = loop.run(cfg, args.command)
+            result = run(cfg, args.command)
             if "student" in result:
-                print(report.eval_table(result))
+                print(eval_table(result))
         elif args.command == "eval":
             target = Path(args.target)
             overrides = list(args.overrides)
@@ -113,16 +113,17 @@ def main(argv: list[str] | None = None) -> int:
                 target = Path(cfg.train.run_dir)
             elif not target.is_dir():
                 raise ConfigError(f"{target} is neither a run directory nor a config file")
-            from kd_jax import loop, report
+            from kd_jax.eval.report import eval_table
+            from kd_jax.train.loop import evaluate_checkpoint
 
-            result = loop.evaluate_run(target, overrides)
-            print(report.eval_table(result))
+            result = evaluate_checkpoint(target, overrides)
+            print(eval_table(result))
             print(f"wrote {target / 'report.json'}")
         elif args.command == "precompute":
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax import precompute
+            from kd_jax.train.precompute import precompute
 
-            summary = precompute.precompute(cfg)
+            summary = precompute(cfg)
             print(_cache_summary(summary))
         elif args.command == "cache":
             _cache_command(args)
@@ -137,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print("kd-jax: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # the loop's own endings: a non-finite loss, a preemption
-        from kd_jax.loop import NonFiniteError, Preempted
+        from kd_jax.train.loop import NonFiniteError
+        from kd_jax.train.preemption import Preempted
 
         if isinstance(err, Preempted):
             print(f"kd-jax: {err}", file=sys.stderr)

@@ -4,15 +4,38 @@ This module imports no JAX, so a bad config is refused before any accelerator wo
 Every value is coerced to its field's declared type (`yaml.safe_load("1e-3")` is the string
 "1e-3"; `optimizer.lr=1e-3` must still be a float), and an unknown key is an error that names
 the closest valid one.
+
+Every choice a user makes by name is a `Literal` type below, declared once: validation reads
+the names from the type, and the modules that implement a choice (`kd_jax.losses.divergences`,
+`kd_jax.parallel.mesh`, `kd_jax.cache.manifest`) read them from here with `choices()`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from kd_jax.checks import closest
+
+DType = Literal["float32", "bfloat16"]
+# none: hard-label training; checkpoint: a `kd-jax train` run directory at `teacher.path`;
+# cache: targets precomputed by `kd-jax precompute` into `cache.dir`
+TeacherSource = Literal["none", "checkpoint", "cache"]
+# cache: the rows of `kd-jax cache import`
+DataSource = Literal["stdlib", "text", "json", "parquet", "csv", "hub", "cache"]
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"]
+Schedule = Literal["cosine", "constant"]
+CacheMode = Literal["topk", "sample", "full"]
+ValueDType = Literal["float16", "float32"]
+# Named logical-axis -> mesh-axis tables (the tables are in `kd_jax.parallel.mesh`).
+MeshLayout = Literal["replicated", "fsdp", "tensor", "fsdp_tensor"]
+
+
+def choices(literal: Any) -> tuple[str, ...]:
+    """The names a `Literal` type allows, in declaration order."""
+    return typing.get_args(literal)
 
 
 class ConfigError(ValueError):
@@ -35,8 +58,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output head shares the embedding matrix, [vocab, d]
     remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint)
-    dtype: str = "float32"  # activations: float32 | bfloat16
-    param_dtype: str = "float32"
+    dtype: DType = "float32"  # activations
+    param_dtype: DType = "float32"
     init_std: float = 0.02
     seed: int = 0  # parameter initialization
 
@@ -49,18 +72,16 @@ class ModelConfig:
 class TeacherConfig:
     """Where the frozen teacher comes from; named once, here."""
 
-    # none: hard-label training; checkpoint: a `kd-jax train` run directory at `path`;
-    # cache: targets precomputed by `kd-jax precompute` into `cache.dir` (`path`, if set, names
-    # the teacher run the cache came from: checked against the cache, and evaluated beside)
-    source: str = "none"
+    # With source cache, `path` (if set) names the teacher run the cache came from: it is
+    # checked against the cache, and evaluated beside the student.
+    source: TeacherSource = "none"
     path: str = ""
-    dtype: str = "float32"  # teacher forward precision: float32 | bfloat16
+    dtype: DType = "float32"  # teacher forward precision
 
 
 @dataclasses.dataclass
 class DataConfig:
-    # stdlib | text | json | parquet | csv | hub | cache (the rows of `kd-jax cache import`)
-    source: str = "stdlib"
+    source: DataSource = "stdlib"
     path: str = ""  # data files (comma-separated, globs allowed) or a hub dataset name
     name: str = ""  # hub dataset configuration name
     split: str = "train"
@@ -77,7 +98,7 @@ class DataConfig:
 
 @dataclasses.dataclass
 class LossConfig:
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | skew_reverse_kl | tvd | mse
+    divergence: Divergence = "forward_kl"
     temperature: float = 1.0
     beta: float = 0.5  # jsd interpolation; 0 is forward KL, 1 is reverse KL (as TRL defines them)
     skew: float = 0.1  # skew_kl / skew_reverse_kl mixing weight (DistiLLM)
@@ -88,7 +109,7 @@ class LossConfig:
 @dataclasses.dataclass
 class OptimizerConfig:
     lr: float = 3e-3
-    schedule: str = "cosine"  # cosine | constant (both after a linear warm-up)
+    schedule: Schedule = "cosine"  # both after a linear warm-up
     warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.01
@@ -114,11 +135,6 @@ class TrainConfig:
     progress: bool = True
 
 
-# Named logical-axis -> mesh-axis tables; the tables themselves live in `kd_jax.sharding` (which
-# checks that its names are exactly these), the names here so a config is checked without JAX.
-MESH_LAYOUTS = ("replicated", "fsdp", "tensor", "fsdp_tensor")
-
-
 @dataclasses.dataclass
 class MeshConfig:
     """The device mesh ("data", "fsdp", "tensor") and how each model's parameters lie on it.
@@ -130,10 +146,10 @@ class MeshConfig:
     data: int = -1  # -1: the devices left over by the other two axes
     fsdp: int = 1
     tensor: int = 1
-    student_layout: str = "replicated"  # replicated | fsdp | tensor | fsdp_tensor
-    teacher_layout: str = "replicated"
+    student_layout: MeshLayout = "replicated"
+    teacher_layout: MeshLayout = "replicated"
     # Per-model changes to the layout's table, logical axis -> mesh axis (or null: not split),
-    # e.g. {mlp: tensor, vocab: null}; the logical axes are those of kd_jax.sharding.LOGICAL_AXES.
+    # e.g. {mlp: tensor, vocab: null}; the logical axes are kd_jax.parallel.mesh.LOGICAL_AXES.
     student_rules: dict = dataclasses.field(default_factory=dict)
     teacher_rules: dict = dataclasses.field(default_factory=dict)
 
@@ -147,14 +163,14 @@ class CacheConfig:
     """
 
     dir: str = ""
-    mode: str = "topk"  # topk | sample | full
+    mode: CacheMode = "topk"
     k: int = 32  # topk
     draws: int = 12  # sample
     # topk and sample store the teacher at this temperature, and training must use the same
     # loss.temperature; full stores T = 1 and any loss.temperature applies exactly.
     temperature: float = 1.0
     seed: int = 0  # sample: draws are seeded by this and the global row index
-    value_dtype: str = "float16"  # float16 | float32
+    value_dtype: ValueDType = "float16"
     rows_per_shard: int = 256
     batch_size: int = 0  # rows per teacher forward pass in precompute; 0: train.batch_size
     prefetch: int = 2  # batches read ahead while training from a cache
@@ -188,30 +204,14 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
-_CHOICES = {
-    ("model", "dtype"): ("float32", "bfloat16"),
-    ("model", "param_dtype"): ("float32", "bfloat16"),
-    ("teacher", "source"): ("none", "checkpoint", "cache"),
-    ("teacher", "dtype"): ("float32", "bfloat16"),
-    ("data", "source"): ("stdlib", "text", "json", "parquet", "csv", "hub", "cache"),
-    ("loss", "divergence"): (
-        "forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"),
-    ("optimizer", "schedule"): ("cosine", "constant"),
-    ("cache", "mode"): ("topk", "sample", "full"),
-    ("cache", "value_dtype"): ("float16", "float32"),
-    ("mesh", "student_layout"): MESH_LAYOUTS,
-    ("mesh", "teacher_layout"): MESH_LAYOUTS,
-}
-
-
-def _closest(name: str, options: typing.Iterable[str]) -> str:
-    options = list(options)
-    match = difflib.get_close_matches(name, options, n=1, cutoff=0.0)
-    return f" (did you mean '{match[0]}'?)" if match else ""
-
-
 def _coerce(value: Any, kind: type, where: str) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
+    if typing.get_origin(kind) is Literal:
+        names = choices(kind)
+        if isinstance(value, str) and value in names:
+            return value
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(names)}"
+                          f"{closest(str(value), names)}")
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -258,13 +258,13 @@ def _section_types(section_cls: type) -> dict[str, type]:
 def _set(config: Config, section: str, key: str, value: Any) -> None:
     sections = {f.name: f for f in dataclasses.fields(Config)}
     if section not in sections:
-        raise ConfigError(f"unknown config section '{section}'{_closest(section, sections)}")
+        raise ConfigError(f"unknown config section '{section}'{closest(section, sections)}")
     target = getattr(config, section)
     types = _section_types(type(target))
     if key not in types:
         valid = [f"{section}.{k}" for k in types]
         raise ConfigError(
-            f"unknown config key '{section}.{key}'{_closest(f'{section}.{key}', valid)}")
+            f"unknown config key '{section}.{key}'{closest(f'{section}.{key}', valid)}")
     setattr(target, key, _coerce(value, types[key], f"{section}.{key}"))
 
 
@@ -330,12 +330,11 @@ def dump(config: Config, path: str | Path) -> None:
 
 def validate(config: Config) -> None:
     """Check values that are wrong whatever the data; raises ConfigError naming the key."""
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(config, section), key)
-        if value not in choices:
-            raise ConfigError(
-                f"{section}.{key}: '{value}' is not one of {', '.join(choices)}"
-                f"{_closest(value, choices)}")
+    for section in dataclasses.fields(Config):  # a config built in code is checked too
+        values = getattr(config, section.name)
+        for key, kind in _section_types(type(values)).items():
+            if typing.get_origin(kind) is Literal:
+                _coerce(getattr(values, key), kind, f"{section.name}.{key}")
     m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
     positive = {
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
@@ -362,7 +361,8 @@ def validate(config: Config) -> None:
             f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
             "or model.head_dim set")
     if m.resolved_head_dim % 2:
-        raise ConfigError(f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
+        raise ConfigError(
+            f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
     if d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")

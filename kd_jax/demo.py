@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax import config as config_lib
-from kd_jax import loop
-from kd_jax.report import format_table
+from kd_jax.eval.evaluate import heldout_bytes
+from kd_jax.eval.report import format_table
+from kd_jax.train.builder import load_data
+from kd_jax.train.loop import run as run_training
 
 # Byte-level vocabulary of 256; 64 sequences of 128 bytes a step (8,192 bytes).
 SEQ_LEN = 128
@@ -47,7 +49,8 @@ def recipe(out: Path, quick: bool = False) -> dict[str, config_lib.Config]:
     teacher = dataclasses.replace(
         base, model=config_lib.ModelConfig(
             vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
-            max_seq_len=SEQ_LEN, seed=1, remat=True),  # remat: ~20% faster here (less memory traffic)
+            # remat: ~20% faster here (less memory traffic)
+            max_seq_len=SEQ_LEN, seed=1, remat=True),
         train=dataclasses.replace(base.train, run_dir=str(out / "teacher"), steps=TEACHER_STEPS))
     # 2 x (attention 2*48*48 + 2*48*24, MLP 3*48*128) + 2 x 256*48 = 0.075M: 1/11 of the teacher.
     student_model = config_lib.ModelConfig(
@@ -84,13 +87,11 @@ def xz_bits_per_byte(text: bytes) -> float:
 def run(out: Path, quick: bool = False) -> dict[str, Any]:
     configs = recipe(out, quick)
     reports = {
-        "teacher": loop.run(configs["teacher"], "train"),
-        "distilled": loop.run(configs["distilled"], "distill"),
-        "baseline": loop.run(configs["baseline"], "train"),
+        "teacher": run_training(configs["teacher"], "train"),
+        "distilled": run_training(configs["distilled"], "distill"),
+        "baseline": run_training(configs["baseline"], "train"),
     }
-    heldout = loop.prepare_data(configs["teacher"]).heldout
-    from kd_jax.evaluate import heldout_bytes
-
+    heldout = load_data(configs["teacher"]).heldout
     xz = xz_bits_per_byte(heldout_bytes(heldout, configs["teacher"].train.eval_sequences))
 
     teacher_accuracy = reports["teacher"]["student"]["accuracy"]

@@ -4,11 +4,15 @@ One function, jitted once per run:
 
     update(state, teacher_params, batch) -> (state, metrics)
 
-The teacher's parameters enter as an argument and its logits pass through `stop_gradient`: it has
-no optimizer state and is never checkpointed. With `microbatches = k`, the batch is split into k
-microbatches scanned in order; the teacher runs on each microbatch (never one full-batch teacher
-pass), and every microbatch's loss is divided by the number of valid tokens of the *whole* batch,
-so the summed gradients equal those of one big batch.
+It composes three things and branches on none of them: the student (a `PureModel`, returning its
+outputs), the teacher (any object with `soft_targets(teacher_params, batch)`: an online model,
+a cache's targets travelling in the batch, or None for hard labels) and the objective
+(`kd_jax.losses.objective`). The teacher's parameters enter as an argument and its targets pass
+through `stop_gradient`: it has no optimizer state and is never checkpointed. With
+`microbatches = k`, the batch is split into k microbatches scanned in order; the teacher runs on
+each microbatch (never one full-batch teacher pass), and every microbatch's loss is divided by
+the number of valid tokens of the *whole* batch, so the summed gradients equal those of one big
+batch.
 
 Metrics stay on device as sums (see `losses`); the loop fetches them at log intervals only. The
 state records the first step whose loss or gradients were not finite; such an update is skipped,
@@ -19,21 +23,23 @@ This module imports only jax, flax, optax and numpy (plus the pure kd_jax module
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import struct
 
-from kd_jax import losses
-from kd_jax import metrics as metrics_lib
 from kd_jax.config import LossConfig, ModelConfig, OptimizerConfig
-from kd_jax.model import Transformer, bind, logits_btv, split_params
+from kd_jax.losses.objective import objective
+from kd_jax.losses.soft_targets import SoftTargets
+from kd_jax.models.pure import Batch, Params, PureModel, init_params
 
-Batch = dict[str, jax.Array]
-Params = Any
+
+class Teacher(Protocol):
+    """The teacher as the step sees it (`kd_jax.teacher.online`, `kd_jax.teacher.cached`)."""
+
+    def soft_targets(self, params: Params, batch: Batch) -> SoftTargets: ...
 
 
 @struct.dataclass
@@ -45,30 +51,6 @@ class TrainState:
     nonfinite_step: jax.Array  # first step (1-based) with a non-finite loss or gradient, or -1
 
 
-@dataclasses.dataclass(frozen=True)
-class PureModel:
-    """An nnx module taken apart: a graph definition plus a template state, applied to pure params.
-
-    Any module works as long as `module(tokens, positions, segment_ids)` returns the final hidden
-    states [batch, seq, d] and `module.head_vd()` the output head [vocab, d].
-    """
-
-    graphdef: nnx.GraphDef
-    template: nnx.State
-
-    def logits(self, params: Params, batch: Batch) -> jax.Array:
-        module = bind(self.graphdef, self.template, params)
-        hidden_btd = module(batch["tokens"], batch["positions"], batch["segment_ids"])
-        return logits_btv(hidden_btd, module.head_vd())
-
-
-def init_model(cfg: ModelConfig) -> tuple[PureModel, Params]:
-    """Build the Transformer described by `cfg`, initialized from `cfg.seed`."""
-    module = Transformer(cfg, rngs=nnx.Rngs(cfg.seed))
-    graphdef, template, params = split_params(module)
-    return PureModel(graphdef, template), params
-
-
 def init_state_on(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
                   shardings: Any) -> TrainState:
     """A fresh TrainState built straight into `shardings` (one jit; no host copy of the model).
@@ -77,17 +59,9 @@ def init_state_on(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
     the arrays are split), each keeping only its own shards.
     """
     def build() -> TrainState:
-        module = Transformer(cfg, rngs=nnx.Rngs(cfg.seed))
-        return init_state(split_params(module)[2], tx, seed)
+        return init_state(init_params(cfg), tx, seed)
 
     return jax.jit(build, out_shardings=shardings)()
-
-
-def abstract_model(cfg: ModelConfig) -> tuple[PureModel, Params]:
-    """Like `init_model`, but with shape/dtype placeholders instead of arrays (for restoring)."""
-    module = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(cfg.seed)))
-    graphdef, template, params = split_params(module)
-    return PureModel(graphdef, template), params
 
 
 def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.GradientTransformation,
@@ -117,40 +91,20 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> T
         nonfinite_step=jnp.full((), -1, jnp.int32))
 
 
-def _constrain(x: jax.Array, sharding: Any) -> jax.Array:
-    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
-
-
-def make_loss_fn(student: PureModel, teacher: PureModel | None, loss_cfg: LossConfig,
-                 valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None),
-                 cache_mode: str | None = None) -> Callable:
+def make_loss_fn(student: PureModel, teacher: Teacher | None, loss_cfg: LossConfig,
+                 valid_vocab: int, logits_sharding: Any = None) -> Callable:
     """loss_fn(params, teacher_params, batch, num_valid_tokens) -> (loss, metric sums).
 
-    `logits_shardings` (student, teacher) pins the [batch, tokens, vocab] logits, the largest
-    activations of the step, to a sharding each (None: left to XLA's propagation). With a
-    `cache_mode` (topk, sample, full) there is no teacher: the batch carries its cached targets
-    under `losses.TARGET_PREFIX` + `losses.TARGET_KEYS[cache_mode]`.
+    `logits_sharding` pins the student's [batch, tokens, vocab] logits to a sharding (None:
+    left to XLA's propagation); the teacher pins its own.
     """
-    student_logits_sharding, teacher_logits_sharding = logits_shardings
 
     def loss_fn(params, teacher_params, batch, num_valid_tokens):
-        student_logits_btv = _constrain(student.logits(params, batch), student_logits_sharding)
-        if cache_mode is not None:
-            targets = {key: batch[losses.TARGET_PREFIX + key]
-                       for key in losses.TARGET_KEYS[cache_mode]}
-            return losses.sparse_distillation_loss(
-                student_logits_btv, targets, batch["targets"], batch["loss_mask"],
-                mode=cache_mode, config=loss_cfg, num_valid_tokens=num_valid_tokens,
-                valid_vocab=valid_vocab)
-        if teacher is None:
-            return losses.hard_label_loss(
-                student_logits_btv, batch["targets"], batch["loss_mask"],
-                num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab)
-        teacher_logits_btv = jax.lax.stop_gradient(
-            _constrain(teacher.logits(teacher_params, batch), teacher_logits_sharding))
-        return losses.distillation_loss(
-            student_logits_btv, teacher_logits_btv, batch["targets"], batch["loss_mask"],
-            config=loss_cfg, num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab)
+        outputs = student.apply(params, batch)
+        soft_targets = None if teacher is None else teacher.soft_targets(teacher_params, batch)
+        return objective(outputs, soft_targets, batch["labels"], batch["loss_mask"],
+                         config=loss_cfg, num_valid_tokens=num_valid_tokens,
+                         valid_vocab=valid_vocab, logits_sharding=logits_sharding)
 
     return loss_fn
 
@@ -182,16 +136,14 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
     return grads, metrics
 
 
-def make_update(student: PureModel, teacher: PureModel | None, tx: optax.GradientTransformation,
+def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, loss_cfg: LossConfig, microbatches: int,
-                valid_vocab: int, logits_shardings: tuple[Any, Any] = (None, None),
-                cache_mode: str | None = None) -> Callable:
+                valid_vocab: int, logits_sharding: Any = None) -> Callable:
     """Build `update(state, teacher_params, batch) -> (state, metrics)`; jit it with donation.
 
-    With a `cache_mode`, the teacher's targets come in the batch (see `make_loss_fn`).
+    `teacher` None trains on the labels alone.
     """
-    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_shardings,
-                           cache_mode)
+    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_sharding)
 
     def update(state: TrainState, teacher_params: Params, batch: Batch):
         grads, metrics = accumulate_gradients(
@@ -215,23 +167,3 @@ def make_update(student: PureModel, teacher: PureModel | None, tx: optax.Gradien
         return new_state, metrics
 
     return update
-
-
-def make_eval_fn(student: PureModel, teacher: PureModel | None, valid_vocab: int) -> Callable:
-    """eval_fn(params, teacher_params, batch) -> metric sums for the student and the teacher."""
-
-    def eval_fn(params, teacher_params, batch):
-        logits = student.logits(params, batch)
-        out = {}
-        if teacher is not None:
-            teacher_logits = teacher.logits(teacher_params, batch)
-            out["teacher"] = metrics_lib.token_stats(
-                teacher_logits, batch["targets"], batch["loss_mask"], valid_vocab=valid_vocab)
-        else:
-            teacher_logits = None
-        out["student"] = metrics_lib.token_stats(
-            logits, batch["targets"], batch["loss_mask"], valid_vocab=valid_vocab,
-            teacher_logits_btv=teacher_logits)
-        return out
-
-    return eval_fn

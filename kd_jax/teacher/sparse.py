@@ -1,4 +1,4 @@
-"""Teacher targets for offline distillation: what a cache stores per token instead of the logits.
+"""The teacher's sparse soft targets from its logits: what a cache stores per token.
 
 Three modes, each computed from teacher logits inside `jit` (this module is pure: jax and numpy):
 
@@ -16,9 +16,10 @@ Conventions
 -----------
 * Shapes are in the names: `_btv` [batch, tokens, vocab], `_btk` [batch, tokens, k], `_btn`
   [batch, tokens, n samples], `_bt` [batch, tokens], `_b` [batch]. Targets are float32 (ids and
-  counts int32) whatever the logits' dtype. The dict keys are those that
-  `losses.sparse_distillation_loss` reads: topk {"ids", "logprobs", "tail"}, sample {"ids",
-  "counts", "entropy"} (full: an array, passed as {"logprobs": ...}).
+  counts int32) whatever the logits' dtype. The dict keys are the cache's field names
+  (`kd_jax.cache.codec`) and the fields of the loss's soft targets
+  (`kd_jax.losses.soft_targets`): topk {"ids", "logprobs", "tail"}, sample {"ids", "counts",
+  "entropy"}; full is one array, the cache's "logprobs".
 * `valid_vocab` is the tokenizer's vocabulary size (None: every column is valid). Columns >=
   valid_vocab are cut off before anything else, so no padded id is ever selected or drawn, and
   the results do not depend on how far the embedding table is padded.
@@ -55,32 +56,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("full", "topk", "sample")
+from kd_jax.checks import static_count, static_number
+from kd_jax.losses.divergences import valid_vocab_of
+
+# The algorithm of `sample_targets`, recorded in a sampled cache's manifest: change it whenever
+# the draws change, so that a cache is never finished by another sampler.
+SAMPLER = "inverse-cdf-int30"
 _CDF_SCALE = float(2 ** 30)  # sampling resolution: probabilities in multiples of 2^-30
 _CDF_BLOCK = 256  # ids a block in the two-level inverse CDF of large vocabularies
-
-
-# ---------------------------------------------------------------------------------------------
-# Argument checks (Python values only: they run once, at trace time)
-# ---------------------------------------------------------------------------------------------
-
-def _check_temperature(temperature) -> float:
-    try:
-        value = float(temperature)
-    except TypeError:  # includes jax tracers: the temperature must be static
-        raise ValueError(f"temperature must be a Python number, got {temperature!r}") from None
-    if not value > 0.0:  # `not >` also refuses NaN
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    return value
-
-
-def _check_count(name: str, value, upper: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be a Python int, got {value!r}")
-    if value < 1 or (upper is not None and value > upper):
-        bound = f"[1, {upper}]" if upper is not None else ">= 1"
-        raise ValueError(f"{name} must be in {bound}, got {value}")
-    return int(value)
 
 
 def _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab):
@@ -88,9 +71,9 @@ def _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab):
     if teacher_logits_btv.ndim != 3:
         raise ValueError(f"teacher logits must be [batch, tokens, vocab], got shape "
                          f"{teacher_logits_btv.shape}")
-    temperature = _check_temperature(temperature)
+    temperature = static_number("temperature", temperature, low=0.0, low_open=True)
     width = teacher_logits_btv.shape[-1]
-    valid_vocab = width if valid_vocab is None else _check_count("valid_vocab", valid_vocab, width)
+    valid_vocab = valid_vocab_of(valid_vocab, (width,)) or width
     return teacher_logits_btv[..., :valid_vocab].astype(jnp.float32) / temperature
 
 
@@ -162,7 +145,7 @@ def topk_targets(teacher_logits_btv, k, *, temperature, valid_vocab) -> dict[str
     k ids hold all the mass (see the module docstring).
     """
     z_btv = _valid_scaled_logits_btv(teacher_logits_btv, temperature, valid_vocab)
-    k = _check_count("k", k, z_btv.shape[-1])
+    k = static_count("k", k, z_btv.shape[-1])
     # Selected on z and normalized afterwards, as log_softmax does it: log p = (z - max) -
     # log sum exp(z - max). The log-probabilities over the vocabulary are never materialized.
     max_bt1 = jnp.max(z_btv, axis=-1, keepdims=True)
@@ -254,9 +237,9 @@ def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
     order, each with how many of the n draws it got; the remaining slots are padding (id 0,
     count 0); counts sum to n on every token.
     """
-    # (kd_jax.cache.SAMPLER names this algorithm in a cache's manifest: keep them in step.)
+    # (SAMPLER names this algorithm in a cache's manifest: keep them in step.)
     log_p_btv = _valid_log_probs_btv(teacher_logits_btv, temperature, valid_vocab)
-    n = _check_count("n", n)
+    n = static_count("n", n)
     batch, tokens, vocab = log_p_btv.shape
     if key_b.shape[:1] != (batch,):
         raise ValueError(f"need one key per row: {batch} rows, keys of shape {key_b.shape}")

@@ -11,13 +11,13 @@ generated token: `token`, `logprob`, `bytes` (null for some APIs: then the UTF-8
 
 `prompt` is the text exactly as the model saw it, chat template and all, applied by the user:
 this module tokenizes it as plain text with `tokenizer.encode` and adds nothing. The response is
-not re-tokenized: its ids come from the bytes of the API's tokens (`token_ids_by_bytes`), so the
+not re-tokenized: its ids come from the bytes of the API's tokens (`Tokenizer.ids_by_bytes`), so the
 student is trained on the teacher's own segmentation, which must therefore be one its tokenizer
 can spell token by token.
 
 Rows: one response a row, never packed with another. seq = prompt ids + response ids, tokens =
-seq[:-1], targets = seq[1:], positions 0.., segment_ids 1 on the pairs and 0 on padding,
-loss_mask 1 exactly where the target is a response token, zero-padded to seq_len. A sequence
+seq[:-1], labels = seq[1:], positions 0.., segment_ids 1 on the pairs and 0 on padding,
+loss_mask 1 exactly where the label is a response token, zero-padded to seq_len. A sequence
 with more than seq_len pairs loses the start of its prompt; one whose response alone does not
 fit (more than seq_len response targets) is a CacheError naming the line: nothing is silently
 cut from what the teacher said, raise seq_len or drop the line.
@@ -43,13 +43,13 @@ Output, written into a temporary sibling directory and renamed into place only w
 (a failed import leaves nothing that looks like a cache):
 
     cache_dir/
-      manifest.json, shards/   the topk cache over the TRAIN rows (`kd_jax.cache_store`)
-      rows.npz                 int32 train_* and heldout_* arrays [n, seq_len] (tokens, targets,
-                               positions, segment_ids, loss_mask), and train_lines,
+      manifest.json, shards/   the topk cache over the TRAIN rows (`kd_jax.cache.manifest`)
+      rows.npz                 int32 train_* and heldout_* arrays [n, seq_len] (tokens, targets:
+                               the labels, positions, segment_ids, loss_mask), and train_lines,
                                heldout_lines [n]: the 1-based JSONL line of each row
 
 The held-out rows are a seeded draw of whole responses and have no cache rows: evaluation scores
-the student on their targets. numpy and the standard library only, like `cache_store`.
+the student on their labels. numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -68,118 +67,35 @@ from typing import Any
 
 import numpy as np
 
-from kd_jax import cache as cache_lib
-from kd_jax import cache_store, data
-from kd_jax.cache_store import CacheError
+from kd_jax.cache import shards
+from kd_jax.cache.codec import row_hashes
+from kd_jax.cache.fingerprints import packing_fingerprint
+from kd_jax.cache.manifest import (
+    VALUE_DTYPES,
+    CacheError,
+    check_fingerprints,
+    create_manifest,
+    make_manifest,
+    n_shards,
+    read_manifest,
+    shard_rows,
+)
+from kd_jax.data.packing import Packed, covered_bytes
+from kd_jax.data.tokenizers import Tokenizer
 
 ROWS_NAME = "rows.npz"
-ROW_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
+# rows.npz names each array as the format first did: the labels are stored as "targets".
+_STORED_NAMES = {"tokens": "tokens", "labels": "targets", "positions": "positions",
+                 "segment_ids": "segment_ids", "loss_mask": "loss_mask"}
 # A tail mass below this is the rounding of the API's logprobs: the tail is taken as this much.
 # It is below what a float16 log-probability near 0 resolves (its spacing at -0.01 is 7.6e-6).
 _FULL_MASS_SLACK = 1e-6
+
 # A log-probability up to this much above 0 is rounding (stored as 0); more is a broken line.
 _POSITIVE_SLACK = 1e-3
+
 # Second seed word of the held-out draw, so that it never coincides with another stream of `seed`.
 _HELDOUT_STREAM = 0xA91
-_BYTE_FALLBACK_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-# ------------------------------------------------------------------------ tokens to ids
-
-
-def _byte_level_chars() -> dict[str, int]:
-    """The byte-level BPE alphabet (GPT-2, Llama 3, Qwen): each byte as one printable char.
-
-    Printable Latin-1 bytes ('!'..'~', '¡'..'¬', '®'..'ÿ') stand for themselves; the other 68
-    bytes, in increasing order, take the code points 256, 257, ... Returns char -> byte.
-    """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    char_to_byte = {chr(byte): byte for byte in printable}
-    others = [byte for byte in range(256) if chr(byte) not in char_to_byte]
-    char_to_byte.update({chr(256 + n): byte for n, byte in enumerate(others)})
-    return char_to_byte
-
-
-def _decoder_spelling(decoder: Any) -> tuple[bool, bool, str | None]:
-    """(byte-level, byte fallback, the SentencePiece word-start marker or None) of a decoder."""
-    byte_level, byte_fallback, marker = False, False, None
-    if not isinstance(decoder, dict):
-        return byte_level, byte_fallback, marker
-    kind = decoder.get("type")
-    if kind == "ByteLevel":
-        byte_level = True
-    elif kind == "ByteFallback":
-        byte_fallback = True
-    elif kind == "Metaspace":
-        marker = decoder.get("replacement", "\u2581")
-    elif kind == "Replace" and decoder.get("content") == " ":
-        pattern = decoder.get("pattern") or {}
-        marker = pattern.get("String") if isinstance(pattern, dict) else None
-    for child in decoder.get("decoders", []) or []:
-        child_level, child_fallback, child_marker = _decoder_spelling(child)
-        byte_level |= child_level
-        byte_fallback |= child_fallback
-        marker = marker or child_marker
-    return byte_level, byte_fallback, marker
-
-
-def token_ids_by_bytes(tokenizer: data.Tokenizer) -> dict[bytes, int]:
-    """The bytes each vocabulary id stands for, inverted: bytes -> id.
-
-    ByteTokenizer: id i is bytes([i]). A Hugging Face tokenizer.json: a byte-level BPE token is
-    its characters read back through the byte-level alphabet; a `<0xHH>` byte-fallback piece is
-    that byte; a SentencePiece piece has its word-start marker read as a space ("▁the" is
-    b" the", as it stands mid-text); anything else is the UTF-8 of the token decoded alone.
-    Special added tokens are skipped (an API never returns them as text).
-
-    When several ids spell the same bytes, the lowest id among ordinary vocabulary tokens wins;
-    a `<0xHH>` piece only when no ordinary token is that byte (the tokenizer falls back to byte
-    pieces only for what its pieces cannot spell: Llama 2's "<0x74>" has a lower id than its "t",
-    yet it emits "t"); a non-special added token only when no vocabulary token spells it. (For
-    text spelled by both, `encode` matches the added token first, while a generating model may
-    emit either id: the bytes cannot tell, and the vocabulary id is chosen.)
-    """
-    if isinstance(tokenizer, data.ByteTokenizer):
-        return {bytes([token_id]): token_id for token_id in range(tokenizer.vocab_size)}
-    if not isinstance(tokenizer, data.HFTokenizer):
-        raise CacheError(f"cannot map API tokens to ids for a {type(tokenizer).__name__}: "
-                         "use the byte tokenizer or a tokenizer.json")
-    rust = tokenizer._tokenizer  # noqa: SLF001 - same package: the tokenizer.json behind it
-    byte_level, byte_fallback, marker = _decoder_spelling(json.loads(rust.to_str()).get("decoder"))
-    added = rust.get_added_tokens_decoder()
-    char_to_byte = _byte_level_chars()
-    ordinary, byte_piece, added_token = 0, 1, 2  # the preference between ids of equal bytes
-    best: dict[bytes, tuple[int, int]] = {}
-    for token_id in range(tokenizer.vocab_size):
-        token = rust.id_to_token(token_id)
-        if token is None or (token_id in added and added[token_id].special):
-            continue
-        rank = ordinary
-        if token_id in added:  # an added token is matched as raw text, never byte-encoded
-            spelled, rank = token.encode("utf-8"), added_token
-        elif byte_level and all(char in char_to_byte for char in token):
-            spelled = bytes(char_to_byte[char] for char in token)
-        elif byte_fallback and (match := _BYTE_FALLBACK_PIECE.fullmatch(token)):
-            spelled, rank = bytes([int(match.group(1), 16)]), byte_piece
-        elif marker:
-            spelled = token.replace(marker, " ").encode("utf-8")
-        else:
-            spelled = rust.decode([token_id], skip_special_tokens=False).encode("utf-8")
-        if spelled and (rank, token_id) < best.get(spelled, (added_token + 1, 0)):
-            best[spelled] = (rank, token_id)
-    return {spelled: token_id for spelled, (_, token_id) in best.items()}
-
-
-def _describe(tokenizer: data.Tokenizer) -> str:
-    if isinstance(tokenizer, data.HFTokenizer):
-        return f"tokenizer {tokenizer.path}"
-    if isinstance(tokenizer, data.ByteTokenizer):
-        return "the byte tokenizer"
-    return f"tokenizer {tokenizer.fingerprint}"
-
-
-# ------------------------------------------------------------------------------ parsing
 
 
 @dataclasses.dataclass
@@ -252,14 +168,13 @@ def _entry(entry: Any, where: str) -> tuple[bytes, float]:
     return spelled, min(float(logprob), 0.0)
 
 
-def _parse(text: str, where: str, tokenizer: data.Tokenizer,
+def _parse(text: str, where: str, tokenizer: Tokenizer,
            ids_by_bytes: dict[bytes, int]) -> _Response:
     try:
         record = json.loads(text)
     except ValueError as err:
         raise CacheError(f"{where} is not JSON ({err})") from None
     prompt, content = _content(record, where)
-    tokenizer_name = None
     response_ids = np.empty(len(content), dtype=np.int32)
     entry_ids, entry_logprobs = [], []
     tails = np.empty(len(content), dtype=np.float64)
@@ -268,9 +183,8 @@ def _parse(text: str, where: str, tokenizer: data.Tokenizer,
         here = f"{where}, response token {j}"
         spelled, logprob = _entry(item, here)
         if spelled not in ids_by_bytes:
-            tokenizer_name = tokenizer_name or _describe(tokenizer)
             raise CacheError(f"{here}: generated token {spelled!r} is not a token of "
-                             f"{tokenizer_name}")
+                             f"{tokenizer.description}")
         response_ids[j] = ids_by_bytes[spelled]
         top = item.get("top_logprobs") or []
         if not isinstance(top, list):
@@ -280,9 +194,8 @@ def _parse(text: str, where: str, tokenizer: data.Tokenizer,
         for entry in top:
             entry_bytes, entry_logprob = _entry(entry, f"{here}, top_logprobs entry")
             if entry_bytes not in ids_by_bytes:
-                tokenizer_name = tokenizer_name or _describe(tokenizer)
                 raise CacheError(f"{here}: top_logprobs entry {entry_bytes!r} is not a token "
-                                 f"of {tokenizer_name}")
+                                 f"of {tokenizer.description}")
             by_id.setdefault(ids_by_bytes[entry_bytes], []).append(entry_logprob)
         if not top:  # no distribution given: the generated token's own probability is known
             by_id = {int(response_ids[j]): [logprob]}
@@ -321,11 +234,8 @@ def _fit(response: _Response, seq_len: int, where: str) -> tuple[np.ndarray, int
     return sequence, n_prompt - drop - 1
 
 
-# ------------------------------------------------------------------------------- import
-
-
 def _empty_rows(n_rows: int, seq_len: int) -> dict[str, np.ndarray]:
-    return {key: np.zeros((n_rows, seq_len), dtype=np.int32) for key in ROW_KEYS}
+    return {key: np.zeros((n_rows, seq_len), dtype=np.int32) for key in _STORED_NAMES}
 
 
 def _heldout_lines(n_responses: int, heldout_fraction: float, seed: int) -> np.ndarray:
@@ -337,7 +247,7 @@ def _heldout_lines(n_responses: int, heldout_fraction: float, seed: int) -> np.n
     return np.sort(order[:n_heldout])
 
 
-def import_openai_jsonl(jsonl_path: str | Path, tokenizer: data.Tokenizer,
+def import_openai_jsonl(jsonl_path: str | Path, tokenizer: Tokenizer,
                         cache_dir: str | Path, *, seq_len: int, heldout_fraction: float = 0.05,
                         seed: int = 0, value_dtype: str = "float16",
                         rows_per_shard: int = 256) -> dict[str, Any]:
@@ -352,8 +262,8 @@ def import_openai_jsonl(jsonl_path: str | Path, tokenizer: data.Tokenizer,
         raise CacheError(f"seq_len must be a positive int, got {seq_len!r}")
     if not 0.0 <= heldout_fraction < 1.0:
         raise CacheError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    if value_dtype not in cache_store.VALUE_DTYPES:
-        raise CacheError(f"value_dtype must be one of {', '.join(cache_store.VALUE_DTYPES)}, "
+    if value_dtype not in VALUE_DTYPES:
+        raise CacheError(f"value_dtype must be one of {', '.join(VALUE_DTYPES)}, "
                          f"got {value_dtype!r}")
     if not jsonl_path.is_file():
         raise CacheError(f"no API responses at {jsonl_path}")
@@ -383,10 +293,10 @@ def _check_empty(cache_dir: Path) -> None:
                          "directory")
 
 
-def _import(jsonl_path: Path, tokenizer: data.Tokenizer, staging: Path, *, seq_len: int,
+def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: int,
             heldout_fraction: float, seed: int, value_dtype: str,
             rows_per_shard: int) -> dict[str, Any]:
-    ids_by_bytes = token_ids_by_bytes(tokenizer)
+    ids_by_bytes = tokenizer.ids_by_bytes()
 
     # Pass 1: parse and check every line, build its row, and spill its targets to scratch files
     # (they are k times the rows, so they are not held in memory); k is known only at the end.
@@ -429,22 +339,22 @@ def _import(jsonl_path: Path, tokenizer: data.Tokenizer, staging: Path, *, seq_l
             sequence, n_pairs = sequences[index], len(sequences[index]) - 1
             arrays = rows[split]
             arrays["tokens"][row, :n_pairs] = sequence[:-1]
-            arrays["targets"][row, :n_pairs] = sequence[1:]
+            arrays["labels"][row, :n_pairs] = sequence[1:]
             arrays["positions"][row, :n_pairs] = np.arange(n_pairs)
             arrays["segment_ids"][row, :n_pairs] = 1
             arrays["loss_mask"][row, first_pairs[index]: n_pairs] = 1
 
     jsonl_hash = digest.hexdigest()[:16]
     train_rows = rows["train"]
-    hashes = cache_store.row_hashes(train_rows["tokens"], train_rows["segment_ids"],
+    hashes = row_hashes(train_rows["tokens"], train_rows["segment_ids"],
                                     train_rows["loss_mask"])
-    packing = cache_lib.packing_fingerprint(seq_len, hashes)
-    manifest = cache_store.make_manifest(
+    packing = packing_fingerprint(seq_len, hashes)
+    manifest = make_manifest(
         "topk", {"k": k, "temperature": 1.0}, vocab_size=tokenizer.vocab_size, seq_len=seq_len,
         n_rows=len(train), rows_per_shard=rows_per_shard, value_dtype=value_dtype,
         fingerprints={"teacher": f"api:{jsonl_hash}", "tokenizer": tokenizer.fingerprint,
                       "data": jsonl_hash, "packing": packing})
-    manifest = cache_store.create_manifest(staging, manifest)
+    manifest = create_manifest(staging, manifest)
 
     # Pass 2: the train rows' targets, shard by shard, gathered from the scratch files.
     counts_flat = np.concatenate(counts)
@@ -457,8 +367,8 @@ def _import(jsonl_path: Path, tokenizer: data.Tokenizer, staging: Path, *, seq_l
     all_logprobs = np.memmap(staging / "entries.logprobs.tmp", dtype="<f8", mode="r",
                              shape=(n_entries,))
     slots = np.arange(k)
-    for shard_index in range(cache_store.n_shards(manifest)):
-        first, stop = cache_store.shard_rows(manifest, shard_index)
+    for shard_index in range(n_shards(manifest)):
+        first, stop = shard_rows(manifest, shard_index)
         ids_btk = np.zeros((stop - first, seq_len, k), dtype=np.int32)
         logprobs_btk = np.zeros((stop - first, seq_len, k), dtype=np.float32)
         tail_bt = np.full((stop - first, seq_len), -np.inf, dtype=np.float32)
@@ -472,36 +382,34 @@ def _import(jsonl_path: Path, tokenizer: data.Tokenizer, staging: Path, *, seq_l
             ids_btk[row - first, pairs] = np.where(filled, all_ids[at], 0)
             logprobs_btk[row - first, pairs] = np.where(filled, all_logprobs[at], -np.inf)
             tail_bt[row - first, pairs] = tails_flat[positions]
-        cache_store.write_shard(staging, manifest, shard_index,
-                                {"ids": ids_btk, "logprobs": logprobs_btk, "tail": tail_bt},
-                                hashes[first:stop])
+        shards.write_shard(staging, manifest, shard_index,
+                           {"ids": ids_btk, "logprobs": logprobs_btk, "tail": tail_bt},
+                           hashes[first:stop])
     del all_ids, all_logprobs  # release the maps before the files go
     for scratch in staging.glob("entries.*.tmp"):
         scratch.unlink()
 
     lines = np.asarray(line_numbers, dtype=np.int32)
     np.savez(staging / ROWS_NAME,
-             **{f"{split}_{key}": rows[split][key] for split in rows for key in ROW_KEYS},
+             **{f"{split}_{stored}": rows[split][key] for split in rows
+                for key, stored in _STORED_NAMES.items()},
              train_lines=lines[train], heldout_lines=lines[heldout])
     n_targets = {split: int(rows[split]["loss_mask"].sum()) for split in rows}
     return {"mode": "topk", "k": k, "seq_len": seq_len, "lines": len(sequences),
             "train_rows": len(train), "heldout_rows": len(heldout),
             "train_targets": n_targets["train"], "heldout_targets": n_targets["heldout"],
             "prompts_cut": int(prompts_cut), "duplicates_merged": duplicates_merged,
-            "shards": cache_store.n_shards(manifest), "fingerprints": manifest["fingerprints"]}
+            "shards": n_shards(manifest), "fingerprints": manifest["fingerprints"]}
 
 
-# ------------------------------------------------------------------------------ reading
-
-
-def load_rows(cache_dir: str | Path, tokenizer: data.Tokenizer) -> tuple[data.Packed, data.Packed]:
+def load_rows(cache_dir: str | Path, tokenizer: Tokenizer) -> tuple[Packed, Packed]:
     """(train, heldout) rows of an imported cache; train row i is cache row i."""
     cache_dir = Path(cache_dir)
     path = cache_dir / ROWS_NAME
     if not path.is_file():
         raise CacheError(f"{path} is missing: {cache_dir} was not made by `kd-jax cache import`")
-    manifest = cache_store.read_manifest(cache_dir)
-    cache_store.check_fingerprints(
+    manifest = read_manifest(cache_dir)
+    check_fingerprints(
         manifest, {"fingerprints": {"tokenizer": tokenizer.fingerprint}}, cache_dir)
     try:
         with np.load(path, allow_pickle=False) as stored:
@@ -511,18 +419,18 @@ def load_rows(cache_dir: str | Path, tokenizer: data.Tokenizer) -> tuple[data.Pa
     byte_lengths = tokenizer.byte_lengths()
     splits = []
     for split in ("train", "heldout"):
-        names = [f"{split}_{key}" for key in ROW_KEYS]
-        missing = [name for name in names if name not in arrays]
+        names = {key: f"{split}_{stored}" for key, stored in _STORED_NAMES.items()}
+        missing = [name for name in names.values() if name not in arrays]
         if missing:
             raise CacheError(f"{path} lacks {', '.join(missing)}")
-        values = {key: arrays[f"{split}_{key}"].astype(np.int32, copy=False) for key in ROW_KEYS}
+        values = {key: arrays[name].astype(np.int32, copy=False) for key, name in names.items()}
         shapes = {value.shape for value in values.values()}
         if len(shapes) != 1 or any(len(shape) != 2 or shape[1] != manifest["seq_len"]
                                    for shape in shapes):
             raise CacheError(f"{path}: the {split} arrays have shapes {sorted(shapes)}, "
                              f"expected [n, {manifest['seq_len']}]")
-        byte_count = data.covered_bytes(values["targets"], values["loss_mask"], byte_lengths)
-        splits.append(data.Packed(**values, byte_count=byte_count))
+        byte_count = covered_bytes(values["labels"], values["loss_mask"], byte_lengths)
+        splits.append(Packed(**values, byte_count=byte_count))
     if splits[0].n_rows != manifest["n_rows"]:
         raise CacheError(f"{path} holds {splits[0].n_rows} train rows, the cache "
                          f"{manifest['n_rows']}")

@@ -7,29 +7,30 @@ The mesh has three axes, always in this order:
             along their `embed` dimension and gathered for use (ZeRO-3 / FSDP)
     tensor  heads, MLP width and vocabulary are split over it (Megatron-style tensor parallelism)
 
-Each model parameter names its logical axes (`kd_jax.model.logical_axes`); `LAYOUTS`, the one
-table of this module, maps each logical axis to a mesh axis (or None: not split) for each named
-layout. The student and the teacher each choose a layout (`mesh.student_layout`,
-`mesh.teacher_layout`): a large frozen teacher can be fully sharded beside a replicated student.
+Each model parameter names its logical axes (`kd_jax.models.pure.logical_axes`); `LAYOUTS`, the
+one table of this module, maps each logical axis to a mesh axis (or None: not split) for each
+named layout (`kd_jax.config.MeshLayout`). The student and the teacher each choose a layout
+(`mesh.student_layout`, `mesh.teacher_layout`): a large frozen teacher can be fully sharded
+beside a replicated student.
 
-This module imports only jax, numpy, flax and the config.
+This module imports only jax, numpy and the config.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kd_jax.config import MESH_LAYOUTS, ConfigError, DistributedConfig, MeshConfig
+from kd_jax.checks import closest
+from kd_jax.config import ConfigError, MeshConfig, MeshLayout, choices
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
-# Every logical axis a model parameter may name (see kd_jax.model).
+# Every logical axis a model parameter may name (see kd_jax.models.transformer).
 LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
 
 _REPLICATED = dict.fromkeys(LOGICAL_AXES)
@@ -44,29 +45,8 @@ LAYOUTS: dict[str, dict[str, str | None]] = {
     "tensor": {**_REPLICATED, **_TENSOR},
     "fsdp_tensor": {**_REPLICATED, "embed": "fsdp", **_TENSOR},
 }
-assert tuple(LAYOUTS) == MESH_LAYOUTS, "config.MESH_LAYOUTS must name exactly these layouts"
+assert tuple(LAYOUTS) == choices(MeshLayout), "config.MeshLayout must name exactly these layouts"
 assert all(tuple(rules) == LOGICAL_AXES for rules in LAYOUTS.values())
-
-
-def initialize_distributed(cfg: DistributedConfig) -> None:
-    """Join a multi-host run (`jax.distributed.initialize`) if `cfg.enabled`; else nothing.
-
-    Must run before anything else touches JAX. Unset fields are left to JAX's detection (TPU
-    pod slices, SLURM, the JAX_COORDINATOR_ADDRESS variable).
-    """
-    if not cfg.enabled or jax.distributed.is_initialized():
-        return
-    try:
-        jax.distributed.initialize(
-            coordinator_address=cfg.coordinator or None,
-            num_processes=cfg.num_processes or None,
-            process_id=cfg.process_id if cfg.process_id >= 0 else None,
-            initialization_timeout=cfg.timeout_s)
-    except ValueError as err:  # nothing given and nothing detected
-        raise ConfigError(
-            f"distributed.enabled is set, but {str(err).rstrip('.')}: set distributed.coordinator"
-            "=HOST:PORT, distributed.num_processes and distributed.process_id, or launch where "
-            "JAX detects them (TPU pod slice, SLURM)") from None
 
 
 def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
@@ -106,9 +86,8 @@ def rules_for(layout: str, changes: dict[str, str | None] | None = None,
     rules = dict(LAYOUTS[layout])
     for logical, mesh_axis in (changes or {}).items():
         if logical not in LOGICAL_AXES:
-            match = difflib.get_close_matches(logical, LOGICAL_AXES, n=1)
-            hint = f" (did you mean '{match[0]}'?)" if match else ""
-            raise ConfigError(f"{where}: unknown logical axis '{logical}'{hint}; logical axes are "
+            raise ConfigError(f"{where}: unknown logical axis '{logical}'"
+                              f"{closest(logical, LOGICAL_AXES)}; logical axes are "
                               f"{', '.join(LOGICAL_AXES)}")
         if mesh_axis is not None and mesh_axis not in MESH_AXES:
             raise ConfigError(f"{where}: '{logical}' is mapped to '{mesh_axis}', which is not a "
@@ -157,7 +136,7 @@ def param_shardings(logical_axes_tree: Any, rules: str | dict, mesh: Mesh,
                     shapes_tree: Any) -> Any:
     """A NamedSharding for every parameter, shaped like `shapes_tree` (arrays or ShapeDtypeStructs).
 
-    `logical_axes_tree` is `kd_jax.model.logical_axes(state)`: a tuple of names per parameter.
+    `logical_axes_tree` is `kd_jax.models.pure.logical_axes(state)`: a tuple of names per parameter.
     """
     def one(path, axes, leaf):
         spec = partition_spec(axes, tuple(leaf.shape), rules, mesh, name=_path_name(path))
@@ -205,26 +184,6 @@ def logits_sharding(mesh: Mesh, rules: str | dict, vocab_size: int) -> NamedShar
     """Where [batch, tokens, vocab] logits lie: batch over data x fsdp, vocabulary by `rules`."""
     vocab_spec = partition_spec(("vocab",), (vocab_size,), rules, mesh, name="logits")
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, *vocab_spec))
-
-
-def batch_positions(sharding: NamedSharding, batch_size: int) -> np.ndarray:
-    """Which rows of a [batch_size, ...] global array this process's devices hold, in order.
-
-    A process loads exactly these rows of each global batch and hands them to
-    `jax.make_array_from_process_local_data`, which lays them out in this same order.
-    """
-    rows: set[int] = set()
-    for index in sharding.addressable_devices_indices_map((batch_size,)).values():
-        rows.update(range(*index[0].indices(batch_size)))
-    return np.array(sorted(rows), dtype=np.int64)
-
-
-def process_local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in `batch_positions` order."""
-    by_start = {}
-    for shard in x.addressable_shards:  # replicas (e.g. along tensor) hold the same rows
-        by_start.setdefault(shard.index[0].start or 0, shard)
-    return np.concatenate([np.asarray(by_start[start].data) for start in sorted(by_start)])
 
 
 def batch_sharding(mesh: Mesh, batch_size: int | None = None,

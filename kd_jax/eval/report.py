@@ -1,4 +1,9 @@
-"""Tables for people and JSON for scripts."""
+"""Reports: the one place a run's report is built, and the tables printed from it.
+
+A report (`report.json` in the run directory) holds `mode`, `run_dir`, `steps`, and `student`
+(and `teacher` when the config names one), each the evaluation's summary plus `params`, and for
+the student `tokens_per_second`.
+"""
 
 from __future__ import annotations
 
@@ -41,3 +46,18 @@ def eval_table(report: dict[str, Any]) -> str:
             rows.append([name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
                          m.get("accuracy"), m.get("ece"), m.get("agreement"), m.get("kl")])
     return format_table(headers, rows)
+
+
+def build_report(mode: str, run_dir: str, steps: int, result: dict[str, dict],
+                 info: dict[str, Any], tokens_per_second: float | None) -> dict[str, Any]:
+    """The report of a run from its evaluation `result` and its run.json `info`."""
+    report = {
+        "mode": mode,
+        "run_dir": str(run_dir),
+        "steps": steps,
+        "student": dict(result["student"], params=info["student_params"],
+                        tokens_per_second=tokens_per_second),
+    }
+    if "teacher" in result:
+        report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
+    return report

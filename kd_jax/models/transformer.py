@@ -9,8 +9,8 @@ Layers are stacked: every per-layer weight is a single parameter with a leading 
 the forward pass is one `jax.lax.scan`, so tracing and compile time do not grow with depth.
 
 Every parameter carries its logical axis names in the `logical_axes` metadata; the sharding table
-in the config maps them to mesh axes. Downstream code works on pure dicts of arrays:
-`split_params` produces one and `bind` rebuilds a module from one, inside jit or grad.
+(`kd_jax.parallel.mesh`) maps them to mesh axes. Downstream code works on pure dicts of arrays
+through `kd_jax.models.pure`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from kd_jax.config import ModelConfig
@@ -85,7 +84,7 @@ def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
 
 
 def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
-    """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)). `layer` holds one layer's weights."""
+    """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); `layer` holds its weights."""
     dtype = x_btd.dtype
     w = {name: value.astype(dtype) for name, value in layer.items()}
     n_kv = cfg.n_kv_heads
@@ -118,7 +117,8 @@ def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
 
 
 class Transformer(nnx.Module):
-    """Llama-style decoder. `__call__` returns final-normed hidden states; see `logits_btv`."""
+    """Llama-style decoder: `__call__` returns the final-normed hidden states (and, on request,
+    every layer's output); `head_vd` the output head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.n_heads % cfg.n_kv_heads:
@@ -168,7 +168,9 @@ class Transformer(nnx.Module):
         return self.embedding[...] if cfg.tie_embeddings else self.head[...]
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array,
-                 segment_ids_bt: jax.Array) -> jax.Array:
+                 segment_ids_bt: jax.Array, with_layers: bool = False):
+        """Final-normed hidden states [b, t, d]; with `with_layers`, also each layer's output
+        (the residual stream after it, before the final norm), stacked [layers, b, t, d]."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(dtype)
@@ -176,57 +178,14 @@ class Transformer(nnx.Module):
         mask_bts = attention_mask(segment_ids_bt)
 
         def layer_step(x_btd, layer):
-            return _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg), None
+            x_btd = _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg)
+            return x_btd, (x_btd if with_layers else None)
 
         if cfg.remat:
             # Keep only each layer's input; everything inside is recomputed in the backward pass.
             layer_step = jax.checkpoint(
                 layer_step, policy=jax.checkpoint_policies.nothing_saveable)
         stacked = {name: self.layers[name][...] for name in LAYER_PARAM_NAMES}
-        x_btd, _ = jax.lax.scan(layer_step, x_btd, stacked)
-        return rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
-
-
-def logits_btv(hidden_btd: jax.Array, head_vd: jax.Array) -> jax.Array:
-    """Project hidden states onto the vocabulary; float32 accumulation and output."""
-    return jnp.einsum("btd,vd->btv", hidden_btd, head_vd.astype(hidden_btd.dtype),
-                      preferred_element_type=jnp.float32)
-
-
-def count_params(params_tree: Any) -> int:
-    """Number of scalars in a tree of arrays (pure dict, nnx.State, or ShapeDtypeStructs)."""
-    return int(sum(math.prod(np.shape(leaf)) for leaf in jax.tree.leaves(params_tree)))
-
-
-def logical_axes(state: nnx.State) -> dict:
-    """The `logical_axes` metadata of each parameter, shaped like `nnx.to_pure_dict(state)`.
-
-    Leaves are tuples (one name per dimension); walk it with
-    `jax.tree.map(f, params, axes, is_leaf=lambda x: isinstance(x, tuple))` or by path.
-    """
-    tree: dict = {}
-    for path, variable in nnx.to_flat_state(state):
-        axes = variable.get_metadata().get("logical_axes")
-        if axes is None:
-            raise ValueError(f"parameter {'/'.join(map(str, path))} has no logical_axes")
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = tuple(axes)
-    return tree
-
-
-def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, dict]:
-    """(graphdef, template state, pure params dict) for a module whose state is all nnx.Param."""
-    graphdef, state = nnx.split(model, nnx.Param)
-    return graphdef, state, nnx.to_pure_dict(state)
-
-
-def bind(graphdef: nnx.GraphDef, template_state: nnx.State, params: dict) -> nnx.Module:
-    """Rebuild the module with `params` (a pure dict, possibly tracers) in place of its weights.
-
-    The template is copied first, so it is never mutated and this is safe inside jit or grad.
-    """
-    state = jax.tree.map(lambda value: value, template_state)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
+        x_btd, layers_lbtd = jax.lax.scan(layer_step, x_btd, stacked)
+        hidden_btd = rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
+        return (hidden_btd, layers_lbtd) if with_layers else hidden_btd

@@ -14,19 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.losses import cross_entropy_bt, divergence_bt
+from kd_jax.losses.divergences import cross_entropy_bt, divergence_bt, valid_vocab_of
 
 ECE_BINS = 15  # expected calibration error: equal-width confidence bins on [0, 1]
 
 
 def _valid_columns_btv(logits_btv, valid_vocab) -> jax.Array:
     """float32 logits without the embedding padding past the tokenizer's vocabulary."""
-    if valid_vocab is None:
-        return logits_btv.astype(jnp.float32)
-    if isinstance(valid_vocab, bool) or not isinstance(valid_vocab, int) or not (
-            1 <= valid_vocab <= logits_btv.shape[-1]):
-        raise ValueError(
-            f"valid_vocab must be an int in [1, {logits_btv.shape[-1]}], got {valid_vocab!r}")
     return logits_btv[..., :valid_vocab].astype(jnp.float32)
 
 
@@ -39,9 +33,9 @@ def token_stats(logits_btv, labels_bt, mask_bt, *, valid_vocab=None, teacher_log
     with max-probability c falls in bin min(floor(c * n_bins), n_bins - 1)), and, with a teacher,
     "agree_sum" (student argmax == teacher argmax) and "kl_sum" (KL(teacher || student) at T = 1).
     """
-    if teacher_logits_btv is not None and valid_vocab is None and (
-            teacher_logits_btv.shape[-1] != logits_btv.shape[-1]):
-        raise ValueError("teacher and student vocabulary widths differ; pass valid_vocab")
+    widths = (logits_btv.shape[-1],) if teacher_logits_btv is None else (
+        logits_btv.shape[-1], teacher_logits_btv.shape[-1])
+    valid_vocab = valid_vocab_of(valid_vocab, widths)
     mask_bt = mask_bt.astype(bool)
     logits_btv = _valid_columns_btv(logits_btv, valid_vocab)
 

@@ -1,0 +1,77 @@
+"""The run directory: what a run writes besides its checkpoints, and reading it back.
+
+    config.yaml     the resolved config of the run
+    run.json        what later commands need to know (mode, tokenizer, parameter counts)
+    metrics.jsonl   one JSON object per log interval and per evaluation
+    report.json     the final evaluation (`kd_jax.eval.report`)
+    checkpoints/    orbax, the student only (`kd_jax.checkpoint`)
+
+A finished run is read back as a teacher (`kd_jax.teacher.loading`), by `kd-jax eval` and when a
+run resumes, which is why this module sits below every stage. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from kd_jax import config as config_lib
+from kd_jax.config import Config, ConfigError
+
+# The sections a resumed run must share with the run that wrote the directory.
+_RESUME_SECTIONS = ("model", "data", "loss", "optimizer", "teacher", "cache")
+
+
+def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The config and run.json of an existing run directory."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_path, info_path = run_dir / "config.yaml", run_dir / "run.json"
+    if not config_path.is_file() or not info_path.is_file():
+        raise ConfigError(f"{run_dir} is not a kd-jax run directory (no config.yaml/run.json)")
+    raw = yaml.safe_load(config_path.read_text())
+    return config_lib.from_dict(raw), json.loads(info_path.read_text())
+
+
+def check_resume(cfg: Config) -> None:
+    """Resuming needs the same model, data, loss, optimizer, teacher and batch."""
+    run_dir = Path(cfg.train.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        return
+    saved, _ = read_run(run_dir)
+    for section in _RESUME_SECTIONS:
+        old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(
+            getattr(cfg, section))
+        for key in new:
+            if old[key] != new[key]:
+                raise ConfigError(
+                    f"{run_dir} was started with {section}.{key}={old[key]!r}, not "
+                    f"{new[key]!r}: use a new train.run_dir")
+    for key in ("batch_size", "seed"):
+        if getattr(saved.train, key) != getattr(cfg.train, key):
+            raise ConfigError(f"{run_dir} was started with train.{key}="
+                              f"{getattr(saved.train, key)}: use a new train.run_dir")
+
+
+def write_run(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
+    """config.yaml and run.json: the first files of a run, written once everything is checked."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.dump(cfg, run_dir / "config.yaml")
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_report(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,0 +1,251 @@
+"""The run builder: config -> everything a run needs, checked before anything is written.
+
+`kd-jax train`, `distill`, `eval` and `precompute` all start with `build(cfg, mode)`: the
+tokenizer and the packed rows, the device mesh and where every array lies on it, the teacher (a
+loaded teacher run, and the teacher the step sees: online, from a cache, or none), the student
+(abstract: shapes and shardings), the optimizer, and the placed batch of any step. Every user
+mistake surfaces here as a `ConfigError`, before the run directory is touched; what is built
+is then used by `kd_jax.train.loop` (train, distill, eval) and `kd_jax.train.precompute`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from kd_jax import checkpoint
+from kd_jax.cache.api_import import load_rows
+from kd_jax.cache.fingerprints import teacher_fingerprint
+from kd_jax.config import Config, ConfigError
+from kd_jax.data.batches import Batches
+from kd_jax.data.batches import fingerprint as data_fingerprint
+from kd_jax.data.packing import Packed, pack
+from kd_jax.data.sources import load_documents
+from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
+from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
+from kd_jax.parallel import mesh as mesh_lib
+from kd_jax.parallel.hosts import BatchPlacement, initialize_distributed
+from kd_jax.run_dir import check_resume
+from kd_jax.teacher.cached import CachedTeacher, open_cache
+from kd_jax.teacher.loading import latest_checkpoint, load_teacher
+from kd_jax.teacher.online import OnlineTeacher
+from kd_jax.train import step as step_lib
+
+MODES = ("train", "distill", "eval", "precompute")
+
+
+@dataclasses.dataclass
+class RunData:
+    tokenizer: Tokenizer
+    train: Packed
+    heldout: Packed
+    fingerprint: str
+
+
+@dataclasses.dataclass
+class LoadedTeacher:
+    """A teacher run's model and parameters (placed by `mesh.teacher_layout`)."""
+
+    model: PureModel
+    params: Any
+    config: Any  # its ModelConfig
+    run_dir: str
+    step: int  # the checkpoint loaded
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: Config
+    mode: str
+    data: RunData
+    mesh: Any
+    batches: BatchPlacement  # the global batch of a step (precompute: a teacher pass)
+    eval_batches: BatchPlacement | None  # an evaluation batch: one microbatch
+    loaded_teacher: LoadedTeacher | None  # evaluated beside the student, and online, the step's
+    teacher: OnlineTeacher | CachedTeacher | None  # what the step distills from (None: labels)
+    student: PureModel | None = None
+    abstract_params: Any = None
+    param_shardings: Any = None
+    logits_sharding: Any = None  # the student's [batch, tokens, vocab] logits
+    tx: Any = None
+    schedule: Any = None
+    abstract_state: Any = None
+    state_shardings: Any = None
+    rows: Batches | None = None  # which packed rows make each step's batch
+
+    @property
+    def valid_vocab(self) -> int:
+        return self.data.tokenizer.vocab_size
+
+    @property
+    def teacher_params(self) -> Any:
+        """The teacher parameters the step takes (None unless it runs the teacher online)."""
+        return self.loaded_teacher.params if isinstance(self.teacher, OnlineTeacher) else None
+
+    def info(self) -> dict[str, Any]:
+        """run.json: what later commands need to know about this run."""
+        teacher = self.loaded_teacher
+        return {
+            "mode": self.mode,
+            "tokenizer": self.cfg.data.tokenizer,
+            "tokenizer_fingerprint": self.data.tokenizer.fingerprint,
+            "tokenizer_vocab_size": self.data.tokenizer.vocab_size,
+            "data_fingerprint": self.data.fingerprint,
+            "student_params": count_params(self.abstract_params),
+            "teacher_params": count_params(teacher.params) if teacher is not None else None,
+        }
+
+    def host_batch(self, step: int) -> dict[str, Any]:
+        """This process's rows of step `step`'s batch, and what the teacher reads beside them."""
+        rows = self.rows.rows(step, self.batches.positions)
+        batch = self.rows.take(rows)
+        if self.teacher is not None:
+            batch.update(self.teacher.host_fields(rows))
+        return batch
+
+    def update_fn(self):
+        """The jitted step: `update(state, teacher_params, batch) -> (state, metrics)`."""
+        update = step_lib.make_update(
+            self.student, self.teacher, self.tx, self.schedule, self.cfg.loss,
+            self.cfg.train.microbatches, self.valid_vocab, self.logits_sharding)
+        teacher_params = self.teacher_params
+        # The state is donated: its buffers are reused for the next state (no second copy).
+        return jax.jit(update, donate_argnums=(0,), in_shardings=(
+            self.state_shardings,
+            jax.tree.map(lambda p: p.sharding, teacher_params),
+            self.batches.sharding),
+            out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)))
+
+    def fresh_state(self) -> step_lib.TrainState:
+        return step_lib.init_state_on(self.cfg.model, self.tx, self.cfg.train.seed,
+                                      self.state_shardings)
+
+    def close(self) -> None:
+        if isinstance(self.teacher, CachedTeacher):
+            self.teacher.close()
+
+
+def build(cfg: Config, mode: str) -> Run:
+    """Everything `mode` needs from `cfg`, checked; nothing is written."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    _check_mode(cfg, mode)
+    if mode in ("train", "distill"):
+        check_resume(cfg)
+    data = load_data(cfg)
+    initialize_distributed(cfg.distributed)  # before anything else touches JAX's devices
+
+    # Where every array lies: the student's state and the teacher's parameters by their own
+    # rules, the batch split over data x fsdp. One device gives a mesh of one.
+    student_rules = mesh_lib.rules_for(cfg.mesh.student_layout, cfg.mesh.student_rules,
+                                       "mesh.student_rules")
+    teacher_rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
+                                       "mesh.teacher_rules")
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    if mode == "precompute":
+        batches = BatchPlacement.on(mesh, cfg.cache.batch_size or cfg.train.batch_size,
+                                    "cache.batch_size")
+        eval_batches = None
+    else:
+        batches = BatchPlacement.on(mesh, cfg.train.batch_size)
+        eval_batches = BatchPlacement.on(mesh, cfg.train.batch_size // cfg.train.microbatches,
+                                         "train.batch_size / train.microbatches")
+
+    # A teacher named in a `train` config is not trained against; evaluations compare with it.
+    # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
+    loaded = None
+    if cfg.teacher.source == "checkpoint" or (cfg.teacher.source == "cache"
+                                             and cfg.teacher.path):
+        model, params, model_cfg = load_teacher(cfg, data.tokenizer, mesh)
+        loaded = LoadedTeacher(model, params, model_cfg, cfg.teacher.path,
+                               latest_checkpoint(cfg))
+    teacher = None
+    if mode == "distill" and cfg.teacher.source == "checkpoint":
+        teacher = OnlineTeacher(loaded.model, mesh_lib.logits_sharding(
+            mesh, teacher_rules, loaded.config.vocab_size))
+    elif mode == "distill":
+        fingerprint = (teacher_fingerprint(loaded.run_dir, loaded.step)
+                       if loaded is not None else None)
+        teacher = open_cache(cfg, data.tokenizer, data.train, fingerprint)
+    run = Run(cfg, mode, data, mesh, batches, eval_batches, loaded, teacher)
+    if mode == "precompute":
+        if loaded.config.vocab_size < data.tokenizer.vocab_size:
+            raise ConfigError(f"the teacher's vocabulary ({loaded.config.vocab_size}) is smaller "
+                              f"than the tokenizer's ({data.tokenizer.vocab_size})")
+        return run
+
+    run.student, run.abstract_params = abstract_model(cfg.model)
+    run.param_shardings = mesh_lib.param_shardings(
+        logical_axes(run.student.template), student_rules, mesh, run.abstract_params)
+    run.logits_sharding = mesh_lib.logits_sharding(mesh, student_rules, cfg.model.vocab_size)
+    if mode == "eval":
+        return run
+    run.tx, run.schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
+    run.abstract_state = jax.eval_shape(
+        lambda params: step_lib.init_state(params, run.tx, cfg.train.seed), run.abstract_params)
+    run.state_shardings = mesh_lib.tree_shardings(
+        run.abstract_state, run.abstract_params, run.param_shardings, mesh)
+    run.rows = Batches(data.train, cfg.train.batch_size, cfg.train.seed)
+    return run
+
+
+def _check_mode(cfg: Config, mode: str) -> None:
+    if mode == "distill" and cfg.teacher.source == "none":
+        raise ConfigError("kd-jax distill needs teacher.source: checkpoint (with teacher.path) "
+                          "or cache (with cache.dir)")
+    if mode == "precompute" and cfg.teacher.source != "checkpoint":
+        raise ConfigError("kd-jax precompute needs teacher.source=checkpoint and teacher.path "
+                          f"(got teacher.source={cfg.teacher.source})")
+    if mode == "precompute" and not cfg.cache.dir:
+        raise ConfigError("kd-jax precompute needs cache.dir, where the cache is written")
+
+
+def load_data(cfg: Config) -> RunData:
+    """The tokenizer and the packed training and held-out rows `cfg.data` describes."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
+            f"vocabulary ({tokenizer.vocab_size})")
+    if cfg.data.source == "cache":  # the token rows of an imported cache
+        train, heldout = load_rows(cfg.cache.dir, tokenizer)
+        if train.seq_len != cfg.data.seq_len:
+            raise ConfigError(f"cache {cfg.cache.dir} holds rows of {train.seq_len} tokens; "
+                              f"set data.seq_len={train.seq_len} (got {cfg.data.seq_len})")
+    else:
+        train_docs, heldout_docs = load_documents(cfg.data)
+        train = pack(train_docs, tokenizer, cfg.data.seq_len)
+        heldout = pack(heldout_docs, tokenizer, cfg.data.seq_len)
+    if train.n_rows == 0 or not train.loss_mask.any():
+        raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
+    return RunData(tokenizer, train, heldout, data_fingerprint(cfg.data, tokenizer))
+
+
+def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer
+                    ) -> tuple[step_lib.TrainState, int]:
+    """The state to start from: the latest checkpoint of the run directory, or a fresh one."""
+    start = checkpointer.latest_step() or 0
+    if not start:
+        return run.fresh_state(), 0
+    state, meta = checkpointer.restore(start, run.abstract_state, run.state_shardings)
+    if meta["data_position"] != run.rows.position(start):
+        raise ConfigError(f"checkpoint {start} in {run.cfg.train.run_dir} is at data position "
+                          f"{meta['data_position']}, expected {run.rows.position(start)}")
+    return state, start
+
+
+def restore_params(run: Run, run_dir: str | Path, step: int) -> Any:
+    """A run's student parameters at checkpoint `step`, placed as `run.param_shardings`."""
+    abstract = jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        run.abstract_params, run.param_shardings)
+    return checkpoint.restore_params(run_dir, abstract, step)
+
+
+def eval_place(run: Run):
+    """Turns a whole host evaluation batch into this process's share, placed on the mesh."""
+    return lambda batch: run.eval_batches.place(run.eval_batches.share(batch))
+

@@ -1,0 +1,190 @@
+"""The training loop: `kd-jax train` (hard labels) and `kd-jax distill` (a frozen teacher).
+
+`run(config, mode)` builds the run (`kd_jax.train.builder`: everything a user can get wrong is
+checked before the run directory is touched), then is a plain `for step in ...:` with periodic
+logging, evaluation and checkpoints. A run directory with a checkpoint resumes from it: its first
+step is the checkpoint's step + 1. `evaluate_checkpoint` is `kd-jax eval`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from kd_jax import checkpoint
+from kd_jax import config as config_lib
+from kd_jax import run_dir as run_dir_lib
+from kd_jax.config import ConfigError
+from kd_jax.data.prefetch import Prefetcher
+from kd_jax.eval.evaluate import evaluate, make_eval_fn
+from kd_jax.eval.report import build_report
+from kd_jax.parallel.hosts import is_main_process
+from kd_jax.parallel.mesh import mesh_shape, replicated
+from kd_jax.train import builder
+from kd_jax.train.preemption import Preempted, Preemption
+from kd_jax.train.progress import StepClock, describe_compiled, log, log_record, progress_bar
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients stopped being finite; the message names the step."""
+
+
+def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
+    """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report."""
+    built = builder.build(cfg, mode)
+    run_dir, train = Path(cfg.train.run_dir), cfg.train
+    main = is_main_process()
+    info = built.info()
+    if main:  # everything is checked: from here on the run directory is written
+        run_dir_lib.write_run(run_dir, cfg, info)
+    checkpointer = checkpoint.Checkpointer(run_dir, train.keep_checkpoints)
+    state, start = builder.restore_or_init(built, checkpointer)
+    if start:
+        log(f"resuming from checkpoint {start}: first step {start + 1}" if start < train.steps
+            else f"{run_dir} already finished {start} of {train.steps} steps")
+    teacher_params = built.teacher_params
+    update = built.update_fn().lower(state, teacher_params, built.batches.abstract(
+        built.host_batch(start))).compile()
+    log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
+        f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}")
+    evaluator = _evaluator(built)
+
+    def evaluate_now(step: int) -> dict[str, dict]:
+        result = evaluator(state.params)
+        if main:
+            run_dir_lib.append_metrics(run_dir, {"step": step, "eval": result})
+        log(f"eval step {step}: student {result['student']['bits_per_byte']:.4f} bits/byte, "
+            f"accuracy {result['student']['accuracy']:.4f}")
+        return result
+
+    last_step = min(train.steps, train.stop_at) if train.stop_at else train.steps
+    clock = StepClock(train.batch_size * cfg.data.seq_len)
+    pending: list[dict] = []  # metrics still on device
+    fetched: list[dict] = []  # metrics on the host, not yet logged
+    preemption = Preemption()
+    # Batches (and cached targets) are read on a background thread, a few steps ahead.
+    host_batches = Prefetcher(built.host_batch, range(start, last_step), depth=cfg.cache.prefetch)
+    bar = progress_bar(train.steps, start, train.progress, unit="step")
+    last_eval = None
+    try:
+        clock.start()
+        for step in range(start + 1, last_step + 1):
+            state, metrics = update(state, teacher_params, built.batches.place(next(host_batches)))
+            pending.append(metrics)
+            bar.update(1)
+            preempted = preemption.reached(step)
+            log_now = step % train.log_every == 0 or step == last_step
+            eval_now = train.eval_every and step % train.eval_every == 0
+            save_now = step % train.checkpoint_every == 0 or step == last_step or preempted
+            if not (log_now or eval_now or save_now):
+                continue
+            fetched.extend(jax.device_get(pending))  # note: a host sync point
+            clock.stop(len(pending))
+            pending.clear()
+            if log_now:
+                record = log_record(step, fetched, clock.tokens_per_second_since_log())
+                fetched.clear()
+                if not math.isfinite(record["loss"]):
+                    bad = int(jax.device_get(state.nonfinite_step))
+                    raise NonFiniteError(f"non-finite loss at step {bad if bad > 0 else step}")
+                if main:
+                    run_dir_lib.append_metrics(run_dir, record)
+                shown = {"loss": record["loss"], "ce": record["ce"]}
+                if "kd" in record:
+                    shown[cfg.loss.divergence] = record["kd"]
+                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}
+                                | {"tok/s": f"{record['tokens_per_second']:,.0f}"})
+            if eval_now:
+                last_eval = (step, evaluate_now(step))
+            if save_now:
+                bad = int(jax.device_get(state.nonfinite_step))
+                if bad > 0:
+                    raise NonFiniteError(f"non-finite loss at step {bad}")
+                checkpointer.save(step, state, {
+                    "step": step, "data_position": built.rows.position(step),
+                    "rng": np.asarray(jax.device_get(state.rng)).tolist(),
+                    "tokenizer_fingerprint": built.data.tokenizer.fingerprint})
+            if preempted:
+                checkpointer.wait()
+                raise Preempted(f"preempted after step {step}: checkpoint saved in {run_dir}; "
+                                "rerun to resume")
+            clock.start()
+    finally:
+        preemption.close()
+        host_batches.close()
+        built.close()
+        bar.close()
+        checkpointer.close()
+
+    if last_step < train.steps:
+        log(f"stopped after step {last_step} of {train.steps}; rerun to continue")
+        return {"mode": mode, "run_dir": str(run_dir), "steps": last_step}
+    final_step = max(start, train.steps)
+    result = last_eval[1] if last_eval and last_eval[0] == final_step else evaluate_now(final_step)
+    tokens_per_second = clock.overall_tokens_per_second()
+    if tokens_per_second is None:  # nothing left to train: keep what the training run measured
+        tokens_per_second = _measured_throughput(run_dir)
+    report = build_report(mode, run_dir, final_step, result, info, tokens_per_second)
+    if main:
+        run_dir_lib.write_report(run_dir, report)
+    return report
+
+
+def evaluate_checkpoint(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
+    """`kd-jax eval`: the latest checkpoint of a run (and its teacher), evaluated and reported."""
+    run_dir = Path(run_dir)
+    cfg, info = run_dir_lib.read_run(run_dir)
+    config_lib.apply_overrides(cfg, overrides)
+    config_lib.validate(cfg)
+    if not cfg.distributed.enabled and not any(item.startswith("mesh.") for item in overrides):
+        cfg.mesh = _mesh_on_this_host(cfg.mesh)
+    step = checkpoint.latest_step(run_dir)
+    if step is None:
+        raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
+    built = builder.build(cfg, "eval")
+    result = _evaluator(built)(builder.restore_params(built, run_dir, step))
+    report = build_report(info["mode"], run_dir, step, result, info,
+                          _measured_throughput(run_dir))
+    if is_main_process():
+        run_dir_lib.write_report(run_dir, report)
+    return report
+
+
+def _mesh_on_this_host(mesh: config_lib.MeshConfig) -> config_lib.MeshConfig:
+    """The run's mesh, or, where it needs other devices than this host has, data parallelism
+    over this host's devices (the checkpoint restores onto any mesh)."""
+    try:
+        mesh_shape(mesh, jax.device_count())
+        return mesh
+    except ConfigError:
+        log(f"the run's mesh (data={mesh.data}, fsdp={mesh.fsdp}, tensor={mesh.tensor}) does "
+            f"not fit {jax.device_count()} devices: evaluating data-parallel over them")
+        return dataclasses.replace(mesh, data=-1, fsdp=1, tensor=1)
+
+
+def _evaluator(built: builder.Run):
+    """evaluator(student_params) -> the held-out summary of the student (and the teacher)."""
+    teacher = built.loaded_teacher
+    eval_fn = jax.jit(make_eval_fn(built.student, teacher.model if teacher else None,
+                                   built.valid_vocab),
+                      out_shardings=replicated(built.mesh))
+    byte_lengths = built.data.tokenizer.byte_lengths()
+    place = builder.eval_place(built)
+
+    def evaluator(params) -> dict[str, dict]:
+        return evaluate(eval_fn, params, teacher.params if teacher else None, built.data.heldout,
+                        byte_lengths, built.eval_batches.rows, built.cfg.train.eval_sequences,
+                        place=place)
+
+    return evaluator
+
+
+def _measured_throughput(run_dir: Path) -> float | None:
+    """The training throughput an earlier report of this run directory recorded."""
+    previous = run_dir_lib.read_report(run_dir) or {}
+    return previous.get("student", {}).get("tokens_per_second")

@@ -1,0 +1,87 @@
+"""What a run tells its user while it trains: log lines, throughput, the progress bar.
+
+Throughput counts training time only: the time between host sync points, without evaluation
+and checkpoint saves. In a multi-host run only process 0 prints.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+
+def log(message: str) -> None:
+    """Print a line above the progress bar; in a multi-host run, on process 0 only."""
+    if jax.process_index() == 0:
+        tqdm.write(message)
+
+
+def describe_compiled(compiled) -> str:
+    """FLOPs a step and the memory the compiled step needs, as far as the backend says."""
+    parts = []
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        if cost and "flops" in cost:
+            parts.append(f"{cost['flops'] / 1e9:.2f} GFLOP/step")
+    except Exception:  # noqa: BLE001 - cost analysis is best effort on some backends
+        pass
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        mib = 1 << 20
+        parts.append(
+            f"arguments {memory.argument_size_in_bytes / mib:.1f} MiB, "
+            f"outputs {memory.output_size_in_bytes / mib:.1f} MiB, "
+            f"temporaries {memory.temp_size_in_bytes / mib:.1f} MiB per device")
+    return "; ".join(parts)
+
+
+class StepClock:
+    """Training time between host sync points, excluding evaluation and checkpoint saves."""
+
+    def __init__(self, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.seconds, self.steps = 0.0, 0
+        self._since_log = (0.0, 0)
+        self._started = time.perf_counter()
+
+    def start(self) -> None:
+        self._started = time.perf_counter()
+
+    def stop(self, steps: int) -> None:
+        elapsed = time.perf_counter() - self._started
+        self.seconds += elapsed
+        self.steps += steps
+        seconds, count = self._since_log
+        self._since_log = (seconds + elapsed, count + steps)
+
+    def tokens_per_second_since_log(self) -> float:
+        seconds, count = self._since_log
+        self._since_log = (0.0, 0)
+        return self.tokens_per_step * count / seconds if seconds else float("nan")
+
+    def overall_tokens_per_second(self) -> float | None:
+        return self.tokens_per_step * self.steps / self.seconds if self.seconds else None
+
+
+def log_record(step: int, fetched: list[dict], tokens_per_second: float) -> dict[str, float]:
+    """Average the metric sums fetched since the last log over their valid tokens."""
+    totals = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
+    tokens = max(totals["tokens"], 1.0)
+    record = {"step": step, "loss": totals["loss_sum"] / tokens}
+    for key in ("kd", "ce"):
+        if f"{key}_sum" in totals:
+            record[key] = totals[f"{key}_sum"] / tokens
+    record["grad_norm"] = float(fetched[-1]["grad_norm"])
+    record["lr"] = float(fetched[-1]["lr"])
+    record["tokens_per_second"] = tokens_per_second
+    return record
+
+
+def progress_bar(total: int, initial: int, enabled: bool, **options) -> tqdm:
+    """A progress bar that keeps out of the way of log lines (`log`)."""
+    return tqdm(total=total, initial=initial, disable=not (enabled and jax.process_index() == 0),
+                dynamic_ncols=True, leave=False, **options)
