@@ -18,8 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_jax import cache_store
-from kd_jax.cache import SAMPLER
+from kd_jax.cache.codec import fields
+from kd_jax.cache.manifest import create_manifest, make_manifest, n_shards, shard_rows
+from kd_jax.cache.reader import CacheReader
+from kd_jax.cache.shards import disk_bytes_per_token, write_shard
+from kd_jax.teacher.sparse import SAMPLER
 
 VOCAB = 131072
 FINGERPRINTS = {"teacher": "synthetic", "tokenizer": "synthetic", "data": "synthetic",
@@ -45,13 +48,12 @@ def synthetic_shard(manifest: dict, first: int, stop: int, rng: np.random.Genera
 
 def build(root: Path, mode: str, rows: int, seq_len: int) -> tuple[Path, dict, float]:
     """Write a cache and an uncompressed copy; returns (cache_dir, plain memmaps, write s)."""
-    manifest = cache_store.make_manifest(mode, MODES[mode], vocab_size=VOCAB, seq_len=seq_len,
-                                         n_rows=rows, rows_per_shard=64,
-                                         fingerprints=FINGERPRINTS)
+    manifest = make_manifest(mode, MODES[mode], vocab_size=VOCAB, seq_len=seq_len,
+                             n_rows=rows, rows_per_shard=64, fingerprints=FINGERPRINTS)
     cache_dir = root / mode
-    cache_store.create_manifest(cache_dir, manifest)
+    create_manifest(cache_dir, manifest)
     plain = {}
-    for field in cache_store.fields(manifest):
+    for field in fields(manifest):
         dtype = np.int32 if field.kind == "uint" else np.float32
         plain[field.name] = np.lib.format.open_memmap(
             root / f"{mode}_{field.name}.npy", mode="w+", dtype=dtype,
@@ -59,11 +61,11 @@ def build(root: Path, mode: str, rows: int, seq_len: int) -> tuple[Path, dict, f
     rng = np.random.default_rng(0)
     hashes = np.arange(rows, dtype=np.uint64)  # stand-ins: no data rows to hash here
     write_seconds = 0.0
-    for index in range(cache_store.n_shards(manifest)):
-        first, stop = cache_store.shard_rows(manifest, index)
+    for index in range(n_shards(manifest)):
+        first, stop = shard_rows(manifest, index)
         arrays = synthetic_shard(manifest, first, stop, rng)
         start = time.perf_counter()
-        cache_store.write_shard(cache_dir, manifest, index, arrays, hashes[first:stop])
+        write_shard(cache_dir, manifest, index, arrays, hashes[first:stop])
         write_seconds += time.perf_counter() - start
         for name, values in arrays.items():
             plain[name][first:stop] = values
@@ -98,14 +100,14 @@ def main() -> None:
         for mode, params in MODES.items():
             cache_dir, plain, write_seconds = build(Path(root), mode, args.rows, args.seq_len)
             entries = params.get("k", params.get("draws"))
-            reader = cache_store.CacheReader(cache_dir)
+            reader = CacheReader(cache_dir)
             cached = time_reads(reader.read, args.rows, args.batch_rows, args.batches)
 
             def read_plain(rows, plain=plain):
                 return {name: np.asarray(values[rows]) for name, values in plain.items()}
 
             baseline = time_reads(read_plain, args.rows, args.batch_rows, args.batches)
-            cache_bytes = cache_store.disk_bytes_per_token(cache_dir)
+            cache_bytes = disk_bytes_per_token(cache_dir)
             plain_bytes = sum(values.nbytes for values in plain.values()) / (
                 args.rows * args.seq_len)
             label = f"{mode} {'k' if mode == 'topk' else 'n'}={entries}"

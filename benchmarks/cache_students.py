@@ -24,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_jax import cache_store, demo, loop, precompute
+from kd_jax import demo
+from kd_jax.cache.shards import disk_bytes_per_token
 from kd_jax.config import CacheConfig
+from kd_jax.train import loop
+from kd_jax.train.precompute import precompute
 
 METRICS = ("bits_per_byte", "ece", "agreement", "kl")
 
@@ -57,10 +60,10 @@ def main() -> None:
             cache = CacheConfig(dir=str(out / f"cache_{mode}{budget}"), mode=mode, k=budget,
                                 draws=budget, batch_size=64, rows_per_shard=256)
             cfg = dataclasses.replace(base, cache=cache)
-            precompute.precompute(cfg)
+            precompute(cfg)
             cfg.teacher = dataclasses.replace(base.teacher, source="cache")
             name = f"topk k={budget}" if mode == "topk" else f"sample n={budget}"
-            sources.append((name, cfg, cache_store.disk_bytes_per_token(cache.dir)))
+            sources.append((name, cfg, disk_bytes_per_token(cache.dir)))
 
     rows: dict[str, dict] = {}
     teacher = None

@@ -29,11 +29,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kd_jax import cache as cache_lib
-from kd_jax import data as data_lib
-from kd_jax import demo, loop, losses, precompute
-from kd_jax import step as step_lib
+from kd_jax import demo
 from kd_jax.config import CacheConfig
+from kd_jax.data.batches import Batches
+from kd_jax.models.pure import init_model
+from kd_jax.teacher.cached import open_cache
+from kd_jax.teacher.loading import load_teacher
+from kd_jax.train import loop
+from kd_jax.train import step as step_lib
+from kd_jax.train.builder import load_data
+from kd_jax.train.precompute import precompute
 
 MODES = {"topk": dict(k=32), "sample": dict(draws=12), "full": {}}
 
@@ -73,7 +78,7 @@ def precompute_table(out: Path, recipe: dict, teacher_model: dict, documents: in
     base.data.max_documents = documents
     base.train = dataclasses.replace(base.train, progress=False)
     base.teacher = dataclasses.replace(base.teacher, path=str(out / "teacher"))
-    run_data = loop.prepare_data(base)
+    run_data = load_data(base)
     batch_rows, seq_len = base.train.batch_size, base.data.seq_len
     tokens_per_step = batch_rows * seq_len
     model = teacher_cfg.model
@@ -84,10 +89,10 @@ def precompute_table(out: Path, recipe: dict, teacher_model: dict, documents: in
     # The teacher forward pass alone, on device-resident batches: what precompute cannot beat.
     # It is timed before each mode and after the last, and each mode is compared with the mean
     # of the two timings around it: the machine's speed drifts by more than the effect.
-    teacher, teacher_params, _ = loop.load_teacher(base, run_data.tokenizer)
+    teacher, teacher_params, _ = load_teacher(base, run_data.tokenizer)
     forward = jax.jit(teacher.logits)
-    batches = data_lib.Batches(run_data.train, batch_rows, seed=0)
-    device_batch = jax.device_put(batches.at(0))
+    batches = Batches(run_data.train, batch_rows, seed=0)
+    device_batch = jax.device_put(batches.take(batches.rows(0, np.arange(batch_rows))))
 
     def forward_rate() -> float:
         return tokens_per_step / timed(
@@ -105,7 +110,7 @@ def precompute_table(out: Path, recipe: dict, teacher_model: dict, documents: in
         cfg = dataclasses.replace(base, cache=CacheConfig(
             dir=str(cache_dir), mode=mode, batch_size=batch_rows, **params))
         started = time.perf_counter()
-        summary = precompute.precompute(cfg)
+        summary = precompute(cfg)
         elapsed = time.perf_counter() - started
         after = forward_rate()
         baseline = (before + after) / 2
@@ -137,19 +142,23 @@ def main() -> None:
 
     batch_rows, seq_len = base.train.batch_size, base.data.seq_len
     tokens_per_step = batch_rows * seq_len
-    batches = data_lib.Batches(run_data.train, batch_rows, seed=0)
+    batches = Batches(run_data.train, batch_rows, seed=0)
 
     # The steps: a plain student step, and the student step from each cache.
-    student, params = step_lib.init_model(base.model)
+    student, params = init_model(base.model)
     tx, schedule = step_lib.make_optimizer(base.optimizer, base.train.steps)
     valid_vocab = run_data.tokenizer.vocab_size
-    host = batches.at(1)
-    rows = batches.rows(1)
+    rows = batches.rows(1, np.arange(batch_rows))
+    host = batches.take(rows)
 
-    def step_timer(cache_mode, batch):
-        """Compile the step once; the returned call times it (median of --steps steps)."""
-        update = jax.jit(step_lib.make_update(student, None, tx, schedule, base.loss, 1,
-                                              valid_vocab, cache_mode=cache_mode),
+    def step_timer(teacher, batch):
+        """Compile the step once; the returned call times it (median of --steps steps).
+
+        `teacher` None is the plain hard-label step; a cached teacher reads its targets from
+        the batch.
+        """
+        update = jax.jit(step_lib.make_update(student, teacher, tx, schedule, base.loss, 1,
+                                              valid_vocab),
                          donate_argnums=(0,))
         state = [step_lib.init_state(jax.tree.map(np.array, params), tx, 0)]
         batch = jax.device_put(batch)
@@ -169,21 +178,20 @@ def main() -> None:
           f"{'read tok/s':>11} {'read/step':>9}")
     rng = np.random.default_rng(0)
     for mode, cfg in caches.items():
-        _, hashes = cache_lib.open_for_training(
+        cached = open_cache(
             dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, source="cache")),
             run_data.tokenizer, run_data.train, None)
-        reader = cache_lib.TargetBatches(cfg.cache.dir, hashes)
-        read = timed(lambda reader=reader: reader.read(
+        read = timed(lambda cached=cached: cached.host_fields(
             rng.integers(0, run_data.train.n_rows, batch_rows)), args.steps)
-        batch = dict(host, **{losses.TARGET_PREFIX + k: v for k, v in reader.read(rows).items()})
-        seconds = step_timer(mode, batch)()
+        batch = dict(host, **cached.host_fields(rows))
+        seconds = step_timer(cached, batch)()
         plain_after = plain_timer()
         plain = (plain_before + plain_after) / 2
         read_rate, step_rate = tokens_per_step / read, tokens_per_step / seconds
         print(f"{mode:<8} {plain:>12.3f} {seconds:>8.3f} {step_rate:>10,.0f} "
               f"{plain / seconds:>8.2f} {read_rate:>11,.0f} {read_rate / step_rate:>9.1f}",
               flush=True)
-        reader.close()
+        cached.close()
         plain_before = plain_after
     print("\nx plain: the plain step's time over this step's (>= 0.9 is the goal); read/step: "
           "reads per step time (>= 10)")

@@ -14,7 +14,8 @@ import argparse
 import copy
 from pathlib import Path
 
-from kd_jax import demo, loop
+from kd_jax import demo
+from kd_jax.train import loop
 
 
 def main() -> None:

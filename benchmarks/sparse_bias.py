@@ -26,7 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import losses, targets
+from kd_jax.losses import divergences
+from kd_jax.losses.soft_targets import sampled_kl_bt, topk_divergence_bt
+from kd_jax.teacher.sparse import row_keys, sample_targets, topk_targets
 
 TOPK = (1, 4, 16, 64)
 SAMPLES = (1, 4, 12, 32)
@@ -58,16 +60,16 @@ def value_and_grad_bt(divergence_bt, student_btv):
 @jax.jit
 def full_kl(student_btv, teacher_btv):
     return value_and_grad_bt(
-        lambda s: losses.divergence_bt("forward_kl", s, teacher_btv, temperature=1.0),
+        lambda s: divergences.divergence_bt("forward_kl", s, teacher_btv, temperature=1.0),
         student_btv)
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def topk_kl(student_btv, teacher_btv, k, full_grad_btv):
-    cached = targets.topk_targets(teacher_btv, k, temperature=1.0, valid_vocab=None)
+    cached = topk_targets(teacher_btv, k, temperature=1.0, valid_vocab=None)
     values_bt, grads_btv = value_and_grad_bt(
-        lambda s: losses.topk_divergence_bt("forward_kl", s, cached["ids"], cached["logprobs"],
-                                            cached["tail"], temperature=1.0), student_btv)
+        lambda s: topk_divergence_bt("forward_kl", s, cached["ids"], cached["logprobs"],
+                                     cached["tail"], temperature=1.0), student_btv)
     covered_bt = -jnp.expm1(cached["tail"])  # 1 - tail mass
     return values_bt, covered_bt, cosine_bt(grads_btv, full_grad_btv)
 
@@ -75,11 +77,11 @@ def topk_kl(student_btv, teacher_btv, k, full_grad_btv):
 @functools.partial(jax.jit, static_argnums=2)
 def sampled_kl(student_rtv, teacher_rtv, n, row_indices_r, full_grad_btv):
     """One row per repeat of the same tokens; each row draws its own samples."""
-    cached = targets.sample_targets(teacher_rtv, targets.row_keys(0, row_indices_r), n,
-                                    temperature=1.0, valid_vocab=None)
+    cached = sample_targets(teacher_rtv, row_keys(0, row_indices_r), n, temperature=1.0,
+                            valid_vocab=None)
     values_rt, grads_rtv = value_and_grad_bt(
-        lambda s: losses.sampled_kl_bt(s, cached["ids"], cached["counts"], cached["entropy"],
-                                       temperature=1.0), student_rtv)
+        lambda s: sampled_kl_bt(s, cached["ids"], cached["counts"], cached["entropy"],
+                                temperature=1.0), student_rtv)
     return values_rt, cosine_bt(grads_rtv, full_grad_btv)
 
 

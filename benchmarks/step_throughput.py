@@ -18,14 +18,16 @@ import jax
 import numpy as np
 
 from kd_jax import demo
-from kd_jax import step as step_lib
+from kd_jax.models.pure import init_model
+from kd_jax.teacher.online import OnlineTeacher
+from kd_jax.train import step as step_lib
 
 
 def synthetic_batch(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
         "tokens": rng.integers(0, 256, (batch, seq), dtype=np.int32),
-        "targets": rng.integers(0, 256, (batch, seq), dtype=np.int32),
+        "labels": rng.integers(0, 256, (batch, seq), dtype=np.int32),
         "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
         "segment_ids": np.ones((batch, seq), np.int32),
         "loss_mask": np.ones((batch, seq), np.int32),
@@ -34,8 +36,11 @@ def synthetic_batch(batch: int, seq: int, seed: int = 0) -> dict[str, np.ndarray
 
 def time_steps(student_cfg, teacher_cfg, loss_cfg, opt_cfg, batch, steps: int) -> float:
     """Seconds per step of the jitted update (teacher_cfg None: a hard-label step)."""
-    student, params = step_lib.init_model(student_cfg)
-    teacher, teacher_params = step_lib.init_model(teacher_cfg) if teacher_cfg else (None, None)
+    student, params = init_model(student_cfg)
+    teacher, teacher_params = None, None
+    if teacher_cfg:
+        teacher_model, teacher_params = init_model(teacher_cfg)
+        teacher = OnlineTeacher(teacher_model)
     tx, schedule = step_lib.make_optimizer(opt_cfg, steps + 1)
     update = jax.jit(step_lib.make_update(student, teacher, tx, schedule, loss_cfg, 1, 256),
                      donate_argnums=(0,))

@@ -4,11 +4,11 @@
 
 For each vocabulary, on random logits (the cost does not depend on their values):
 
-- top-k: `targets.top_k` (blocked, exact) against one `jax.lax.top_k` over the vocabulary, and
-  `targets.topk_targets` whole against the direct recipe (log_softmax, `lax.top_k`, the tail's
-  log-sum-exp over a scattered copy);
+- top-k: `kd_jax.teacher.sparse.top_k` (blocked, exact) against one `jax.lax.top_k` over the
+  vocabulary, and `sparse.topk_targets` whole against the direct recipe (log_softmax,
+  `lax.top_k`, the tail's log-sum-exp over a scattered copy);
 - sample: the two-level inverse CDF against one cumulative sum over the vocabulary, and
-  `targets.sample_targets` whole.
+  `sparse.sample_targets` whole.
 
 Both sides of each ratio are timed in the same run, alternately (median of --repeats calls), and
 their outputs are checked equal first.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import targets
+from kd_jax.teacher import sparse
 
 
 def timed(fn, *args, repeats: int) -> float:
@@ -60,21 +60,21 @@ def main() -> None:
         logits = 3.0 * jax.random.normal(jax.random.key(vocab), (1, tokens, vocab))
 
         lax_top_k = jax.jit(lambda x: jax.lax.top_k(x, k))
-        blocked = jax.jit(lambda x: targets.top_k(x, k))
+        blocked = jax.jit(lambda x: sparse.top_k(x, k))
         direct = jax.jit(lambda x: direct_topk_targets(x, k))
-        ours = jax.jit(lambda x: targets.topk_targets(x, k, temperature=1.0, valid_vocab=None))
+        ours = jax.jit(lambda x: sparse.topk_targets(x, k, temperature=1.0, valid_vocab=None))
         assert np.array_equal(lax_top_k(logits)[1], blocked(logits)[1])
         assert np.array_equal(direct(logits)["ids"], ours(logits)["ids"])
 
         quanta = jnp.round(jnp.exp(jax.nn.log_softmax(logits)) * 2**30).astype(jnp.int32)
         total = jnp.sum(quanta, axis=-1, keepdims=True)
         uniforms = jax.random.randint(jax.random.key(1), (1, tokens, n), 0, total)
-        one_level = jax.jit(lambda q, u: targets._inverse_cdf_btn(q, u, block=q.shape[-1]))
-        two_level = jax.jit(targets._inverse_cdf_btn)
+        one_level = jax.jit(lambda q, u: sparse._inverse_cdf_btn(q, u, block=q.shape[-1]))
+        two_level = jax.jit(sparse._inverse_cdf_btn)
         assert np.array_equal(one_level(quanta, uniforms), two_level(quanta, uniforms))
-        keys = targets.row_keys(0, jnp.arange(1))
-        sample = jax.jit(lambda x, key: targets.sample_targets(x, key, n, temperature=1.0,
-                                                                valid_vocab=None))
+        keys = sparse.row_keys(0, jnp.arange(1))
+        sample = jax.jit(lambda x, key: sparse.sample_targets(x, key, n, temperature=1.0,
+                                                               valid_vocab=None))
 
         ms = {}
         for name, fn, fn_args in (("lax", lax_top_k, (logits,)), ("blocked", blocked, (logits,)),

@@ -111,4 +111,3 @@ def restore_params(run_dir: str | Path, abstract_params: Any, step: int | None =
         restored = manager.restore(step, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(abstract_params)))
     return restored["params"]
-

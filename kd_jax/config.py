@@ -204,6 +204,9 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
+_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
 def _coerce(value: Any, kind: type, where: str) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
     if typing.get_origin(kind) is Literal:
@@ -215,26 +218,18 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
+    elif kind in (int, float):
+        number = value
         if isinstance(value, str):
-            try:
-                return int(value.replace("_", ""))
+            try:  # "1e-3" is a float, "1_000" an int, "3.0" not an int
+                number = float(value) if kind is float else int(value.replace("_", ""))
             except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+                number = None
+        if isinstance(number, (int, float)) and not isinstance(number, bool) and (
+                kind is float or float(number).is_integer()):
+            return kind(number)
     elif kind is str:
         if isinstance(value, str):
             return value
@@ -318,14 +313,10 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
     return config
 
 
-def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 def dump(config: Config, path: str | Path) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
 def validate(config: Config) -> None:

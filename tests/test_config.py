@@ -1,13 +1,37 @@
-"""Config files and overrides: typed values, unknown keys, cross-field checks."""
+"""Config files and overrides: typed values, unknown keys, cross-field checks, and the named
+choices (`Literal` fields) shared with the modules that implement them."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
+import typing
 
 import pytest
+import yaml
 
 from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
+
+
+def _literal_fields():
+    """(section, key, Literal type) of every field whose value is a name from a fixed list."""
+    found = []
+    for section in dataclasses.fields(config_lib.Config):
+        hints = typing.get_type_hints(section.default_factory)
+        for field in dataclasses.fields(section.default_factory):
+            kind = hints[field.name]
+            if typing.get_origin(kind) is typing.Literal:
+                found.append((section.name, field.name, kind))
+    return found
+
+
+LITERAL_FIELDS = _literal_fields()
+
+
+def _misspelt(name):
+    """`name` with its last letter doubled: nearer to `name` than to any other choice."""
+    return name + name[-1]
 
 
 def test_scientific_notation_override_is_a_float():
@@ -98,3 +122,58 @@ def test_stdlib_configs_are_the_demo_recipe(tmp_path):
         assert cfg.teacher.source == expected.teacher.source, file
         for key in ("steps", "batch_size", "microbatches", "seed", "eval_sequences"):
             assert getattr(cfg.train, key) == getattr(expected.train, key), (file, key)
+
+
+def test_literal_fields_are_the_named_choices():
+    assert {(section, key): kind for section, key, kind in LITERAL_FIELDS} == {
+        ("model", "dtype"): config_lib.DType, ("model", "param_dtype"): config_lib.DType,
+        ("teacher", "source"): config_lib.TeacherSource, ("teacher", "dtype"): config_lib.DType,
+        ("data", "source"): config_lib.DataSource, ("loss", "divergence"): config_lib.Divergence,
+        ("optimizer", "schedule"): config_lib.Schedule,
+        ("mesh", "student_layout"): config_lib.MeshLayout,
+        ("mesh", "teacher_layout"): config_lib.MeshLayout,
+        ("cache", "mode"): config_lib.CacheMode, ("cache", "value_dtype"): config_lib.ValueDType}
+    assert config_lib.choices(config_lib.MeshLayout) == ("replicated", "fsdp", "tensor",
+                                                         "fsdp_tensor")
+
+
+@pytest.mark.parametrize("section,key,kind", LITERAL_FIELDS,
+                         ids=[f"{section}.{key}" for section, key, _ in LITERAL_FIELDS])
+def test_a_wrong_name_in_yaml_is_refused_with_the_closest_choice(tmp_path, section, key, kind):
+    names = config_lib.choices(kind)
+    for name in names:
+        path = tmp_path / "exp.yaml"
+        path.write_text(f"{section}:\n  {key}: {_misspelt(name)}\n")
+        with pytest.raises(ConfigError) as err:
+            config_lib.load(path)
+        assert str(err.value) == (f"{section}.{key}: '{_misspelt(name)}' is not one of "
+                                  f"{', '.join(names)} (did you mean '{name}'?)")
+        # The right name is taken (read without the cross-field checks: a teacher source of
+        # 'checkpoint' alone, say, lacks its path).
+        cfg = config_lib.from_dict(yaml.safe_load(f"{section}:\n  {key}: {name}\n"))
+        assert getattr(getattr(cfg, section), key) == name
+
+
+@pytest.mark.parametrize("section,key,kind", LITERAL_FIELDS,
+                         ids=[f"{section}.{key}" for section, key, _ in LITERAL_FIELDS])
+def test_a_wrong_name_in_a_config_built_in_code_is_refused(section, key, kind):
+    names = config_lib.choices(kind)
+    for name in names:
+        values = dataclasses.replace(getattr(config_lib.Config(), section),
+                                     **{key: _misspelt(name)})
+        cfg = config_lib.Config(**{section: values})
+        with pytest.raises(ConfigError) as err:
+            config_lib.validate(cfg)
+        assert str(err.value) == (f"{section}.{key}: '{_misspelt(name)}' is not one of "
+                                  f"{', '.join(names)} (did you mean '{name}'?)")
+
+
+def test_the_implementations_read_their_choices_from_the_config():
+    from kd_jax.cache import manifest
+    from kd_jax.losses import divergences
+    from kd_jax.parallel import mesh
+
+    assert divergences.DIVERGENCES == config_lib.choices(config_lib.Divergence)
+    assert tuple(mesh.LAYOUTS) == config_lib.choices(config_lib.MeshLayout)
+    assert manifest.MODES == config_lib.choices(config_lib.CacheMode)
+    assert manifest.VALUE_DTYPES == config_lib.choices(config_lib.ValueDType)

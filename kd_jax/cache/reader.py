@@ -42,7 +42,7 @@ class CacheReader:
             shard = self._open.pop(shard_index, None)
             if shard is None:
                 shard = open_shard(self.cache_dir, self.manifest, shard_index,
-                                    self._verify_checksums)
+                                   self._verify_checksums)
                 if len(self._open) >= self._maxopen_shards:
                     self._open.pop(next(iter(self._open)))  # each map holds a file descriptor
             self._open[shard_index] = shard  # most recently used last

@@ -177,7 +177,7 @@ class Shard:
 
 
 def open_shard(cache_dir: Path, manifest: dict[str, Any], shard_index: int,
-                verify_checksum: bool) -> Shard:
+               verify_checksum: bool) -> Shard:
     """Memory-map a shard after checking that it is present, whole and this cache's."""
     path = shard_path(cache_dir, shard_index)
     header = _header(manifest, shard_index)

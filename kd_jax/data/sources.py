@@ -27,7 +27,6 @@ _STDLIB_EXCLUDED_FOLDERS = frozenset({"test", "tests", "idle_test", "site-packag
 _HELDOUT_STREAM = 0x4D1D
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Document:
     """Plain text, or a (prompt, response) pair whose loss covers only the response."""

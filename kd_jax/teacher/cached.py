@@ -80,4 +80,3 @@ def check_loss(loss: LossConfig, manifest: dict[str, Any], cache_dir: str) -> No
             f"{where} holds the teacher at temperature {cached_t}; loss.temperature must be "
             f"the same (got {loss.temperature}): rebuild the cache with cache.temperature="
             f"{loss.temperature}")
-

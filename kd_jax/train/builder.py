@@ -157,8 +157,8 @@ def build(cfg: Config, mode: str) -> Run:
     # A teacher named in a `train` config is not trained against; evaluations compare with it.
     # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
     loaded = None
-    if cfg.teacher.source == "checkpoint" or (cfg.teacher.source == "cache"
-                                             and cfg.teacher.path):
+    if cfg.teacher.source == "checkpoint" or (
+            cfg.teacher.source == "cache" and cfg.teacher.path):
         model, params, model_cfg = load_teacher(cfg, data.tokenizer, mesh)
         loaded = LoadedTeacher(model, params, model_cfg, cfg.teacher.path,
                                latest_checkpoint(cfg))
@@ -248,4 +248,3 @@ def restore_params(run: Run, run_dir: str | Path, step: int) -> Any:
 def eval_place(run: Run):
     """Turns a whole host evaluation batch into this process's share, placed on the mesh."""
     return lambda batch: run.eval_batches.place(run.eval_batches.share(batch))
-

@@ -1,0 +1,36 @@
+"""Fixtures shared by the whole suite; the plain helpers they use are in tests/helpers.py."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import STUDENT, TEACHER, write_config, write_corpus
+
+# No test may reach the network: Hugging Face libraries read only what is on disk.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """(student, student params, teacher, teacher params): the tiny models of tests/helpers.py."""
+    from kd_jax.models.pure import init_model
+
+    student, student_params = init_model(STUDENT)
+    teacher, teacher_params = init_model(TEACHER)
+    return student, student_params, teacher, teacher_params
+
+
+@pytest.fixture(scope="session")
+def teacher_run(tmp_path_factory):
+    """(root, corpus): a tiny byte-level teacher trained through the CLI in root/teacher, once
+    for the whole session. Tests read it; none may write into it."""
+    from kd_jax import cli
+
+    root = tmp_path_factory.mktemp("teacher_run")
+    corpus = write_corpus(root / "corpus.txt")
+    config = write_config(root / "teacher.yaml", corpus, root / "teacher")
+    assert cli.main(["train", str(config)]) == 0
+    return root, corpus
