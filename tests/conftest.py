@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.helpers import STUDENT, TEACHER, write_config, write_corpus
+from tests.helpers import STUDENT, TEACHER, distill_config, write_config, write_corpus
 
 # No test may reach the network: Hugging Face libraries read only what is on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,3 +34,20 @@ def teacher_run(tmp_path_factory):
     config = write_config(root / "teacher.yaml", corpus, root / "teacher")
     assert cli.main(["train", str(config)]) == 0
     return root, corpus
+
+
+@pytest.fixture(scope="session")
+def sampled_cache(teacher_run, tmp_path_factory):
+    """(root, corpus, config): a distillation config naming the session's teacher, and a sampled
+    cache of it (12 draws, shards of 8 rows) precomputed once into root/cache, its cache.dir.
+    Tests read it; one that damages or extends a cache copies it first."""
+    from kd_jax import cli
+
+    root = tmp_path_factory.mktemp("sampled_cache")
+    teacher_root, corpus = teacher_run
+    config = distill_config(
+        root / "distill.yaml", corpus, teacher_root / "teacher", root / "unused",
+        f"cache:\n  dir: {root / 'cache'}\n  mode: sample\n  rows_per_shard: 8\n"
+        "  batch_size: 8\n")
+    assert cli.main(["precompute", str(config)]) == 0
+    return root, corpus, config

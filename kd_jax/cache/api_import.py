@@ -5,12 +5,12 @@ Rows: one response a row, never packed with another. seq = prompt ids + response
 seq[:-1], labels = seq[1:], positions 0.., segment_ids 1 on the pairs and 0 on padding,
 loss_mask 1 exactly where the label is a response token, zero-padded to seq_len. A sequence
 with more than seq_len pairs loses the start of its prompt; one whose response alone does not
-fit (more than seq_len response targets) is a CacheError naming the line: nothing is silently
+fit (more than seq_len response labels) is a CacheError naming the line: nothing is silently
 cut from what the teacher said, raise seq_len or drop the line.
 
 Targets: k is the most entries any position of the file has; shorter positions are padded with
 id 0, log-probability -inf (probability 0: the cache stores -inf exactly, as float16 and as
-float32). Pairs that are not response targets (prompt, padding) hold id 0, log-probability 0,
+float32). Pairs whose label is not a response token (prompt, padding) hold id 0, log-probability 0,
 tail -inf; their loss_mask is 0.
 
 Temperature: API logprobs are taken as the teacher's distribution at T = 1 (the manifest records
@@ -143,10 +143,10 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
             sequence, first_pair = fit(response, seq_len, where)
             prompts_cut += len(sequence) < len(response.prompt_ids) + len(response.response_ids)
             # With no prompt, response token 0 is an input only: its targets are not stored.
-            targets = slice(1 if first_pair < 0 else 0, None)
-            line_counts = np.array([len(ids) for ids in response.entry_ids[targets]], np.int32)
-            for ids, logprobs in zip(response.entry_ids[targets],
-                                     response.entry_logprobs[targets]):
+            labelled = slice(1 if first_pair < 0 else 0, None)
+            line_counts = np.array([len(ids) for ids in response.entry_ids[labelled]], np.int32)
+            for ids, logprobs in zip(response.entry_ids[labelled],
+                                     response.entry_logprobs[labelled]):
                 scratch_ids.write(ids.astype("<i4").tobytes())
                 scratch_logprobs.write(logprobs.astype("<f8").tobytes())
             k = max(k, int(line_counts.max(initial=0)))
@@ -155,7 +155,7 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
             sequences.append(sequence)
             first_pairs.append(max(first_pair, 0))
             counts.append(line_counts)
-            tails.append(response.tails[targets])
+            tails.append(response.tails[labelled])
     if not sequences:
         raise CacheError(f"{jsonl_path} holds no responses")
 
@@ -193,7 +193,7 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
     position_starts = np.concatenate([[0], np.cumsum([len(c) for c in counts], dtype=np.int64)])
     tails_flat = np.concatenate(tails)
     n_entries = int(entry_starts[-1])
-    # Every target position has at least one entry (see _parse), so n_entries > 0.
+    # Every labelled position has at least one entry (see api_responses.parse): n_entries > 0.
     all_ids = np.memmap(staging / "entries.ids.tmp", dtype="<i4", mode="r", shape=(n_entries,))
     all_logprobs = np.memmap(staging / "entries.logprobs.tmp", dtype="<f8", mode="r",
                              shape=(n_entries,))
@@ -225,10 +225,10 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
              **{f"{split}_{stored}": rows[split][key] for split in rows
                 for key, stored in _STORED_NAMES.items()},
              train_lines=lines[train], heldout_lines=lines[heldout])
-    n_targets = {split: int(rows[split]["loss_mask"].sum()) for split in rows}
+    n_labels = {split: int(rows[split]["loss_mask"].sum()) for split in rows}
     return {"mode": "topk", "k": k, "seq_len": seq_len, "lines": len(sequences),
             "train_rows": len(train), "heldout_rows": len(heldout),
-            "train_targets": n_targets["train"], "heldout_targets": n_targets["heldout"],
+            "train_labels": n_labels["train"], "heldout_labels": n_labels["heldout"],
             "prompts_cut": int(prompts_cut), "duplicates_merged": duplicates_merged,
             "shards": n_shards(manifest), "fingerprints": manifest["fingerprints"]}
 

@@ -166,19 +166,19 @@ def parse(text: str, where: str, tokenizer: Tokenizer,
 
 
 def fit(response: Response, seq_len: int, where: str) -> tuple[np.ndarray, int]:
-    """(the kept sequence, the pair whose target is response token 0; -1 if it has none).
+    """(the kept sequence, the pair whose label is response token 0; -1 if it has none).
 
     A sequence longer than seq_len + 1 tokens loses the start of its prompt, keeping at least
-    one prompt token so that every response token stays a target.
+    one prompt token so that every response token stays a label.
     """
     n_prompt, n_response = len(response.prompt_ids), len(response.response_ids)
-    n_targets = n_response if n_prompt else n_response - 1  # with no prompt, token 0 is input
-    if n_targets < 1:
+    n_labels = n_response if n_prompt else n_response - 1  # with no prompt, token 0 is input
+    if n_labels < 1:
         raise CacheError(f"{where} has {n_prompt} prompt and {n_response} response tokens: no "
-                         "response token can be a target")
-    if n_targets > seq_len:
+                         "response token can be a label")
+    if n_labels > seq_len:
         raise CacheError(f"{where}: the response has {n_response} tokens, but a row of seq_len "
-                         f"{seq_len} holds at most {seq_len} response targets; raise seq_len or "
+                         f"{seq_len} holds at most {seq_len} response labels; raise seq_len or "
                          "drop the line")
     drop = max(0, n_prompt + n_response - 1 - seq_len)  # < n_prompt by the check above
     sequence = np.concatenate([response.prompt_ids[drop:], response.response_ids])

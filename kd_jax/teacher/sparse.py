@@ -192,19 +192,19 @@ def _unique_with_counts_btn(draws_btn, empty_id: int):
     return ids_btn.astype(jnp.int32), counts_btn.astype(jnp.int32)
 
 
-def _search(cdf, targets):
-    """For each target u: the first place of its running sum that exceeds u.
+def _search(cdf, uniforms):
+    """For each draw u: the first place of its running sum that exceeds u.
 
-    `cdf` is [..., m] and `targets` [..., n], with the same leading axes.
+    `cdf` is [..., m] and `uniforms` [..., n], with the same leading axes.
     """
     lead = cdf.shape[:-1]
     found = jax.vmap(lambda row, u: jnp.searchsorted(row, u, side="right"))(
-        cdf.reshape(-1, cdf.shape[-1]), targets.reshape(-1, targets.shape[-1]))
-    return found.reshape(*lead, targets.shape[-1])
+        cdf.reshape(-1, cdf.shape[-1]), uniforms.reshape(-1, uniforms.shape[-1]))
+    return found.reshape(*lead, uniforms.shape[-1])
 
 
-def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
-    """For each target u in [0, sum of the quanta): the first id whose running sum exceeds u.
+def _inverse_cdf_btn(quanta_btv, uniforms_btn, block: int = _CDF_BLOCK):
+    """For each draw u in [0, sum of the quanta): the first id whose running sum exceeds u.
 
     Vocabularies of 16 blocks or more are searched in two levels, with the same result (the
     sums are integers): the running sum of the block sums finds each target's block, and only
@@ -213,9 +213,9 @@ def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
     """
     vocab = quanta_btv.shape[-1]
     if vocab < 16 * block:
-        return _search(jnp.cumsum(quanta_btv, axis=-1), targets_btn)
+        return _search(jnp.cumsum(quanta_btv, axis=-1), uniforms_btn)
     block_cdf_btc = jnp.cumsum(_reduce_blocks(quanta_btv, block, "sum"), axis=-1)
-    block_btn = _search(block_cdf_btc, targets_btn)
+    block_btn = _search(block_cdf_btc, uniforms_btn)
     before_btn = jnp.where(block_btn > 0, jnp.take_along_axis(
         block_cdf_btc, jnp.maximum(block_btn - 1, 0), axis=-1), 0)
     # The drawn block's quanta, gathered by id; ids past the end of the vocabulary weigh 0.
@@ -223,7 +223,7 @@ def _inverse_cdf_btn(quanta_btv, targets_btn, block: int = _CDF_BLOCK):
     inner_btnb = jnp.where(ids_btnb < vocab, jnp.take_along_axis(
         quanta_btv, jnp.minimum(ids_btnb, vocab - 1).reshape(*quanta_btv.shape[:2], -1),
         axis=-1).reshape(ids_btnb.shape), 0)
-    inner_btn = _search(jnp.cumsum(inner_btnb, axis=-1), (targets_btn - before_btn)[..., None])[
+    inner_btn = _search(jnp.cumsum(inner_btnb, axis=-1), (uniforms_btn - before_btn)[..., None])[
         ..., 0]
     return block_btn * block + inner_btn
 
@@ -263,9 +263,9 @@ def sample_targets(teacher_logits_btv, key_b, n, *, temperature, valid_vocab
         return jax.random.randint(jax.random.fold_in(key, j), (), 0, total, dtype=jnp.int32)
 
     per_token = jax.vmap(jax.vmap(uniform_ints, in_axes=(0, 0, None)), in_axes=(0, 0, None))
-    targets_btn = jnp.moveaxis(jax.vmap(lambda j: per_token(token_keys_bt, total_bt, j))(
+    uniforms_btn = jnp.moveaxis(jax.vmap(lambda j: per_token(token_keys_bt, total_bt, j))(
         jnp.arange(n, dtype=jnp.uint32)), 0, -1)
-    draws_btn = jnp.minimum(_inverse_cdf_btn(quanta_btv, targets_btn), vocab - 1)
+    draws_btn = jnp.minimum(_inverse_cdf_btn(quanta_btv, uniforms_btn), vocab - 1)
     ids_btn, counts_btn = _unique_with_counts_btn(draws_btn, vocab)
 
     p_btv = jnp.exp(log_p_btv)

@@ -62,8 +62,8 @@ class Run:
     mode: str
     data: RunData
     mesh: Any
-    batches: BatchPlacement  # the global batch of a step (precompute: a teacher pass)
-    eval_batches: BatchPlacement | None  # an evaluation batch: one microbatch
+    placement: BatchPlacement  # where a step's global batch lies (precompute: a teacher pass)
+    eval_placement: BatchPlacement | None  # where an evaluation batch lies: one microbatch
     loaded_teacher: LoadedTeacher | None  # evaluated beside the student, and online, the step's
     teacher: OnlineTeacher | CachedTeacher | None  # what the step distills from (None: labels)
     student: PureModel | None = None
@@ -74,7 +74,7 @@ class Run:
     schedule: Any = None
     abstract_state: Any = None
     state_shardings: Any = None
-    rows: Batches | None = None  # which packed rows make each step's batch
+    batches: Batches | None = None  # which packed rows make each step's batch
 
     @property
     def valid_vocab(self) -> int:
@@ -100,8 +100,8 @@ class Run:
 
     def host_batch(self, step: int) -> dict[str, Any]:
         """This process's rows of step `step`'s batch, and what the teacher reads beside them."""
-        rows = self.rows.rows(step, self.batches.positions)
-        batch = self.rows.take(rows)
+        rows = self.batches.rows(step, self.placement.positions)
+        batch = self.batches.take(rows)
         if self.teacher is not None:
             batch.update(self.teacher.host_fields(rows))
         return batch
@@ -116,7 +116,7 @@ class Run:
         return jax.jit(update, donate_argnums=(0,), in_shardings=(
             self.state_shardings,
             jax.tree.map(lambda p: p.sharding, teacher_params),
-            self.batches.sharding),
+            self.placement.sharding),
             out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)))
 
     def fresh_state(self) -> step_lib.TrainState:
@@ -146,13 +146,13 @@ def build(cfg: Config, mode: str) -> Run:
                                        "mesh.teacher_rules")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     if mode == "precompute":
-        batches = BatchPlacement.on(mesh, cfg.cache.batch_size or cfg.train.batch_size,
-                                    "cache.batch_size")
-        eval_batches = None
+        placement = BatchPlacement.on(mesh, cfg.cache.batch_size or cfg.train.batch_size,
+                                      "cache.batch_size")
+        eval_placement = None
     else:
-        batches = BatchPlacement.on(mesh, cfg.train.batch_size)
-        eval_batches = BatchPlacement.on(mesh, cfg.train.batch_size // cfg.train.microbatches,
-                                         "train.batch_size / train.microbatches")
+        placement = BatchPlacement.on(mesh, cfg.train.batch_size)
+        eval_placement = BatchPlacement.on(mesh, cfg.train.batch_size // cfg.train.microbatches,
+                                           "train.batch_size / train.microbatches")
 
     # A teacher named in a `train` config is not trained against; evaluations compare with it.
     # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
@@ -170,7 +170,7 @@ def build(cfg: Config, mode: str) -> Run:
         fingerprint = (teacher_fingerprint(loaded.run_dir, loaded.step)
                        if loaded is not None else None)
         teacher = open_cache(cfg, data.tokenizer, data.train, fingerprint)
-    run = Run(cfg, mode, data, mesh, batches, eval_batches, loaded, teacher)
+    run = Run(cfg, mode, data, mesh, placement, eval_placement, loaded, teacher)
     if mode == "precompute":
         if loaded.config.vocab_size < data.tokenizer.vocab_size:
             raise ConfigError(f"the teacher's vocabulary ({loaded.config.vocab_size}) is smaller "
@@ -188,7 +188,7 @@ def build(cfg: Config, mode: str) -> Run:
         lambda params: step_lib.init_state(params, run.tx, cfg.train.seed), run.abstract_params)
     run.state_shardings = mesh_lib.tree_shardings(
         run.abstract_state, run.abstract_params, run.param_shardings, mesh)
-    run.rows = Batches(data.train, cfg.train.batch_size, cfg.train.seed)
+    run.batches = Batches(data.train, cfg.train.batch_size, cfg.train.seed)
     return run
 
 
@@ -231,9 +231,9 @@ def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer
     if not start:
         return run.fresh_state(), 0
     state, meta = checkpointer.restore(start, run.abstract_state, run.state_shardings)
-    if meta["data_position"] != run.rows.position(start):
+    if meta["data_position"] != run.batches.position(start):
         raise ConfigError(f"checkpoint {start} in {run.cfg.train.run_dir} is at data position "
-                          f"{meta['data_position']}, expected {run.rows.position(start)}")
+                          f"{meta['data_position']}, expected {run.batches.position(start)}")
     return state, start
 
 
@@ -247,4 +247,4 @@ def restore_params(run: Run, run_dir: str | Path, step: int) -> Any:
 
 def eval_place(run: Run):
     """Turns a whole host evaluation batch into this process's share, placed on the mesh."""
-    return lambda batch: run.eval_batches.place(run.eval_batches.share(batch))
+    return lambda batch: run.eval_placement.place(run.eval_placement.share(batch))

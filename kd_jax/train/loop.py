@@ -48,7 +48,7 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
         log(f"resuming from checkpoint {start}: first step {start + 1}" if start < train.steps
             else f"{run_dir} already finished {start} of {train.steps} steps")
     teacher_params = built.teacher_params
-    update = built.update_fn().lower(state, teacher_params, built.batches.abstract(
+    update = built.update_fn().lower(state, teacher_params, built.placement.abstract(
         built.host_batch(start))).compile()
     log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
         f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}")
@@ -74,7 +74,8 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
     try:
         clock.start()
         for step in range(start + 1, last_step + 1):
-            state, metrics = update(state, teacher_params, built.batches.place(next(host_batches)))
+            batch = built.placement.place(next(host_batches))
+            state, metrics = update(state, teacher_params, batch)
             pending.append(metrics)
             bar.update(1)
             preempted = preemption.reached(step)
@@ -106,7 +107,7 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
                 if bad > 0:
                     raise NonFiniteError(f"non-finite loss at step {bad}")
                 checkpointer.save(step, state, {
-                    "step": step, "data_position": built.rows.position(step),
+                    "step": step, "data_position": built.batches.position(step),
                     "rng": np.asarray(jax.device_get(state.rng)).tolist(),
                     "tokenizer_fingerprint": built.data.tokenizer.fingerprint})
             if preempted:
@@ -162,8 +163,9 @@ def _mesh_on_this_host(mesh: config_lib.MeshConfig) -> config_lib.MeshConfig:
         mesh_shape(mesh, jax.device_count())
         return mesh
     except ConfigError:
-        log(f"the run's mesh (data={mesh.data}, fsdp={mesh.fsdp}, tensor={mesh.tensor}) does "
-            f"not fit {jax.device_count()} devices: evaluating data-parallel over them")
+        devices = jax.device_count()
+        log(f"the run's mesh (data={mesh.data}, fsdp={mesh.fsdp}, tensor={mesh.tensor}) needs "
+            f"other devices than the {devices} here: evaluating data-parallel over these")
         return dataclasses.replace(mesh, data=-1, fsdp=1, tensor=1)
 
 
@@ -178,7 +180,7 @@ def _evaluator(built: builder.Run):
 
     def evaluator(params) -> dict[str, dict]:
         return evaluate(eval_fn, params, teacher.params if teacher else None, built.data.heldout,
-                        byte_lengths, built.eval_batches.rows, built.cfg.train.eval_sequences,
+                        byte_lengths, built.eval_placement.rows, built.cfg.train.eval_sequences,
                         place=place)
 
     return evaluator

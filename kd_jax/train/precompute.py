@@ -114,7 +114,7 @@ def precompute(cfg: Config) -> dict[str, Any]:
     run = builder.build(cfg, "precompute")
     tokenizer, train = run.data.tokenizer, run.data.train
     teacher = run.loaded_teacher
-    placement = run.batches
+    placement = run.placement
     rows_per_step, positions = placement.rows, placement.positions
 
     hashes = packed_row_hashes(train)

@@ -344,7 +344,7 @@ def test_an_unmappable_token_names_its_line_and_position_and_leaves_nothing(tmp_
     ('{"logprobs": {"content": []}}', r'line 1 has no "prompt" string'),
     ('{"prompt": "x", "response": {"choices": []}}', r'"response" has no choices\[0\].logprobs'),
     ('{"prompt": "x", "logprobs": null}', r"logprobs.content is not a list"),
-    ('{"prompt": "x", "logprobs": {"content": []}}', r"no response token can be a target"),
+    ('{"prompt": "x", "logprobs": {"content": []}}', r"no response token can be a label"),
     ('{"prompt": "x", "logprobs": {"content": [{"token": "a", "logprob": 0.5}]}}',
      r'response token 0: "logprob" must be a number <= 0, got 0.5'),
 ])

@@ -1,0 +1,110 @@
+"""The training loop through the CLI: kill -9 and resume, SIGTERM, a run moved between meshes,
+stop_at then rerun."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kd_jax import checkpoint, cli
+from tests.helpers import MESH, cli_env, distill_config, losses_by_step, run_cli, write_config
+
+
+def test_kill_and_resume_matches_an_uninterrupted_run(teacher_run, tmp_path):
+    root, corpus = teacher_run
+    extra = f"""
+teacher:
+  source: checkpoint
+  path: {root / 'teacher'}
+"""
+    steps = ["train.steps=40", "train.checkpoint_every=4", "train.keep_checkpoints=3"]
+    whole = write_config(tmp_path / "whole.yaml", corpus, tmp_path / "whole", extra)
+    assert cli.main(["distill", str(whole), *steps]) == 0
+    expected = losses_by_step(tmp_path / "whole")
+
+    killed = write_config(tmp_path / "killed.yaml", corpus, tmp_path / "killed", extra)
+    process = run_cli(["distill", str(killed), *steps])
+    checkpoints = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300  # generous: the machine may be shared
+    while time.time() < deadline and process.poll() is None:
+        finished = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()] if (
+            checkpoints.is_dir()) else []
+        if finished and max(finished) >= 8:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+
+    resumed_from = checkpoint.latest_step(tmp_path / "killed")
+    assert resumed_from is not None and resumed_from < 40, "the kill must land mid-run"
+
+    result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "distill", str(killed),
+                             *steps], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming from checkpoint {resumed_from}: first step {resumed_from + 1}" in (
+        result.stdout + result.stderr)
+    got = losses_by_step(tmp_path / "killed")  # later lines win: the resumed run's values
+    assert sorted(got) == sorted(expected)
+    for step in range(resumed_from + 1, 41):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_143(teacher_run, tmp_path):
+    root, corpus = teacher_run
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
+    process = run_cli(["train", str(config), "train.steps=400", "train.checkpoint_every=1000"])
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 300  # generous: the machine may be shared
+    while time.time() < deadline and process.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, output
+    line = next(x for x in output.splitlines() if "preempted after step" in x)
+    step = int(line.split("preempted after step ")[1].split(":")[0])
+
+    assert checkpoint.latest_step(tmp_path / "run") == step < 400
+
+
+def test_distill_on_an_8_device_mesh_matches_one_device_and_resumes_on_another(
+        teacher_run, tmp_path, capsys):
+    root, corpus = teacher_run
+    # With a hard-label term the loss is O(1): a near-zero KL alone would compare cancellation
+    # noise, not the sharding.
+    config = distill_config(tmp_path / "d.yaml", corpus, root / "teacher", tmp_path / "one")
+    assert cli.main(["distill", str(config)]) == 0
+    expected = losses_by_step(tmp_path / "one")
+
+    # 8 host-platform CPU devices, in a subprocess: data=2 x fsdp=2 x tensor=2, the student
+    # FSDP- and tensor-sharded, the teacher FSDP-sharded; stop after step 3 (a checkpoint), then
+    # finish on this process's one device.
+    result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "distill", str(config), *MESH,
+                             f"train.run_dir={tmp_path / 'mesh'}", "train.stop_at=3"],
+                            env=cli_env(8), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # `kd-jax eval` of the 8-device checkpoint here: the run's mesh does not fit one device, so
+    # it is evaluated data-parallel over this one.
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "mesh")]) == 0
+    assert "needs other devices than the 1 here" in capsys.readouterr().out
+    report = json.loads((tmp_path / "mesh" / "report.json").read_text())
+    assert report["steps"] == 3 and 0 < report["student"]["bits_per_byte"] < 20
+    assert cli.main(["distill", str(config), f"train.run_dir={tmp_path / 'mesh'}"]) == 0
+    got = losses_by_step(tmp_path / "mesh")
+    assert sorted(got) == sorted(expected)
+    for step, loss in expected.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def test_stop_at_then_rerun_finishes(teacher_run, tmp_path):
+    root, corpus = teacher_run
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
+    assert cli.main(["train", str(config), "train.stop_at=3"]) == 0
+    assert not (tmp_path / "run" / "report.json").exists()
+    assert cli.main(["train", str(config)]) == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 6
