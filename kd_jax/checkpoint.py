@@ -37,6 +37,13 @@ def latest_step(run_dir: str | Path) -> int | None:
     return max(steps) if steps else None
 
 
+def placed(abstract: Any, shardings: Any) -> Any:
+    """Shape/dtype placeholders of `abstract` carrying `shardings`: what to restore into."""
+    return jax.tree.map(
+        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
+        abstract, shardings)
+
+
 class Checkpointer:
     """Keeps the last `keep` checkpoints of one run directory; saves asynchronously."""
 
@@ -66,10 +73,7 @@ class Checkpointer:
         Arrays are read straight into their shardings, whatever mesh wrote them.
         """
         if shardings is not None:
-            abstract_state = jax.tree.map(
-                lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                                            sharding=sharding),
-                abstract_state, shardings)
+            abstract_state = placed(abstract_state, shardings)
         args = self._ocp.args
         restored = self._manager.restore(step, args=args.Composite(
             params=args.StandardRestore(abstract_state.params),

@@ -51,9 +51,7 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
     if mesh is not None:
         rules = rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules, "mesh.teacher_rules")
         shardings = param_shardings(logical_axes(model.template), rules, mesh, abstract)
-        abstract = jax.tree.map(
-            lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-            abstract, shardings)
+        abstract = checkpoint.placed(abstract, shardings)
     params = checkpoint.restore_params(path, abstract, step)
     if cfg.teacher.dtype == "bfloat16":
         params = jax.jit(lambda tree: jax.tree.map(lambda p: p.astype(jnp.bfloat16), tree),

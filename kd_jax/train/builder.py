@@ -239,10 +239,8 @@ def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer
 
 def restore_params(run: Run, run_dir: str | Path, step: int) -> Any:
     """A run's student parameters at checkpoint `step`, placed as `run.param_shardings`."""
-    abstract = jax.tree.map(
-        lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-        run.abstract_params, run.param_shardings)
-    return checkpoint.restore_params(run_dir, abstract, step)
+    return checkpoint.restore_params(
+        run_dir, checkpoint.placed(run.abstract_params, run.param_shardings), step)
 
 
 def eval_place(run: Run):
