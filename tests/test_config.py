@@ -127,6 +127,8 @@ def test_stdlib_configs_are_the_demo_recipe(tmp_path):
 def test_literal_fields_are_the_named_choices():
     assert {(section, key): kind for section, key, kind in LITERAL_FIELDS} == {
         ("model", "dtype"): config_lib.DType, ("model", "param_dtype"): config_lib.DType,
+        ("model", "init"): config_lib.ModelInit, ("model", "family"): config_lib.ModelFamily,
+        ("model", "rope_scaling"): config_lib.RopeScaling,
         ("teacher", "source"): config_lib.TeacherSource, ("teacher", "dtype"): config_lib.DType,
         ("data", "source"): config_lib.DataSource, ("loss", "divergence"): config_lib.Divergence,
         ("optimizer", "schedule"): config_lib.Schedule,

@@ -1,7 +1,10 @@
 """A decoder-only language model of the Llama family, in Flax NNX.
 
 RMSNorm, rotary position embeddings (the Hugging Face `rotate_half` convention), grouped-query
-attention, a SwiGLU MLP, no biases, optionally tied embeddings. Sequences may be packed: each
+attention, a SwiGLU MLP, optionally tied embeddings. Family flags in the config cover the
+Hugging Face architectures this one definition reproduces (`kd_jax.models.families`): biases on
+the attention projections (Qwen2, Llama `attention_bias`), RMSNorm of queries and keys (Qwen3),
+sliding-window attention (Mistral), and Llama 3 / linear rotary scaling. Sequences may be packed: each
 token carries its position (restarting at 0 in every document) and a segment id (0 = padding),
 and attention never crosses a segment boundary.
 
@@ -21,6 +24,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from kd_jax.config import ModelConfig
@@ -29,7 +33,8 @@ from kd_jax.config import ModelConfig
 # may attend to nothing (a padding token) gets a uniform, finite distribution instead of NaN.
 _MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
-# Names of the stacked per-layer weights, in the order a layer uses them.
+# Names of the stacked per-layer weights every model has, in the order a layer uses them; the
+# family flags add bq, bk, bv (qkv_bias), bo (o_bias), q_norm and k_norm (qk_norm).
 LAYER_PARAM_NAMES = (
     "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 
@@ -47,6 +52,10 @@ def _ones(shape: tuple[int, ...], dtype: Any, axes: tuple[str, ...]) -> nnx.Para
     return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
 
 
+def _zeros(shape: tuple[int, ...], dtype: Any, axes: tuple[str, ...]) -> nnx.Param:
+    return nnx.Param(jnp.zeros(shape, dtype), logical_axes=axes)
+
+
 def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
     """Root-mean-square norm, computed in float32 whatever the activation dtype, then cast back."""
     x32 = x_btd.astype(jnp.float32)
@@ -54,13 +63,37 @@ def rms_norm(x_btd: jax.Array, scale_d: jax.Array, eps: float) -> jax.Array:
     return (normed * scale_d.astype(jnp.float32)).astype(x_btd.dtype)
 
 
-def rotary_angles(positions_bt: jax.Array, head_dim: int, theta: float):
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Rotary frequencies [head_dim / 2] (float32), scaled as `cfg.rope_scaling` says.
+
+    linear divides every frequency by the factor. llama3 (Llama 3.1) leaves the high
+    frequencies (wavelength under original_max / high_freq_factor) alone, divides the low ones
+    (wavelength over original_max / low_freq_factor) by the factor, and blends in between.
+    Computed in numpy at trace time: it depends on the config only.
+    """
+    head_dim = cfg.resolved_head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    if cfg.rope_scaling == "linear":
+        inv_freq = inv_freq / cfg.rope_factor
+    elif cfg.rope_scaling == "llama3":
+        wavelength = 2 * math.pi / inv_freq
+        low_freq_wavelength = cfg.rope_original_max / cfg.rope_low_freq_factor
+        high_freq_wavelength = cfg.rope_original_max / cfg.rope_high_freq_factor
+        smooth = ((cfg.rope_original_max / wavelength - cfg.rope_low_freq_factor)
+                  / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        blended = (1 - smooth) * inv_freq / cfg.rope_factor + smooth * inv_freq
+        inv_freq = np.where(wavelength < high_freq_wavelength, inv_freq,
+                            np.where(wavelength > low_freq_wavelength,
+                                     inv_freq / cfg.rope_factor, blended))
+    return inv_freq.astype(np.float32)
+
+
+def rotary_angles(positions_bt: jax.Array, inv_freq_f: np.ndarray):
     """cos and sin of the rotary angles, [b, t, head_dim] in float32, halves repeated.
 
     Built from each token's explicit position, so a packed document starts again at angle 0.
     """
-    inv_freq_f = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
+    angles_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_f)
     angles_bth = jnp.concatenate([angles_btf, angles_btf], axis=-1)
     return jnp.cos(angles_bth), jnp.sin(angles_bth)
 
@@ -74,27 +107,33 @@ def apply_rotary(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> j
     return (x32 * cos + rotated_half * sin).astype(x_btnh.dtype)
 
 
-def attention_mask(segment_ids_bt: jax.Array) -> jax.Array:
-    """[b, t(query), s(key)] booleans: causal, same segment, and the key is not padding."""
+def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
+    """[b, t(query), s(key)] booleans: causal, same segment, and the key is not padding; with a
+    sliding window, also at most `sliding_window - 1` tokens back (the query itself counts)."""
     t = segment_ids_bt.shape[1]
-    causal_ts = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    query_t, key_s = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    allowed_ts = query_t >= key_s
+    if sliding_window:
+        allowed_ts &= query_t - key_s < sliding_window
     same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
     real_key_bs = (segment_ids_bt != 0)[:, None, :]
-    return causal_ts[None] & same_segment_bts & real_key_bs
+    return allowed_ts[None] & same_segment_bts & real_key_bs
 
 
-def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
-    """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); `layer` holds its weights."""
-    dtype = x_btd.dtype
-    w = {name: value.astype(dtype) for name, value in layer.items()}
+def _attention(h_btd, w, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
+    """Grouped-query attention of normed inputs; the heads' outputs [b, t, n, head_dim], before
+    the output projection."""
     n_kv = cfg.n_kv_heads
     group = cfg.n_heads // n_kv
     head_dim = cfg.resolved_head_dim
-
-    h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
     q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, w["wq"])
     k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wk"])
     v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wv"])
+    if cfg.qkv_bias:
+        q_btnh, k_btkh, v_btkh = q_btnh + w["bq"], k_btkh + w["bk"], v_btkh + w["bv"]
+    if cfg.qk_norm:
+        q_btnh = rms_norm(q_btnh, w["q_norm"], cfg.norm_eps)
+        k_btkh = rms_norm(k_btkh, w["k_norm"], cfg.norm_eps)
     q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
     k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
 
@@ -105,15 +144,35 @@ def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
         "btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
     scores_bkgts = scores_bkgts / math.sqrt(head_dim)
     scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED_SCORE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(dtype)
+    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(h_btd.dtype)
     attended_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-    attended_btnh = attended_btkgh.reshape(b, t, cfg.n_heads, head_dim)
+    return attended_btkgh.reshape(b, t, cfg.n_heads, head_dim)
+
+
+def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig,
+                   with_stats: bool = False):
+    """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); `layer` holds its weights.
+
+    With `with_stats`, also how strongly each head and each MLP unit fired: the summed L2 norm
+    of each head's output [n] and the summed magnitude of each MLP activation [f], over the
+    tokens (the importance scores of `kd_jax.models.surgery`).
+    """
+    w = {name: value.astype(x_btd.dtype) for name, value in layer.items()}
+    h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
+    attended_btnh = _attention(h_btd, w, cos_bth, sin_bth, mask_bts, cfg)
     x_btd = x_btd + jnp.einsum("btnh,nhd->btd", attended_btnh, w["wo"])
+    if cfg.o_bias:
+        x_btd = x_btd + w["bo"]
 
     h_btd = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
     gate_btf = jnp.einsum("btd,df->btf", h_btd, w["w_gate"])
     up_btf = jnp.einsum("btd,df->btf", h_btd, w["w_up"])
-    return x_btd + jnp.einsum("btf,fd->btd", jax.nn.silu(gate_btf) * up_btf, w["w_down"])
+    act_btf = jax.nn.silu(gate_btf) * up_btf
+    x_btd = x_btd + jnp.einsum("btf,fd->btd", act_btf, w["w_down"])
+    if not with_stats:
+        return x_btd
+    head_norms_n = jnp.linalg.norm(attended_btnh.astype(jnp.float32), axis=-1).sum((0, 1))
+    return x_btd, (head_norms_n, jnp.abs(act_btf.astype(jnp.float32)).sum((0, 1)))
 
 
 class Transformer(nnx.Module):
@@ -128,7 +187,9 @@ class Transformer(nnx.Module):
             raise ValueError(f"head dimension {cfg.resolved_head_dim} must be even for rotary")
         # The config is kept as a tuple of items: a graph's static attributes must be hashable
         # (ModelConfig, a mutable dataclass, is not), so the GraphDef can be a jit static argument.
-        self._config_items = tuple(dataclasses.asdict(cfg).items())
+        self._config_items = tuple(
+            (key, tuple(value) if isinstance(value, list) else value)
+            for key, value in dataclasses.asdict(cfg).items())
         n_layers, d, ff, vocab = cfg.n_layers, cfg.d_model, cfg.d_ff, cfg.vocab_size
         n, kv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
         pdt = jnp.dtype(cfg.param_dtype)
@@ -154,6 +215,15 @@ class Transformer(nnx.Module):
             w_down=_param(rngs.params(), (n_layers, ff, d), out_std, pdt,
                           ("layers", "mlp", "embed")),
         )
+        if cfg.qkv_bias:
+            self.layers["bq"] = _zeros((n_layers, n, hd), pdt, ("layers", "heads", "head_dim"))
+            self.layers["bk"] = _zeros((n_layers, kv, hd), pdt, ("layers", "kv_heads", "head_dim"))
+            self.layers["bv"] = _zeros((n_layers, kv, hd), pdt, ("layers", "kv_heads", "head_dim"))
+        if cfg.o_bias:
+            self.layers["bo"] = _zeros((n_layers, d), pdt, ("layers", "norm"))
+        if cfg.qk_norm:
+            self.layers["q_norm"] = _ones((n_layers, hd), pdt, ("layers", "head_dim"))
+            self.layers["k_norm"] = _ones((n_layers, hd), pdt, ("layers", "head_dim"))
         self.final_norm = _ones((d,), pdt, ("norm",))
         if not cfg.tie_embeddings:
             self.head = _param(rngs.params(), (vocab, d), std, pdt, ("vocab", "embed"))
@@ -172,10 +242,6 @@ class Transformer(nnx.Module):
         """Final-normed hidden states [b, t, d]; with `with_layers`, also each layer's output
         (the residual stream after it, before the final norm), stacked [layers, b, t, d]."""
         cfg = self.cfg
-        dtype = jnp.dtype(cfg.dtype)
-        x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(dtype)
-        cos_bth, sin_bth = rotary_angles(positions_bt, cfg.resolved_head_dim, cfg.rope_theta)
-        mask_bts = attention_mask(segment_ids_bt)
 
         def layer_step(x_btd, layer):
             x_btd = _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg)
@@ -185,7 +251,27 @@ class Transformer(nnx.Module):
             # Keep only each layer's input; everything inside is recomputed in the backward pass.
             layer_step = jax.checkpoint(
                 layer_step, policy=jax.checkpoint_policies.nothing_saveable)
-        stacked = {name: self.layers[name][...] for name in LAYER_PARAM_NAMES}
-        x_btd, layers_lbtd = jax.lax.scan(layer_step, x_btd, stacked)
+        x_btd, cos_bth, sin_bth, mask_bts = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
+        x_btd, layers_lbtd = jax.lax.scan(layer_step, x_btd, self._stacked())
         hidden_btd = rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
         return (hidden_btd, layers_lbtd) if with_layers else hidden_btd
+
+    def statistics(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+                   segment_ids_bt: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Per layer, the summed output norm of each attention head [layers, n_heads] and the
+        summed magnitude of each MLP unit [layers, d_ff], over the tokens (padding included)."""
+        cfg = self.cfg
+        x_btd, cos_bth, sin_bth, mask_bts = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
+        _, (heads_ln, mlp_lf) = jax.lax.scan(
+            lambda x, layer: _decoder_layer(x, layer, cos_bth, sin_bth, mask_bts, cfg, True),
+            x_btd, self._stacked())
+        return heads_ln, mlp_lf
+
+    def _inputs(self, tokens_bt, positions_bt, segment_ids_bt):
+        cfg = self.cfg
+        x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+        cos_bth, sin_bth = rotary_angles(positions_bt, rope_inv_freq(cfg))
+        return x_btd, cos_bth, sin_bth, attention_mask(segment_ids_bt, cfg.sliding_window)
+
+    def _stacked(self) -> dict[str, jax.Array]:
+        return {name: value[...] for name, value in self.layers.items()}

@@ -35,7 +35,7 @@ _MODELS: dict = {}
 
 def build(cfg: ModelConfig, seed: int = 0) -> Transformer:
     """Models are shared between tests (none mutates one): eager init compiles per shape."""
-    key = (tuple(dataclasses.asdict(cfg).items()), seed)
+    key = (repr(cfg), seed)
     if key not in _MODELS:
         _MODELS[key] = Transformer(cfg, rngs=nnx.Rngs(seed))
     return _MODELS[key]

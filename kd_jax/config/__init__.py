@@ -21,8 +21,15 @@ from kd_jax.checks import closest
 
 DType = Literal["float32", "bfloat16"]
 # none: hard-label training; checkpoint: a `kd-jax train` run directory at `teacher.path`;
+# hf: a Hugging Face checkpoint directory at `teacher.path`;
 # cache: targets precomputed by `kd-jax precompute` into `cache.dir`
-TeacherSource = Literal["none", "checkpoint", "cache"]
+TeacherSource = Literal["none", "checkpoint", "hf", "cache"]
+# scratch: random, from model.seed; hf: a Hugging Face checkpoint at model.path; teacher: the
+# teacher's layers model.init_layers, optionally pruned (kd_jax.models.surgery)
+ModelInit = Literal["scratch", "hf", "teacher"]
+# The Hugging Face architectures one model definition covers (kd_jax.models.families).
+ModelFamily = Literal["llama", "mistral", "qwen2", "qwen3"]
+RopeScaling = Literal["none", "linear", "llama3"]
 # cache: the rows of `kd-jax cache import`
 DataSource = Literal["stdlib", "text", "json", "parquet", "csv", "hub", "cache"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"]
@@ -44,7 +51,18 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    """A decoder-only transformer of the Llama family."""
+    """A decoder-only transformer of the Llama family, and where its weights come from.
+
+    With `init: hf` the architecture (every field from `vocab_size` to `rope_original_max`) is
+    read from the checkpoint's config.json; with `init: teacher`, from the teacher's.
+    """
+
+    init: ModelInit = "scratch"
+    path: str = ""  # init hf: a checkpoint directory (config.json, *.safetensors, tokenizer.json)
+    init_layers: list[int] = dataclasses.field(default_factory=list)  # teacher layers; []: all
+    prune_d_ff: int = 0  # init teacher: MLP width kept, by activation importance; 0: all
+    prune_kv_heads: int = 0  # init teacher: key/value heads kept, each with its query heads; 0: all
+    prune_batches: int = 4  # init teacher with pruning: batches the importance is measured on
 
     vocab_size: int = 256  # embedding rows; may exceed the tokenizer's size (extra rows are masked)
     d_model: int = 128
@@ -62,6 +80,16 @@ class ModelConfig:
     param_dtype: DType = "float32"
     init_std: float = 0.02
     seed: int = 0  # parameter initialization
+    family: ModelFamily = "llama"  # the config.json layout `kd-jax export` writes
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    o_bias: bool = False  # a bias on the attention output projection (Llama attention_bias)
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys, before rotary (Qwen3)
+    sliding_window: int = 0  # a token sees itself and the window-1 tokens before it; 0: all
+    rope_scaling: RopeScaling = "none"
+    rope_factor: float = 1.0  # linear and llama3: how much longer the context is made
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max: int = 8192  # llama3: the context the model was pretrained on
 
     @property
     def resolved_head_dim(self) -> int:
@@ -77,6 +105,10 @@ class TeacherConfig:
     source: TeacherSource = "none"
     path: str = ""
     dtype: DType = "float32"  # teacher forward precision
+    # The teacher's terms, recorded in an exported model card: a distilled model's user must be
+    # able to show that the teacher's licence allows distillation.
+    license: str = ""
+    source_url: str = ""
 
 
 @dataclasses.dataclass
@@ -90,7 +122,9 @@ class DataConfig:
     text_column: str = "text"
     prompt_column: str = ""  # with response_column: chat-style data, loss on the response only
     response_column: str = ""
-    tokenizer: str = "byte"  # byte | path to a Hugging Face tokenizer.json
+    # auto: the checkpoint's tokenizer.json (model.path, else an hf teacher's), else byte;
+    # byte; or a Hugging Face tokenizer.json (or a directory holding one)
+    tokenizer: str = "auto"
     seq_len: int = 256
     max_documents: int = 0  # 0 means all
     seed: int = 0  # document split and per-epoch shuffling
@@ -207,7 +241,7 @@ class Config:
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
 
 
-def _coerce(value: Any, kind: type, where: str) -> Any:
+def coerce(value: Any, kind: type, where: str) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
     if typing.get_origin(kind) is Literal:
         names = choices(kind)
@@ -235,6 +269,11 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(kind) is list:  # a list of integers
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
     elif kind is dict:
         if value is None:
             return {}
@@ -245,7 +284,7 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
 
 
-def _section_types(section_cls: type) -> dict[str, type]:
+def section_types(section_cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
@@ -255,12 +294,12 @@ def _set(config: Config, section: str, key: str, value: Any) -> None:
     if section not in sections:
         raise ConfigError(f"unknown config section '{section}'{closest(section, sections)}")
     target = getattr(config, section)
-    types = _section_types(type(target))
+    types = section_types(type(target))
     if key not in types:
         valid = [f"{section}.{k}" for k in types]
         raise ConfigError(
             f"unknown config key '{section}.{key}'{closest(f'{section}.{key}', valid)}")
-    setattr(target, key, _coerce(value, types[key], f"{section}.{key}"))
+    setattr(target, key, coerce(value, types[key], f"{section}.{key}"))
 
 
 def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
@@ -321,78 +360,6 @@ def dump(config: Config, path: str | Path) -> None:
 
 def validate(config: Config) -> None:
     """Check values that are wrong whatever the data; raises ConfigError naming the key."""
-    for section in dataclasses.fields(Config):  # a config built in code is checked too
-        values = getattr(config, section.name)
-        for key, kind in _section_types(type(values)).items():
-            if typing.get_origin(kind) is Literal:
-                _coerce(getattr(values, key), kind, f"{section.name}.{key}")
-    m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
-    positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
-        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-        "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
-        "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
-        "train.steps": t.steps, "train.batch_size": t.batch_size,
-        "train.microbatches": t.microbatches, "train.log_every": t.log_every,
-        "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
-        "loss.temperature": loss.temperature,
-        "cache.k": config.cache.k, "cache.draws": config.cache.draws,
-        "cache.temperature": config.cache.temperature,
-        "cache.rows_per_shard": config.cache.rows_per_shard,
-        "cache.prefetch": config.cache.prefetch,
-    }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{name} must be > 0, got {value}")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError(
-            f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
-    if not m.head_dim and m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
-            "or model.head_dim set")
-    if m.resolved_head_dim % 2:
-        raise ConfigError(
-            f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
-    if t.batch_size % t.microbatches:
-        raise ConfigError(
-            f"train.batch_size ({t.batch_size}) is not divisible by "
-            f"train.microbatches ({t.microbatches})")
-    for name in ("beta", "skew"):
-        value = getattr(loss, name)
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
-    if loss.kd_weight < 0 or loss.ce_weight < 0:
-        raise ConfigError("loss.kd_weight and loss.ce_weight must be >= 0")
-    if not 0.0 < d.heldout_fraction < 1.0 and not d.heldout_split:
-        raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {d.heldout_fraction}")
-    if bool(d.prompt_column) != bool(d.response_column):
-        raise ConfigError("data.prompt_column and data.response_column must be set together")
-    if opt.lr <= 0 or opt.warmup_steps < 0 or not 0.0 <= opt.min_lr_ratio <= 1.0:
-        raise ConfigError(
-            "optimizer: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
-    mesh_sizes = {name: getattr(config.mesh, name) for name in ("data", "fsdp", "tensor")}
-    for name, size in mesh_sizes.items():
-        if size != -1 and size < 1:
-            raise ConfigError(f"mesh.{name} must be >= 1 or -1 (the remaining devices), got {size}")
-    if list(mesh_sizes.values()).count(-1) > 1:
-        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-    dist = config.distributed
-    if dist.num_processes < 0 or dist.process_id < -1 or (
-            dist.num_processes and dist.process_id >= dist.num_processes):
-        raise ConfigError(
-            f"distributed.process_id ({dist.process_id}) must be in [0, "
-            f"distributed.num_processes) ({dist.num_processes}), or -1 to detect it")
-    if dist.timeout_s <= 0:
-        raise ConfigError(f"distributed.timeout_s must be > 0, got {dist.timeout_s}")
-    if config.teacher.source == "checkpoint" and not config.teacher.path:
-        raise ConfigError("teacher.source is 'checkpoint' but teacher.path is empty")
-    if config.teacher.source == "cache" and not config.cache.dir:
-        raise ConfigError("teacher.source is 'cache' but cache.dir is empty")
-    if config.data.source == "cache" and not config.cache.dir:
-        raise ConfigError("data.source is 'cache' but cache.dir is empty")
-    if config.cache.batch_size < 0:
-        raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
+    from kd_jax.config.validation import check
+
+    check(config)

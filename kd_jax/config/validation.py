@@ -1,0 +1,111 @@
+"""Checks of a whole config: values that are wrong whatever the data, each a `ConfigError`."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Literal
+
+from kd_jax.config import Config, ConfigError, coerce, section_types
+
+
+def check(config: Config) -> None:
+    """Check values that are wrong whatever the data; raises ConfigError naming the key."""
+    for section in dataclasses.fields(Config):  # a config built in code is checked too
+        values = getattr(config, section.name)
+        for key, kind in section_types(type(values)).items():
+            if typing.get_origin(kind) is Literal:
+                coerce(getattr(values, key), kind, f"{section.name}.{key}")
+    m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
+    positive = {
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "train.steps": t.steps, "train.batch_size": t.batch_size,
+        "train.microbatches": t.microbatches, "train.log_every": t.log_every,
+        "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
+        "loss.temperature": loss.temperature,
+        "cache.k": config.cache.k, "cache.draws": config.cache.draws,
+        "cache.temperature": config.cache.temperature,
+        "cache.rows_per_shard": config.cache.rows_per_shard,
+        "cache.prefetch": config.cache.prefetch,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
+            "or model.head_dim set")
+    if m.resolved_head_dim % 2:
+        raise ConfigError(
+            f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
+    if d.seq_len > m.max_seq_len and m.init == "scratch":  # otherwise checked once resolved
+        raise ConfigError(
+            f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.batch_size ({t.batch_size}) is not divisible by "
+            f"train.microbatches ({t.microbatches})")
+    for name in ("beta", "skew"):
+        value = getattr(loss, name)
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
+    if loss.kd_weight < 0 or loss.ce_weight < 0:
+        raise ConfigError("loss.kd_weight and loss.ce_weight must be >= 0")
+    if not 0.0 < d.heldout_fraction < 1.0 and not d.heldout_split:
+        raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {d.heldout_fraction}")
+    if bool(d.prompt_column) != bool(d.response_column):
+        raise ConfigError("data.prompt_column and data.response_column must be set together")
+    if opt.lr <= 0 or opt.warmup_steps < 0 or not 0.0 <= opt.min_lr_ratio <= 1.0:
+        raise ConfigError(
+            "optimizer: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")
+    mesh_sizes = {name: getattr(config.mesh, name) for name in ("data", "fsdp", "tensor")}
+    for name, size in mesh_sizes.items():
+        if size != -1 and size < 1:
+            raise ConfigError(f"mesh.{name} must be >= 1 or -1 (the remaining devices), got {size}")
+    if list(mesh_sizes.values()).count(-1) > 1:
+        raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    dist = config.distributed
+    if dist.num_processes < 0 or dist.process_id < -1 or (
+            dist.num_processes and dist.process_id >= dist.num_processes):
+        raise ConfigError(
+            f"distributed.process_id ({dist.process_id}) must be in [0, "
+            f"distributed.num_processes) ({dist.num_processes}), or -1 to detect it")
+    if dist.timeout_s <= 0:
+        raise ConfigError(f"distributed.timeout_s must be > 0, got {dist.timeout_s}")
+    if config.teacher.source in ("checkpoint", "hf") and not config.teacher.path:
+        raise ConfigError(f"teacher.source is '{config.teacher.source}' but teacher.path is empty")
+    _check_model(m, config)
+    if config.teacher.source == "cache" and not config.cache.dir:
+        raise ConfigError("teacher.source is 'cache' but cache.dir is empty")
+    if config.data.source == "cache" and not config.cache.dir:
+        raise ConfigError("data.source is 'cache' but cache.dir is empty")
+    if config.cache.batch_size < 0:
+        raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
+
+
+def _check_model(m, config: Config) -> None:
+    for name in ("sliding_window", "prune_d_ff", "prune_kv_heads", "prune_batches"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"model.{name} must be >= 0, got {getattr(m, name)}")
+    for name in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max"):
+        if not getattr(m, name) > 0:
+            raise ConfigError(f"model.{name} must be > 0, got {getattr(m, name)}")
+    if m.init == "hf" and not m.path:
+        raise ConfigError("model.init is 'hf' but model.path is empty")
+    if m.init == "teacher" and config.teacher.source not in ("checkpoint", "hf"):
+        raise ConfigError("model.init is 'teacher' but there is no teacher model: set "
+                          "teacher.source to checkpoint or hf, with teacher.path")
+    surgery = m.init_layers or m.prune_d_ff or m.prune_kv_heads
+    if surgery and m.init != "teacher":
+        raise ConfigError("model.init_layers, model.prune_d_ff and model.prune_kv_heads need "
+                          f"model.init: teacher (got {m.init})")
+    if any(index < 0 for index in m.init_layers):
+        raise ConfigError(f"model.init_layers must be teacher layer indices >= 0, "
+                          f"got {m.init_layers}")
