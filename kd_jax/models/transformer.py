@@ -4,9 +4,9 @@ RMSNorm, rotary position embeddings (the Hugging Face `rotate_half` convention),
 attention, a SwiGLU MLP, optionally tied embeddings. Family flags in the config cover the
 Hugging Face architectures this one definition reproduces (`kd_jax.models.families`): biases on
 the attention projections (Qwen2, Llama `attention_bias`), RMSNorm of queries and keys (Qwen3),
-sliding-window attention (Mistral), and Llama 3 / linear rotary scaling. Sequences may be packed: each
-token carries its position (restarting at 0 in every document) and a segment id (0 = padding),
-and attention never crosses a segment boundary.
+sliding-window attention (Mistral), and Llama 3 / linear rotary scaling. Sequences may be
+packed: each token carries its position (restarting at 0 in every document) and a segment id
+(0 = padding), and attention never crosses a segment boundary.
 
 Layers are stacked: every per-layer weight is a single parameter with a leading `layers` axis and
 the forward pass is one `jax.lax.scan`, so tracing and compile time do not grow with depth.
