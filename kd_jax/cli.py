@@ -45,6 +45,12 @@ def _parser() -> argparse.ArgumentParser:
                        description="evaluate a run's latest checkpoint on held-out data")
     p.add_argument("target", help="a run directory, or an experiment YAML (its train.run_dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    text = "write a run's student as a Hugging Face checkpoint directory, with a model card"
+    p = sub.add_parser("export", help=text, description=text)
+    p.add_argument("run_dir", help="a run directory (its latest checkpoint is exported)")
+    p.add_argument("out_dir", help="the directory to create")
+    p.add_argument("--dtype", help="weights dtype: float32, bfloat16 or float16 (default: the "
+                                   "run's model.param_dtype)")
     p = sub.add_parser("demo", help="teacher, distilled and hard-label students on the "
                                     "Python standard library; no download")
     p.add_argument("--out", default="kd_jax_demo", help="run directory (default ./kd_jax_demo)")
@@ -84,9 +90,10 @@ def _cache_command(args) -> None:
         cfg = config_lib.load(args.config, args.overrides)
         from kd_jax.cache.api_import import import_openai_jsonl
         from kd_jax.data.tokenizers import load_tokenizer
+        from kd_jax.train.resolve import tokenizer_spec
 
         summary = import_openai_jsonl(
-            args.jsonl, load_tokenizer(cfg.data.tokenizer), args.dir,
+            args.jsonl, load_tokenizer(tokenizer_spec(cfg)), args.dir,
             seq_len=cfg.data.seq_len, heldout_fraction=cfg.data.heldout_fraction,
             seed=cfg.data.seed, value_dtype=cfg.cache.value_dtype,
             rows_per_shard=cfg.cache.rows_per_shard)
@@ -127,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
             print(_cache_summary(summary))
         elif args.command == "cache":
             _cache_command(args)
+        elif args.command == "export":
+            from kd_jax.export import export
+
+            result = export(args.run_dir, args.out_dir, args.dtype)
+            print(f"wrote {result['out_dir']}: step {result['step']}, {result['dtype']}, "
+                  f"{', '.join(result['files'])}")
         elif args.command == "demo":
             from kd_jax import demo
 

@@ -21,19 +21,25 @@ from kd_jax.data.packing import Packed
 from kd_jax.data.tokenizers import Tokenizer
 
 
-def teacher_fingerprint(teacher_dir: str | Path, step: int) -> str:
-    """A hash of the bytes of a teacher run's parameter files at checkpoint `step`.
+def teacher_fingerprint(teacher_dir: str | Path, step: int | None) -> str:
+    """A hash of the bytes of a teacher run's parameter files at checkpoint `step`, or (step
+    None) of a Hugging Face checkpoint's config.json and safetensors files.
 
     It reads the parameter files once (as loading the teacher does); the model config is
     included, since the same bytes mean nothing under another architecture.
     """
     from kd_jax import checkpoint  # orbax, imported only when a teacher is fingerprinted
 
-    params_dir = checkpoint.checkpoint_dir(teacher_dir) / str(step) / "params"
     digest = hashlib.sha256()
-    config_text = (Path(teacher_dir) / "config.yaml").read_text()
-    digest.update(json.dumps(_model_section(config_text), sort_keys=True).encode())
-    for path in sorted(p for p in params_dir.rglob("*") if p.is_file()):
+    if step is None:
+        params_dir = Path(teacher_dir)
+        files = [params_dir / "config.json", *sorted(params_dir.glob("*.safetensors"))]
+    else:
+        params_dir = checkpoint.checkpoint_dir(teacher_dir) / str(step) / "params"
+        config_text = (Path(teacher_dir) / "config.yaml").read_text()
+        digest.update(json.dumps(_model_section(config_text), sort_keys=True).encode())
+        files = sorted(p for p in params_dir.rglob("*") if p.is_file())
+    for path in files:
         digest.update(str(path.relative_to(params_dir)).encode() + b"\0")
         with open(path, "rb") as f:
             while chunk := f.read(1 << 24):

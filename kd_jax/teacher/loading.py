@@ -1,7 +1,10 @@
-"""Loading a teacher: the latest checkpoint of a `kd-jax train` run directory.
+"""Loading a teacher: the latest checkpoint of a `kd-jax train` run directory, or a Hugging Face
+checkpoint directory (`teacher.source: hf`).
 
 With a mesh, the parameters are read straight into the shardings of `mesh.teacher_layout` (each
-process reads only its own shards); without one, onto the default device.
+process reads only its own shards); without one, onto the default device. A teacher's tokenizer
+must be the student's: a run's is compared by fingerprint, a checkpoint's tokenizer.json token by
+token (`check_same_tokenizer`), before any logit is distilled.
 """
 
 from __future__ import annotations
@@ -15,10 +18,20 @@ import jax.numpy as jnp
 
 from kd_jax import checkpoint
 from kd_jax.config import Config, ConfigError, ModelConfig
-from kd_jax.data.tokenizers import Tokenizer
+from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
+from kd_jax.models.pretrained import load_params, open_checkpoint
 from kd_jax.models.pure import PureModel, abstract_model, logical_axes
 from kd_jax.parallel.mesh import param_shardings, rules_for
 from kd_jax.run_dir import read_run
+
+
+def is_hf_checkpoint(cfg: Config) -> bool:
+    """Whether `teacher.path` is a Hugging Face checkpoint directory (`teacher.source: hf`, or
+    the teacher a cache was built from), rather than a kd-jax run directory."""
+    path = Path(cfg.teacher.path)
+    return cfg.teacher.source == "hf" or (
+        cfg.teacher.source == "cache" and (path / "config.json").is_file()
+        and not (path / "config.yaml").is_file())
 
 
 def latest_checkpoint(cfg: Config) -> int:
@@ -35,6 +48,8 @@ def latest_checkpoint(cfg: Config) -> int:
 def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
                  ) -> tuple[PureModel, Any, ModelConfig]:
     """The frozen teacher `teacher.path` names: (model, params, model config)."""
+    if is_hf_checkpoint(cfg):
+        return _load_hf_teacher(cfg, tokenizer, mesh)
     path = Path(cfg.teacher.path)
     step = latest_checkpoint(cfg)
     teacher_cfg, info = read_run(path)
@@ -57,3 +72,42 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
         params = jax.jit(lambda tree: jax.tree.map(lambda p: p.astype(jnp.bfloat16), tree),
                          out_shardings=shardings)(params)
     return model, params, model_cfg
+
+
+def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any
+                     ) -> tuple[PureModel, Any, ModelConfig]:
+    ckpt = open_checkpoint(cfg.teacher.path)
+    check_same_tokenizer(Path(cfg.teacher.path), "teacher.path", tokenizer)
+    dtype = cfg.teacher.dtype
+    model_cfg = ckpt.model_config(ModelConfig(dtype=dtype, param_dtype=dtype))
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
+                          f"max_position_embeddings ({model_cfg.max_seq_len})")
+    model, abstract = abstract_model(model_cfg)
+    shardings = None
+    if mesh is not None:
+        rules = rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules, "mesh.teacher_rules")
+        shardings = param_shardings(logical_axes(model.template), rules, mesh, abstract)
+    return model, load_params(ckpt, model_cfg, abstract, shardings), model_cfg
+
+
+def check_same_tokenizer(checkpoint_dir: Path, key: str, tokenizer: Tokenizer) -> None:
+    """A checkpoint's tokenizer.json must map every id to the same text as `tokenizer` does;
+    one line naming the first difference otherwise."""
+    path = checkpoint_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {checkpoint_dir} has no tokenizer.json to compare with the "
+                          f"student's ({tokenizer.description})")
+    theirs = load_tokenizer(str(path))
+    if theirs.fingerprint == tokenizer.fingerprint:
+        return
+    ours_bytes, their_bytes = tokenizer.token_bytes(), theirs.token_bytes()
+    if theirs.vocab_size != tokenizer.vocab_size:
+        raise ConfigError(f"{key}: the tokenizer of {checkpoint_dir} has {theirs.vocab_size} "
+                          f"tokens, the student's ({tokenizer.description}) "
+                          f"{tokenizer.vocab_size}: logits cannot be distilled across them")
+    for token_id, (mine, other) in enumerate(zip(ours_bytes, their_bytes)):
+        if mine != other:
+            raise ConfigError(f"{key}: the tokenizer of {checkpoint_dir} differs from the "
+                              f"student's ({tokenizer.description}) at id {token_id}: "
+                              f"{other!r} against {mine!r}")

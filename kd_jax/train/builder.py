@@ -25,14 +25,22 @@ from kd_jax.data.batches import fingerprint as data_fingerprint
 from kd_jax.data.packing import Packed, pack
 from kd_jax.data.sources import load_documents
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
+from kd_jax.models import surgery
+from kd_jax.models.pretrained import load_params, open_checkpoint
 from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement, initialize_distributed
 from kd_jax.run_dir import check_resume
 from kd_jax.teacher.cached import CachedTeacher, open_cache
-from kd_jax.teacher.loading import latest_checkpoint, load_teacher
+from kd_jax.teacher.loading import (
+    check_same_tokenizer,
+    is_hf_checkpoint,
+    latest_checkpoint,
+    load_teacher,
+)
 from kd_jax.teacher.online import OnlineTeacher
 from kd_jax.train import step as step_lib
+from kd_jax.train.resolve import resolve, tokenizer_spec
 
 MODES = ("train", "distill", "eval", "precompute")
 
@@ -53,7 +61,7 @@ class LoadedTeacher:
     params: Any
     config: Any  # its ModelConfig
     run_dir: str
-    step: int  # the checkpoint loaded
+    step: int | None  # the checkpoint loaded (None: a Hugging Face checkpoint directory)
 
 
 @dataclasses.dataclass
@@ -120,8 +128,33 @@ class Run:
             out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)))
 
     def fresh_state(self) -> step_lib.TrainState:
-        return step_lib.init_state_on(self.cfg.model, self.tx, self.cfg.train.seed,
-                                      self.state_shardings)
+        """The state of step 0: the student initialized as `model.init` says."""
+        model_cfg = self.cfg.model
+        if model_cfg.init == "scratch":
+            return step_lib.init_state_on(model_cfg, self.tx, self.cfg.train.seed,
+                                          self.state_shardings)
+        if model_cfg.init == "hf":
+            params = load_params(open_checkpoint(model_cfg.path), model_cfg,
+                                 self.abstract_params, self.param_shardings)
+        else:
+            params = self._params_from_teacher()
+        dtypes = jax.tree.map(lambda leaf: leaf.dtype, self.abstract_params)
+        return jax.jit(
+            lambda params: step_lib.init_state(
+                jax.tree.map(lambda p, dtype: p.astype(dtype), params, dtypes), self.tx,
+                self.cfg.train.seed),
+            out_shardings=self.state_shardings)(params)
+
+    def _params_from_teacher(self) -> Any:
+        """The teacher's layers `model.init_layers`, pruned by importance on a few batches."""
+        model_cfg, teacher = self.cfg.model, self.loaded_teacher
+        heads = mlp = None
+        if model_cfg.prune_d_ff or model_cfg.prune_kv_heads:
+            batches = (self.placement.place(self.batches.take(
+                self.batches.rows(step, self.placement.positions)))
+                for step in range(model_cfg.prune_batches))
+            heads, mlp = surgery.importance(teacher.model, teacher.params, batches)
+        return surgery.init_from_teacher(teacher.params, teacher.config, model_cfg, heads, mlp)
 
     def close(self) -> None:
         if isinstance(self.teacher, CachedTeacher):
@@ -133,9 +166,13 @@ def build(cfg: Config, mode: str) -> Run:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     _check_mode(cfg, mode)
+    if mode != "eval":  # evaluation reads a run directory's config, resolved already
+        cfg = resolve(cfg)
     if mode in ("train", "distill"):
         check_resume(cfg)
     data = load_data(cfg)
+    if cfg.model.init == "hf" and mode in ("train", "distill"):
+        check_same_tokenizer(Path(cfg.model.path), "model.path", data.tokenizer)
     initialize_distributed(cfg.distributed)  # before anything else touches JAX's devices
 
     # Where every array lies: the student's state and the teacher's parameters by their own
@@ -157,13 +194,13 @@ def build(cfg: Config, mode: str) -> Run:
     # A teacher named in a `train` config is not trained against; evaluations compare with it.
     # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
     loaded = None
-    if cfg.teacher.source == "checkpoint" or (
+    if cfg.teacher.source in ("checkpoint", "hf") or (
             cfg.teacher.source == "cache" and cfg.teacher.path):
         model, params, model_cfg = load_teacher(cfg, data.tokenizer, mesh)
-        loaded = LoadedTeacher(model, params, model_cfg, cfg.teacher.path,
-                               latest_checkpoint(cfg))
+        step = None if is_hf_checkpoint(cfg) else latest_checkpoint(cfg)
+        loaded = LoadedTeacher(model, params, model_cfg, cfg.teacher.path, step)
     teacher = None
-    if mode == "distill" and cfg.teacher.source == "checkpoint":
+    if mode == "distill" and cfg.teacher.source in ("checkpoint", "hf"):
         teacher = OnlineTeacher(loaded.model, mesh_lib.logits_sharding(
             mesh, teacher_rules, loaded.config.vocab_size))
     elif mode == "distill":
@@ -194,18 +231,18 @@ def build(cfg: Config, mode: str) -> Run:
 
 def _check_mode(cfg: Config, mode: str) -> None:
     if mode == "distill" and cfg.teacher.source == "none":
-        raise ConfigError("kd-jax distill needs teacher.source: checkpoint (with teacher.path) "
-                          "or cache (with cache.dir)")
-    if mode == "precompute" and cfg.teacher.source != "checkpoint":
-        raise ConfigError("kd-jax precompute needs teacher.source=checkpoint and teacher.path "
-                          f"(got teacher.source={cfg.teacher.source})")
+        raise ConfigError("kd-jax distill needs teacher.source: checkpoint or hf (with "
+                          "teacher.path), or cache (with cache.dir)")
+    if mode == "precompute" and cfg.teacher.source not in ("checkpoint", "hf"):
+        raise ConfigError("kd-jax precompute needs teacher.source checkpoint or hf, and "
+                          f"teacher.path (got teacher.source={cfg.teacher.source})")
     if mode == "precompute" and not cfg.cache.dir:
         raise ConfigError("kd-jax precompute needs cache.dir, where the cache is written")
 
 
 def load_data(cfg: Config) -> RunData:
     """The tokenizer and the packed training and held-out rows `cfg.data` describes."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
     if cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "

@@ -37,6 +37,7 @@ class NonFiniteError(RuntimeError):
 def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
     """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report."""
     built = builder.build(cfg, mode)
+    cfg = built.cfg  # resolved: the tokenizer a file, the student's architecture spelled out
     run_dir, train = Path(cfg.train.run_dir), cfg.train
     main = is_main_process()
     info = built.info()

@@ -1,0 +1,59 @@
+"""A config made concrete: the tokenizer a file, the student's architecture spelled out.
+
+`data.tokenizer: auto` becomes the tokenizer.json of the checkpoint involved (the student's
+`model.path`, else a Hugging Face teacher's `teacher.path`), or `byte`. A student initialized from
+a checkpoint (`model.init: hf`) or from the teacher (`model.init: teacher`) takes its
+architecture from there. The run directory records the resolved config, so evaluating, resuming
+and exporting a run never read the source checkpoint's config again.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from kd_jax.config import Config, ConfigError, ModelConfig
+from kd_jax.models import surgery
+from kd_jax.models.pretrained import open_checkpoint
+from kd_jax.run_dir import read_run
+
+
+def resolve(cfg: Config) -> Config:
+    """A resolved copy of `cfg`; raises ConfigError for what cannot be resolved."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.tokenizer = tokenizer_spec(cfg)
+    if cfg.model.init == "hf":
+        cfg.model = open_checkpoint(cfg.model.path).model_config(cfg.model)
+    elif cfg.model.init == "teacher":
+        cfg.model = surgery.student_config(teacher_model_config(cfg), cfg.model)
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the student's "
+                          f"max_seq_len ({cfg.model.max_seq_len})")
+    return cfg
+
+
+def tokenizer_spec(cfg: Config) -> str:
+    """`byte`, or the path of a tokenizer.json file."""
+    spec = cfg.data.tokenizer
+    if spec == "auto":
+        source = (cfg.model.path if cfg.model.init == "hf" else
+                  cfg.teacher.path if cfg.teacher.source == "hf" else "")
+        if not source:
+            return "byte"
+        if not (Path(source) / "tokenizer.json").is_file():
+            raise ConfigError(f"data.tokenizer is auto but {source} has no tokenizer.json: "
+                              "set data.tokenizer to the tokenizer.json to use")
+        spec = source
+    if spec == "byte":
+        return spec
+    path = Path(spec).expanduser()
+    return str(path / "tokenizer.json" if path.is_dir() else path)
+
+
+def teacher_model_config(cfg: Config) -> ModelConfig:
+    """The teacher's architecture, as `teacher.path` describes it (checkpoint or hf)."""
+    if cfg.teacher.source == "hf":
+        return open_checkpoint(cfg.teacher.path).model_config()
+    if not Path(cfg.teacher.path).is_dir():
+        raise ConfigError(f"teacher.path '{cfg.teacher.path}' does not exist")
+    return read_run(cfg.teacher.path)[0].model
