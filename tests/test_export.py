@@ -1,0 +1,173 @@
+"""Hugging Face models end to end: `kd-jax distill` from a Hugging Face teacher into a Hugging
+Face student, `kd-jax export`, and transformers loading and scoring the result; bad checkpoints
+and mismatched tokenizers as one-line errors that write nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from kd_jax import cli  # noqa: E402
+from kd_jax.models import load_pretrained  # noqa: E402
+from tests.hf_checkpoints import make_checkpoint  # noqa: E402
+from tests.helpers import write_corpus, write_tokenizer  # noqa: E402
+
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}
+
+
+def with_tokenizer(path: Path, tokenizer: Path) -> Path:
+    shutil.copy(tokenizer, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_pair(tmp_path_factory):
+    """A qwen2 teacher with 224 embedding rows and a smaller qwen2 student with 208, one
+    tokenizer of 200 ids (rows past it are padding on both sides, as Qwen2.5-7B's 152,064
+    against 0.5B's 151,936)."""
+    root = tmp_path_factory.mktemp("hf_pair")
+    corpus = write_corpus(root / "corpus.txt")
+    tokenizer = write_tokenizer(root / "tokenizer.json", corpus)
+    teacher = with_tokenizer(make_checkpoint(root / "teacher", "qwen2", vocab_size=224,
+                                             hidden_size=48, num_attention_heads=4), tokenizer)
+    student = with_tokenizer(make_checkpoint(root / "student", "qwen2", seed=1, vocab_size=208,
+                                             num_hidden_layers=1), tokenizer)
+    return root, corpus, teacher, student
+
+
+def config(path: Path, corpus: Path, teacher: Path, student: Path, run_dir: Path,
+           extra: str = "") -> Path:
+    path.write_text(f"""
+teacher: {{source: hf, path: {teacher}}}
+model: {{init: hf, path: {student}}}
+data: {{source: text, path: {corpus}, seq_len: 32, heldout_fraction: 0.1}}
+loss: {{divergence: forward_kl, temperature: 2.0, ce_weight: 0.5}}
+optimizer: {{lr: 3e-3, warmup_steps: 1}}
+train: {{run_dir: {run_dir}, steps: 4, batch_size: 4, log_every: 1, checkpoint_every: 4,
+        eval_sequences: 4, progress: false}}
+{extra}""")
+    return path
+
+
+def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, capsys):
+    import torch
+    import transformers
+    from tokenizers import Tokenizer
+
+    root, corpus, teacher, student = hf_pair
+    run_dir = tmp_path / "run"
+    cfg = config(tmp_path / "distill.yaml", corpus, teacher, student, run_dir)
+    assert cli.main(["distill", str(cfg), "teacher.license=apache-2.0",
+                     "teacher.source_url=https://example.org/teacher"]) == 0
+    saved = (run_dir / "config.yaml").read_text()
+    assert "family: qwen2" in saved and "qkv_bias: true" in saved
+    assert f"tokenizer: {student / 'tokenizer.json'}" in saved
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["teacher"]["params"] > report["student"]["params"]
+
+    out = tmp_path / "exported"
+    capsys.readouterr()
+    assert cli.main(["export", str(run_dir), str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "README.md"} <= {p.name for p in out.iterdir()}
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    card = (out / "README.md").read_text()
+    assert "apache-2.0" in card and "https://example.org/teacher" in card
+    assert "No teacher licence" not in card and "forward_kl" in card and "bits/byte" in card
+
+    # transformers loads the export and scores text; its logits are kd_jax's.
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    auto_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    text = corpus.read_text()[:400]
+    ids = Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids[:32]
+    assert auto_tokenizer(text, add_special_tokens=False)["input_ids"][:32] == ids
+    with torch.no_grad():
+        result = model(torch.tensor([ids]), labels=torch.tensor([ids]))
+    ours = np.asarray(load_pretrained(out)(np.array([ids])))
+    np.testing.assert_allclose(ours, result.logits.numpy(), rtol=0, atol=1e-4)
+    # transformers' score of the text is the next-token cross-entropy of kd_jax's logits.
+    log_probs = ours[0, :-1] - np.log(np.exp(ours[0, :-1]).sum(-1, keepdims=True))
+    cross_entropy = -log_probs[np.arange(len(ids) - 1), ids[1:]].mean()
+    assert result.loss.item() == pytest.approx(cross_entropy, rel=1e-4)
+    # Training moved the student away from its initial checkpoint.
+    initial = np.asarray(load_pretrained(student)(np.array([ids])))
+    assert np.abs(initial - ours).max() > 1e-3
+
+
+def test_export_card_says_when_no_licence_was_declared(teacher_run, tmp_path):
+    root, _ = teacher_run
+    assert cli.main(["export", str(root / "teacher"), str(tmp_path / "out")]) == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "byte tokenizer" in card
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+
+
+def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in directory.rglob("*")}
+
+
+@pytest.mark.parametrize("case", ["tokenizers_differ", "pickle_teacher", "unsupported_student",
+                                  "teacher_missing_tensor", "no_tokenizer_json"])
+def test_bad_checkpoints_are_one_line_exit_2_and_write_nothing(case, hf_pair, tmp_path, capsys):
+    root, corpus, teacher, student = hf_pair
+    bad = tmp_path / "bad"
+    shutil.copytree(teacher if case != "unsupported_student" else student, bad)
+    if case == "tokenizers_differ":
+        other = write_tokenizer(tmp_path / "other.json", Path(__file__))  # another corpus
+        shutil.copy(other, bad / "tokenizer.json")
+        teacher = bad
+    elif case == "pickle_teacher":
+        (bad / "model.safetensors").unlink()
+        (bad / "pytorch_model.bin").write_bytes(b"never unpickled")
+        teacher = bad
+    elif case == "unsupported_student":
+        hf = json.loads((bad / "config.json").read_text())
+        hf["architectures"] = ["MixtralForCausalLM"]
+        (bad / "config.json").write_text(json.dumps(hf))
+        student = bad
+    elif case == "teacher_missing_tensor":
+        from kd_jax.models.safetensors_files import read_block, read_header, write_file
+
+        header, start = read_header(bad / "model.safetensors")
+        tensors = {name: read_block(bad / "model.safetensors", entry, start,
+                                    tuple(slice(None) for _ in entry["shape"]))
+                   for name, entry in header.items() if name != "model.norm.weight"}
+        write_file(bad / "model.safetensors", tensors)
+        teacher = bad
+    elif case == "no_tokenizer_json":
+        (bad / "tokenizer.json").unlink()
+        teacher = bad
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "notes.txt").write_text("kept")
+    before = snapshot(run_dir)
+    cfg = config(tmp_path / "distill.yaml", corpus, teacher, student, run_dir)
+    capsys.readouterr()
+    assert cli.main(["distill", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("kd-jax: error:"), err
+    expected = {"tokenizers_differ": "tokenizer", "pickle_teacher": "pickle",
+                "unsupported_student": "MixtralForCausalLM", "teacher_missing_tensor":
+                "model.norm.weight", "no_tokenizer_json": "tokenizer.json"}[case]
+    assert expected in err
+    assert snapshot(run_dir) == before
+
+
+def test_export_refuses_a_non_empty_target(teacher_run, tmp_path, capsys):
+    root, _ = teacher_run
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert cli.main(["export", str(root / "teacher"), str(tmp_path / "out")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
