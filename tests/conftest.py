@@ -51,3 +51,24 @@ def sampled_cache(teacher_run, tmp_path_factory):
         "  batch_size: 8\n")
     assert cli.main(["precompute", str(config)]) == 0
     return root, corpus, config
+
+
+@pytest.fixture(scope="session")
+def hf_pair(tmp_path_factory):
+    """(root, corpus, teacher, student): Hugging Face checkpoints made by transformers, read
+    only. A qwen2 teacher with 224 embedding rows and a smaller qwen2 student with 208, sharing
+    one tokenizer of 200 ids (the rows past it are padding on both sides, as Qwen2.5-7B's
+    152,064 against 0.5B's 151,936)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from tests.helpers import write_tokenizer
+    from tests.hf_checkpoints import make_checkpoint, with_tokenizer
+
+    root = tmp_path_factory.mktemp("hf_pair")
+    corpus = write_corpus(root / "corpus.txt")
+    tokenizer = write_tokenizer(root / "tokenizer.json", corpus)
+    teacher = with_tokenizer(make_checkpoint(root / "teacher", "qwen2", vocab_size=224,
+                                             hidden_size=48, num_attention_heads=4), tokenizer)
+    student = with_tokenizer(make_checkpoint(root / "student", "qwen2", seed=1, vocab_size=208,
+                                             num_hidden_layers=1), tokenizer)
+    return root, corpus, teacher, student

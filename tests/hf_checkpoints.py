@@ -9,6 +9,7 @@ transformers 4 layout most published checkpoints carry (`rope_theta`, `rope_scal
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 COMMON = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -82,3 +83,29 @@ def hf_logits(path: Path, tokens):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}
+
+
+def with_tokenizer(path: Path, tokenizer: Path) -> Path:
+    """Give the checkpoint at `path` the tokenizer.json `tokenizer` (and a tokenizer_config.json
+    transformers' AutoTokenizer reads)."""
+    shutil.copy(tokenizer, path / "tokenizer.json")
+    (path / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
+    return path
+
+
+def hf_distill_config(path: Path, corpus: Path, teacher: Path, student: Path, run_dir: Path,
+                      extra: str = "") -> Path:
+    """A tiny distillation of `teacher` into `student` (both checkpoints) on `corpus`."""
+    path.write_text(f"""
+teacher: {{source: hf, path: {teacher}}}
+model: {{init: hf, path: {student}}}
+data: {{source: text, path: {corpus}, seq_len: 32, heldout_fraction: 0.1}}
+loss: {{divergence: forward_kl, temperature: 2.0, ce_weight: 0.5}}
+optimizer: {{lr: 3e-3, warmup_steps: 1}}
+train: {{run_dir: {run_dir}, steps: 4, batch_size: 4, log_every: 1, checkpoint_every: 4,
+        eval_sequences: 4, progress: false}}
+{extra}""")
+    return path

@@ -16,45 +16,8 @@ pytest.importorskip("transformers")
 
 from kd_jax import cli  # noqa: E402
 from kd_jax.models import load_pretrained  # noqa: E402
-from tests.hf_checkpoints import make_checkpoint  # noqa: E402
-from tests.helpers import write_corpus, write_tokenizer  # noqa: E402
-
-TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "[UNK]"}
-
-
-def with_tokenizer(path: Path, tokenizer: Path) -> Path:
-    shutil.copy(tokenizer, path / "tokenizer.json")
-    (path / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
-    return path
-
-
-@pytest.fixture(scope="module")
-def hf_pair(tmp_path_factory):
-    """A qwen2 teacher with 224 embedding rows and a smaller qwen2 student with 208, one
-    tokenizer of 200 ids (rows past it are padding on both sides, as Qwen2.5-7B's 152,064
-    against 0.5B's 151,936)."""
-    root = tmp_path_factory.mktemp("hf_pair")
-    corpus = write_corpus(root / "corpus.txt")
-    tokenizer = write_tokenizer(root / "tokenizer.json", corpus)
-    teacher = with_tokenizer(make_checkpoint(root / "teacher", "qwen2", vocab_size=224,
-                                             hidden_size=48, num_attention_heads=4), tokenizer)
-    student = with_tokenizer(make_checkpoint(root / "student", "qwen2", seed=1, vocab_size=208,
-                                             num_hidden_layers=1), tokenizer)
-    return root, corpus, teacher, student
-
-
-def config(path: Path, corpus: Path, teacher: Path, student: Path, run_dir: Path,
-           extra: str = "") -> Path:
-    path.write_text(f"""
-teacher: {{source: hf, path: {teacher}}}
-model: {{init: hf, path: {student}}}
-data: {{source: text, path: {corpus}, seq_len: 32, heldout_fraction: 0.1}}
-loss: {{divergence: forward_kl, temperature: 2.0, ce_weight: 0.5}}
-optimizer: {{lr: 3e-3, warmup_steps: 1}}
-train: {{run_dir: {run_dir}, steps: 4, batch_size: 4, log_every: 1, checkpoint_every: 4,
-        eval_sequences: 4, progress: false}}
-{extra}""")
-    return path
+from tests.helpers import write_tokenizer  # noqa: E402
+from tests.hf_checkpoints import hf_distill_config  # noqa: E402
 
 
 def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, capsys):
@@ -64,7 +27,7 @@ def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, ca
 
     root, corpus, teacher, student = hf_pair
     run_dir = tmp_path / "run"
-    cfg = config(tmp_path / "distill.yaml", corpus, teacher, student, run_dir)
+    cfg = hf_distill_config(tmp_path / "distill.yaml", corpus, teacher, student, run_dir)
     assert cli.main(["distill", str(cfg), "teacher.license=apache-2.0",
                      "teacher.source_url=https://example.org/teacher"]) == 0
     saved = (run_dir / "config.yaml").read_text()
@@ -152,7 +115,7 @@ def test_bad_checkpoints_are_one_line_exit_2_and_write_nothing(case, hf_pair, tm
     run_dir.mkdir()
     (run_dir / "notes.txt").write_text("kept")
     before = snapshot(run_dir)
-    cfg = config(tmp_path / "distill.yaml", corpus, teacher, student, run_dir)
+    cfg = hf_distill_config(tmp_path / "distill.yaml", corpus, teacher, student, run_dir)
     capsys.readouterr()
     assert cli.main(["distill", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()

@@ -6,7 +6,7 @@ import dataclasses
 import typing
 from typing import Literal
 
-from kd_jax.config import Config, ConfigError, coerce, section_types
+from kd_jax.config import Config, ConfigError, ModelConfig, coerce, section_types
 
 
 def check(config: Config) -> None:
@@ -18,10 +18,7 @@ def check(config: Config) -> None:
                 coerce(getattr(values, key), kind, f"{section.name}.{key}")
     m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
     positive = {
-        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model,
-        "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-        "model.n_kv_heads": m.n_kv_heads, "model.d_ff": m.d_ff,
-        "model.max_seq_len": m.max_seq_len, "data.seq_len": d.seq_len,
+        "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.microbatches": t.microbatches, "train.log_every": t.log_every,
         "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
@@ -34,16 +31,8 @@ def check(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
-    if m.n_heads % m.n_kv_heads:
-        raise ConfigError(
-            f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
-    if not m.head_dim and m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
-            "or model.head_dim set")
-    if m.resolved_head_dim % 2:
-        raise ConfigError(
-            f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
+    if m.init == "scratch":  # otherwise the architecture is read, then checked (train.resolve)
+        check_architecture(m)
     if d.seq_len > m.max_seq_len and m.init == "scratch":  # otherwise checked once resolved
         raise ConfigError(
             f"data.seq_len ({d.seq_len}) exceeds model.max_seq_len ({m.max_seq_len})")
@@ -89,7 +78,27 @@ def check(config: Config) -> None:
         raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
 
 
-def _check_model(m, config: Config) -> None:
+def check_architecture(m: ModelConfig) -> None:
+    """The model's shape: sizes positive, heads grouped evenly, rotary pairs whole."""
+    sizes = {"vocab_size": m.vocab_size, "d_model": m.d_model, "n_layers": m.n_layers,
+             "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "d_ff": m.d_ff,
+             "max_seq_len": m.max_seq_len}
+    for name, value in sizes.items():
+        if value <= 0:
+            raise ConfigError(f"model.{name} must be > 0, got {value}")
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads ({m.n_heads}) must be a multiple of model.n_kv_heads ({m.n_kv_heads})")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}) "
+            "or model.head_dim set")
+    if m.resolved_head_dim % 2:
+        raise ConfigError(
+            f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
+
+
+def _check_model(m: ModelConfig, config: Config) -> None:
     for name in ("sliding_window", "prune_d_ff", "prune_kv_heads", "prune_batches"):
         if getattr(m, name) < 0:
             raise ConfigError(f"model.{name} must be >= 0, got {getattr(m, name)}")

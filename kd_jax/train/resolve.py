@@ -13,6 +13,7 @@ import copy
 from pathlib import Path
 
 from kd_jax.config import Config, ConfigError, ModelConfig
+from kd_jax.config.validation import check_architecture
 from kd_jax.models import surgery
 from kd_jax.models.pretrained import open_checkpoint
 from kd_jax.run_dir import read_run
@@ -26,6 +27,7 @@ def resolve(cfg: Config) -> Config:
         cfg.model = open_checkpoint(cfg.model.path).model_config(cfg.model)
     elif cfg.model.init == "teacher":
         cfg.model = surgery.student_config(teacher_model_config(cfg), cfg.model)
+    check_architecture(cfg.model)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the student's "
                           f"max_seq_len ({cfg.model.max_seq_len})")

@@ -1,0 +1,113 @@
+"""kd_jax.train.resolve: the tokenizer a file, the student's architecture spelled out; and runs
+whose student starts from a checkpoint or from the teacher's layers, and a cache built from a
+Hugging Face teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from kd_jax import cli
+from kd_jax import config as config_lib
+from kd_jax.config import ConfigError
+from kd_jax.train.resolve import resolve
+
+
+def test_tokenizer_auto_is_the_checkpoints_or_bytes(hf_pair, tmp_path):
+    _, _, teacher, student = hf_pair
+    assert resolve(config_lib.Config()).data.tokenizer == "byte"
+    cfg = config_lib.load(None, ["teacher.source=hf", f"teacher.path={teacher}"])
+    assert resolve(cfg).data.tokenizer == str(teacher / "tokenizer.json")
+    cfg = config_lib.load(None, ["model.init=hf", f"model.path={student}", "data.seq_len=64",
+                                 "teacher.source=hf", f"teacher.path={teacher}"])
+    assert resolve(cfg).data.tokenizer == str(student / "tokenizer.json")
+    cfg = config_lib.load(None, [f"data.tokenizer={student}"])  # a directory holding one
+    assert resolve(cfg).data.tokenizer == str(student / "tokenizer.json")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((student / "config.json").read_text())
+    cfg = config_lib.load(None, ["model.init=hf", f"model.path={bare}", "data.seq_len=64"])
+    with pytest.raises(ConfigError, match="no tokenizer.json"):
+        resolve(cfg)
+
+
+def test_a_pretrained_student_takes_the_checkpoints_architecture(hf_pair):
+    _, _, _, student = hf_pair
+    cfg = config_lib.load(None, ["model.init=hf", f"model.path={student}", "model.remat=true",
+                                 "model.d_model=999", "data.seq_len=64"])
+    model = resolve(cfg).model
+    hf = json.loads((student / "config.json").read_text())
+    assert (model.family, model.d_model, model.n_layers, model.vocab_size, model.qkv_bias) == (
+        "qwen2", hf["hidden_size"], hf["num_hidden_layers"], 208, True)
+    assert model.remat and model.init == "hf"  # the student's own choices stay
+    assert cfg.model.d_model == 999  # the input config is not changed
+    too_long = config_lib.load(None, ["model.init=hf", f"model.path={student}",
+                                      "data.seq_len=128"])
+    with pytest.raises(ConfigError, match=r"data.seq_len \(128\) exceeds the student's "
+                                          r"max_seq_len \(64\)"):
+        resolve(too_long)
+
+
+def test_distill_into_a_student_made_of_the_teachers_layers(hf_pair, tmp_path):
+    """model.init: teacher, two of its layers in reverse order, MLP and heads pruned by
+    importance; the run resumes against the same resolved config, and exports."""
+    from tests.hf_checkpoints import hf_distill_config
+
+    root, corpus, teacher, student = hf_pair
+    run_dir = tmp_path / "run"
+    cfg = hf_distill_config(tmp_path / "d.yaml", corpus, teacher, student, run_dir)
+    surgery = ["model.init=teacher", "model.init_layers=[1, 0]", "model.prune_d_ff=32",
+               "model.prune_kv_heads=1", "model.prune_batches=2"]
+    assert cli.main(["distill", str(cfg), *surgery, "train.stop_at=2"]) == 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["model"]
+    assert (saved["n_layers"], saved["d_ff"], saved["n_kv_heads"], saved["n_heads"]) == (
+        2, 32, 1, 2)
+    assert saved["family"] == "qwen2" and saved["vocab_size"] == 224
+    assert cli.main(["distill", str(cfg), *surgery]) == 0  # resumes: same resolved config
+    out = tmp_path / "out"
+    assert cli.main(["export", str(run_dir), str(out)]) == 0
+    assert "the teacher's layers [1, 0], MLP pruned to 32" in (out / "README.md").read_text()
+    hf = json.loads((out / "config.json").read_text())
+    assert (hf["num_hidden_layers"], hf["intermediate_size"], hf["num_key_value_heads"]) == (
+        2, 32, 1)
+
+
+def test_a_student_from_unpruned_teacher_layers_starts_as_the_teacher(hf_pair, tmp_path):
+    """With every layer kept and nothing pruned, step 0's student is the teacher: their KL is 0."""
+    from kd_jax.train import builder
+
+    _, corpus, teacher, student = hf_pair
+    cfg = config_lib.load(None, [
+        "teacher.source=hf", f"teacher.path={teacher}", "model.init=teacher",
+        "data.source=text", f"data.path={corpus}", "data.seq_len=32",
+        f"train.run_dir={tmp_path / 'run'}", "train.batch_size=4"])
+    run = builder.build(cfg, "distill")
+    state = run.fresh_state()
+    for name, value in run.loaded_teacher.params["layers"].items():
+        np.testing.assert_array_equal(np.asarray(state.params["layers"][name]),
+                                      np.asarray(value), err_msg=name)
+    assert not (tmp_path / "run").exists()  # building writes nothing
+
+
+def test_precompute_from_a_hf_teacher_then_distill_from_the_cache(hf_pair, tmp_path, capsys):
+    from tests.hf_checkpoints import hf_distill_config
+
+    root, corpus, teacher, student = hf_pair
+    cache = tmp_path / "cache"
+    cfg = hf_distill_config(tmp_path / "d.yaml", corpus, teacher, student, tmp_path / "run",
+                            f"cache: {{dir: {cache}, mode: topk, k: 8, rows_per_shard: 8, "
+                            "temperature: 2.0}\n")
+    assert cli.main(["precompute", str(cfg)]) == 0
+    assert cli.main(["distill", str(cfg), "teacher.source=cache"]) == 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert "teacher" in report  # teacher.path, a checkpoint directory, is evaluated beside
+    # The cache records which teacher made it: another checkpoint is refused.
+    capsys.readouterr()
+    assert cli.main(["distill", str(cfg), "teacher.source=cache", f"teacher.path={student}",
+                     f"train.run_dir={tmp_path / 'other'}"]) == 2
+    assert "teacher" in capsys.readouterr().err
+    assert not Path(tmp_path / "other").exists()
