@@ -125,6 +125,9 @@ class DataConfig:
     # auto: the checkpoint's tokenizer.json (model.path, else an hf teacher's), else byte;
     # byte; or a Hugging Face tokenizer.json (or a directory holding one)
     tokenizer: str = "auto"
+    # Start each document with the tokenizer's beginning-of-sequence prefix, as it encodes a text
+    # with its special tokens (Llama's <|begin_of_text|>; nothing for bytes, GPT-2 or Qwen).
+    add_bos: bool = True
     seq_len: int = 256
     max_documents: int = 0  # 0 means all
     seed: int = 0  # document split and per-epoch shuffling

@@ -120,5 +120,7 @@ def fingerprint(cfg: DataConfig, tokenizer: Tokenizer) -> str:
     }
     if cfg.source == "stdlib":
         identity["python"] = platform.python_version()
+    if cfg.add_bos and tokenizer.document_prefix:  # absent otherwise: older caches stay valid
+        identity["document_prefix"] = list(tokenizer.document_prefix)
     encoded = json.dumps(identity, sort_keys=True).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()[:16]

@@ -41,11 +41,21 @@ class Packed:
         return int(self.tokens.shape[1])
 
 
-def pack(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int) -> Packed:
-    """Greedy concatenate-and-split packing of next-token pairs; deterministic, vectorized."""
+def pack(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int,
+         add_bos: bool = True) -> Packed:
+    """Greedy concatenate-and-split packing of next-token pairs; deterministic, vectorized.
+
+    With `add_bos`, every document starts with the tokenizer's `document_prefix` (a Llama
+    checkpoint's beginning-of-sequence token, which its model expects first), as it would
+    encode the document alone.
+    """
     if seq_len <= 0:
         raise ConfigError(f"data.seq_len must be > 0, got {seq_len}")
     ids_per_doc, prompt_lengths = _tokenize(docs, tokenizer)
+    prefix = np.asarray(tokenizer.document_prefix if add_bos else (), dtype=np.int32)
+    if len(prefix):  # the prefix belongs to the prompt: never a label
+        ids_per_doc = [np.concatenate([prefix, ids]) for ids in ids_per_doc]
+        prompt_lengths = np.where(prompt_lengths > 0, prompt_lengths + len(prefix), 0)
     lengths = np.array([len(ids) for ids in ids_per_doc], dtype=np.int64)
     keep = lengths >= 2  # a document needs two tokens to make one (input, label) pair
     if not keep.any():

@@ -26,6 +26,9 @@ _ORDINARY, _BYTE_PIECE, _ADDED = 0, 1, 2
 class Tokenizer(Protocol):
     vocab_size: int
     fingerprint: str
+    # The ids the tokenizer puts before every text it encodes with its special tokens (Llama's
+    # beginning-of-sequence token); packing starts each document with them (`data.add_bos`).
+    document_prefix: tuple[int, ...]
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -46,6 +49,7 @@ class ByteTokenizer:
     vocab_size = 256
     fingerprint = "byte-v1"
     description = "the byte tokenizer"
+    document_prefix: tuple[int, ...] = ()
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -85,6 +89,17 @@ class HFTokenizer:
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self.fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
         self._spellings: list[tuple[bytes, int]] | None = None  # computed on first use
+        self.document_prefix = self._special_prefix()
+
+    def _special_prefix(self) -> tuple[int, ...]:
+        """What the tokenizer's post-processor puts before a text: Llama's <|begin_of_text|>
+        or <s>, nothing for GPT-2 or Qwen. Read by encoding a text with and without it."""
+        plain = self._tokenizer.encode("a", add_special_tokens=False).ids
+        special = self._tokenizer.encode("a", add_special_tokens=True).ids
+        for start in range(len(special) - len(plain) + 1):
+            if special[start:start + len(plain)] == plain:
+                return tuple(special[:start])
+        return ()
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids

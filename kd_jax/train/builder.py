@@ -254,8 +254,8 @@ def load_data(cfg: Config) -> RunData:
                               f"set data.seq_len={train.seq_len} (got {cfg.data.seq_len})")
     else:
         train_docs, heldout_docs = load_documents(cfg.data)
-        train = pack(train_docs, tokenizer, cfg.data.seq_len)
-        heldout = pack(heldout_docs, tokenizer, cfg.data.seq_len)
+        train = pack(train_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
+        heldout = pack(heldout_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
     if train.n_rows == 0 or not train.loss_mask.any():
         raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
     return RunData(tokenizer, train, heldout, data_fingerprint(cfg.data, tokenizer))

@@ -11,12 +11,14 @@ from kd_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from tests.data.test_tokenizers import TEXTS, write_byte_level_bpe
 
 
-def _reference_pack(docs, tokenizer, seq_len):
-    """A slow, obviously-correct packer: one Python step per pair."""
+def _reference_pack(docs, tokenizer, seq_len, prefix=()):
+    """A slow, obviously-correct packer: one Python step per pair; `prefix` starts every
+    document (and belongs to a chat document's prompt)."""
     rows, row = [], []
     for doc in docs:
-        prompt = [] if doc.prompt is None else list(tokenizer.encode(doc.prompt))
-        ids = prompt + list(tokenizer.encode(doc.text))
+        prompt = [] if doc.prompt is None else list(prefix) + list(tokenizer.encode(doc.prompt))
+        ids = (list(prefix) if doc.prompt is None else []) + prompt + list(
+            tokenizer.encode(doc.text))
         piece = None
         for j in range(len(ids) - 1):
             if len(row) == seq_len:
@@ -106,3 +108,32 @@ def test_pack_byte_count_with_bpe(tmp_path):
 def test_pack_empty_raises():
     with pytest.raises(ConfigError, match="empty"):
         pack([Document(""), Document("a")], ByteTokenizer(), seq_len=8)
+
+
+def _bos_tokenizer(tmp_path):
+    """A byte-level BPE whose post-processor starts every text with <s>, as Llama's does."""
+    from tokenizers import Tokenizer, processors
+
+    path = write_byte_level_bpe(tmp_path / "plain.json")
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.add_special_tokens(["<s>"])
+    bos = tokenizer.token_to_id("<s>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tokenizer.save(str(tmp_path / "bos.json"))
+    return load_tokenizer(str(tmp_path / "bos.json")), bos
+
+
+def test_documents_start_with_the_tokenizers_prefix(tmp_path):
+    tokenizer, bos = _bos_tokenizer(tmp_path)
+    assert tokenizer.document_prefix == (bos,)
+    docs = _docs() + [Document("a response", prompt="a prompt")]
+    packed = pack(docs, tokenizer, 16)
+    for key, want in _reference_pack(docs, tokenizer, 16, (bos,)).items():
+        np.testing.assert_array_equal(getattr(packed, key), want, err_msg=key)
+    # One <s> a document (the empty one has no pair, so no row), and never a label.
+    assert (packed.tokens == bos).sum() == len(docs) - 1
+    assert not (packed.labels == bos).any()
+    plain = pack(docs, tokenizer, 16, add_bos=False)
+    assert not (plain.tokens == bos).any()
+    assert load_tokenizer(str(write_byte_level_bpe(tmp_path / "x.json"))).document_prefix == ()

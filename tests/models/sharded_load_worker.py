@@ -14,7 +14,6 @@ the tensor written. The checks run after the peak is read, so their copies are n
 """
 
 import json
-import resource
 import sys
 import zlib
 from pathlib import Path
@@ -111,12 +110,19 @@ def expected_param(path: str) -> np.ndarray:
                      for layer, name in enumerate(names)])
 
 
-def resident_kb() -> int:
-    """VmRSS: the memory the process holds now (peaks are read with getrusage)."""
+def status_kb(field: str) -> int:
+    """A memory figure of /proc/self/status: VmRSS (held now) or VmHWM (the peak)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak() -> None:
+    """Start VmHWM again from the current resident size (Linux 4.0+). getrusage's ru_maxrss
+    cannot be reset, and it keeps the peak of the process this one was forked from: a test
+    run from a large pytest process would read pytest's size."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def main(checkpoint_dir: Path, out_dir: Path, layout: str) -> None:
@@ -135,11 +141,12 @@ def main(checkpoint_dir: Path, out_dir: Path, layout: str) -> None:
     shardings = mesh_lib.param_shardings(
         logical_axes(model.template), mesh_lib.rules_for(layout), mesh, abstract)
 
-    baseline_kb = resident_kb()
+    reset_peak()
+    baseline_kb = status_kb("VmRSS")
     params = load_params(ckpt, cfg, abstract, shardings)
     jax.block_until_ready(params)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
-    loaded_kb = resident_kb()
+    peak_kb = status_kb("VmHWM")
+    loaded_kb = status_kb("VmRSS")
 
     flat = {"/".join(str(key.key) for key in path): leaf
             for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
