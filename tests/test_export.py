@@ -35,6 +35,10 @@ def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, ca
     assert f"tokenizer: {student / 'tokenizer.json'}" in saved
     report = json.loads((run_dir / "report.json").read_text())
     assert report["teacher"]["params"] > report["student"]["params"]
+    assert cli.main(["eval", str(run_dir)]) == 0  # the Hugging Face teacher evaluated beside
+    again = json.loads((run_dir / "report.json").read_text())
+    assert again["teacher"]["bits_per_token"] == pytest.approx(
+        report["teacher"]["bits_per_token"], rel=1e-5)
 
     out = tmp_path / "exported"
     capsys.readouterr()

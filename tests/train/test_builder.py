@@ -154,15 +154,15 @@ def test_precompute_has_a_teacher_and_no_student(setup, tmp_path):
 
 @pytest.mark.parametrize("mode, overrides, message", [
     ("distill", ["teacher.source=none", "teacher.path="],
-     "kd-jax distill needs teacher.source: checkpoint (with teacher.path) or cache "
+     "kd-jax distill needs teacher.source: checkpoint or hf (with teacher.path), or cache "
      "(with cache.dir)"),
     ("precompute", ["cache.dir="], "kd-jax precompute needs cache.dir, where the cache is "
                                    "written"),
     ("precompute", ["teacher.source=cache"],
-     "kd-jax precompute needs teacher.source=checkpoint and teacher.path (got "
+     "kd-jax precompute needs teacher.source checkpoint or hf, and teacher.path (got "
      "teacher.source=cache)"),
     ("precompute", ["teacher.source=none", "teacher.path="],
-     "kd-jax precompute needs teacher.source=checkpoint and teacher.path (got "
+     "kd-jax precompute needs teacher.source checkpoint or hf, and teacher.path (got "
      "teacher.source=none)"),
 ])
 def test_a_mode_without_the_teacher_it_needs_is_refused(setup, tmp_path, mode, overrides,

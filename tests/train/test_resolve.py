@@ -74,6 +74,12 @@ def test_distill_into_a_student_made_of_the_teachers_layers(hf_pair, tmp_path):
     hf = json.loads((out / "config.json").read_text())
     assert (hf["num_hidden_layers"], hf["intermediate_size"], hf["num_key_value_heads"]) == (
         2, 32, 1)
+    from kd_jax.models import load_pretrained
+    from tests.hf_checkpoints import hf_logits
+
+    ids = np.random.default_rng(0).integers(0, 200, (2, 16))
+    np.testing.assert_allclose(np.asarray(load_pretrained(out)(ids)), hf_logits(out, ids),
+                               rtol=0, atol=1e-4)
 
 
 def test_a_student_from_unpruned_teacher_layers_starts_as_the_teacher(hf_pair, tmp_path):

@@ -101,8 +101,11 @@ def hf_config(cfg: ModelConfig, base: dict | None = None) -> dict:
     """A config.json (transformers 4 layout) for `cfg`; `base`, the checkpoint it came from,
     keeps what kd_jax does not model (token ids, generation defaults)."""
     family = FAMILIES[cfg.family]
-    hf = {key: value for key, value in (base or {}).items()
-          if key not in ("rope_parameters", "rope_scaling", "dtype", "torch_dtype")}
+    # Dropped from the base: what is written below in another layout, and what is per layer
+    # (transformers 5's layer_types), since the student may have fewer layers than its source.
+    dropped = ("rope_parameters", "rope_scaling", "dtype", "torch_dtype", "layer_types",
+               "max_window_layers")
+    hf = {key: value for key, value in (base or {}).items() if key not in dropped}
     rope_scaling = None
     if cfg.rope_scaling != "none":
         rope_scaling = {"rope_type": cfg.rope_scaling, "factor": cfg.rope_factor}
