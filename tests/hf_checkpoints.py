@@ -34,8 +34,9 @@ MODELS = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalL
           "Qwen2Config": "Qwen2ForCausalLM", "Qwen3Config": "Qwen3ForCausalLM"}
 
 
-def hf_model(kind: str, seed: int = 0, **overrides):
-    """A random transformers model of `kind`, float32, in eval mode."""
+def hf_model(kind: str, seed: int = 0, perturb: bool = True, **overrides):
+    """A random transformers model of `kind`, float32, in eval mode; with `perturb`, every
+    weight redrawn (biases and norm scales too), else transformers' own initialization."""
     import torch
     import transformers
 
@@ -48,7 +49,7 @@ def hf_model(kind: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     model = getattr(transformers, MODELS[config_name])(config).float().eval()
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in model.named_parameters() if perturb else ():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             else:
