@@ -53,8 +53,9 @@ class ConfigError(ValueError):
 class ModelConfig:
     """A decoder-only transformer of the Llama family, and where its weights come from.
 
-    With `init: hf` the architecture (every field from `vocab_size` to `rope_original_max`) is
-    read from the checkpoint's config.json; with `init: teacher`, from the teacher's.
+    With `init: hf` the architecture (sizes, family flags, rotary settings) is read from the
+    checkpoint's config.json; with `init: teacher`, it is the teacher's, narrowed. The student's
+    own choices (dtype, param_dtype, remat, init_std, seed) stay as configured.
     """
 
     init: ModelInit = "scratch"

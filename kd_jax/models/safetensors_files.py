@@ -5,10 +5,10 @@ byte offsets) and the raw row-major data. Reading goes through a memory map open
 and closed after it, so a process copies out only the slices its devices hold and never keeps a
 mapping alive. (A slice of the last, contiguous dimension, which fsdp makes of `embed`, still
 pages in every row of the tensor: the file is row-major. Memory stays bounded by the block.)
-The `safetensors` package reads slices too, but its numpy path has
-no bfloat16 (the dtype most checkpoints are published in), its torch path would make torch a
-dependency of loading, and the model code must run on a bare accelerator image (jax, flax, optax,
-numpy); the format is small enough to read and write here.
+The `safetensors` package reads slices too, but its numpy path has no bfloat16 (the dtype most
+checkpoints are published in), its torch path would make torch a dependency of loading, and the
+model code must run on a bare accelerator image (jax, flax, optax, numpy); the format is small
+enough to read and write here.
 """
 
 from __future__ import annotations
