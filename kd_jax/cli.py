@@ -45,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
                        description="evaluate a run's latest checkpoint on held-out data")
     p.add_argument("target", help="a run directory, or an experiment YAML (its train.run_dir)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    text = ("compile the configured step ahead of time from shapes alone, on N placeholder "
+            "devices, and print per device what it needs and whether it fits")
+    p = sub.add_parser("plan", help=text, description=text)
+    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--devices", type=int, default=1, help="devices of the mesh (default 1)")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                   help="memory of one device, GiB: say whether the step fits")
     text = "write a run's student as a Hugging Face checkpoint directory, with a model card"
     p = sub.add_parser("export", help=text, description=text)
     p.add_argument("run_dir", help="a run directory (its latest checkpoint is exported)")
@@ -102,7 +110,14 @@ def _cache_command(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options too (`plan CONFIG --devices 8 mesh.fsdp=8`): argparse leaves
+    # positionals after an option unparsed; they join the overrides.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(
+                item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.command in ("train", "distill"):
             cfg = config_lib.load(args.config, args.overrides)
@@ -134,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
             print(_cache_summary(summary))
         elif args.command == "cache":
             _cache_command(args)
+        elif args.command == "plan":
+            if args.devices < 1:
+                raise ConfigError(f"--devices must be >= 1, got {args.devices}")
+            from kd_jax.train.plan import plan, plan_table, use_placeholder_devices
+
+            use_placeholder_devices(args.devices)  # before anything starts JAX's backends
+            cfg = config_lib.load(args.config, args.overrides)
+            print(plan_table(plan(cfg, args.device_memory)))
         elif args.command == "export":
             from kd_jax.export import export
 

@@ -50,7 +50,7 @@ def recipe(out: Path, quick: bool = False) -> dict[str, config_lib.Config]:
         base, model=config_lib.ModelConfig(
             vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=384,
             # remat: ~20% faster here (less memory traffic)
-            max_seq_len=SEQ_LEN, seed=1, remat=True),
+            max_seq_len=SEQ_LEN, seed=1, remat="full"),
         train=dataclasses.replace(base.train, run_dir=str(out / "teacher"), steps=TEACHER_STEPS))
     # 2 x (attention 2*48*48 + 2*48*24, MLP 3*48*128) + 2 x 256*48 = 0.075M: 1/11 of the teacher.
     student_model = config_lib.ModelConfig(

@@ -44,7 +44,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     from kd_jax.models.families import hf_config
 
     hf_config(dataclasses.replace(cfg.model, param_dtype="float32"), base)  # refuse early
-    model_cfg = dataclasses.replace(cfg.model, remat=False)
+    model_cfg = dataclasses.replace(cfg.model, remat="none")
     _, abstract = abstract_model(model_cfg)
     params = checkpoint.restore_params(run_dir, abstract, step)
 

@@ -38,6 +38,14 @@ CacheMode = Literal["topk", "sample", "full"]
 ValueDType = Literal["float16", "float32"]
 # Named logical-axis -> mesh-axis tables (the tables are in `kd_jax.parallel.mesh`).
 MeshLayout = Literal["replicated", "fsdp", "tensor", "fsdp_tensor"]
+# How attention is computed (`kd_jax.models.attention`): dense builds every [t, s] score;
+# blockwise runs an online softmax over blocks (memory linear in t); cudnn calls
+# jax.nn.dot_product_attention's cuDNN kernel (GPU); auto picks by platform and length.
+AttentionKind = Literal["auto", "dense", "blockwise", "cudnn"]
+# What each layer keeps for the backward pass (`kd_jax.models.transformer`): none keeps every
+# activation; full keeps only the layer's input and recomputes the rest; dots keeps the
+# projections' and MLP's matmul outputs and recomputes the attention scores and elementwise ops.
+RematPolicy = Literal["none", "full", "dots"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -55,7 +63,7 @@ class ModelConfig:
 
     With `init: hf` the architecture (sizes, family flags, rotary settings) is read from the
     checkpoint's config.json; with `init: teacher`, it is the teacher's, narrowed. The student's
-    own choices (dtype, param_dtype, remat, init_std, seed) stay as configured.
+    own choices (dtype, param_dtype, remat, attention, init_std, seed) stay as configured.
     """
 
     init: ModelInit = "scratch"
@@ -76,7 +84,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output head shares the embedding matrix, [vocab, d]
-    remat: bool = False  # recompute each layer in the backward pass (jax.checkpoint)
+    remat: RematPolicy = "none"  # was a boolean: true reads as full, false as none
+    attention: AttentionKind = "auto"
+    attention_block: int = 512  # blockwise: tokens per query and key block
     dtype: DType = "float32"  # activations
     param_dtype: DType = "float32"
     init_std: float = 0.02
@@ -142,6 +152,9 @@ class LossConfig:
     skew: float = 0.1  # skew_kl / skew_reverse_kl mixing weight (DistiLLM)
     kd_weight: float = 1.0
     ce_weight: float = 0.0  # hard-label cross-entropy at T=1
+    # Tokens per chunk of the fused LM-head + loss (kd_jax.losses.chunked): no [tokens, vocab]
+    # array for the whole batch. 0: automatic (chunked when the vocabulary is large); -1: never.
+    chunk_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -243,12 +256,17 @@ class Config:
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+# The values a choice had before it was named: `model.remat` was a boolean, and the configs and
+# run directories written then must still load, and compare equal when a run resumes.
+_FORMER_NAMES = {RematPolicy: {"true": "full", "false": "none"}}
 
 
 def coerce(value: Any, kind: type, where: str) -> Any:
     """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
     if typing.get_origin(kind) is Literal:
         names = choices(kind)
+        if kind in _FORMER_NAMES and isinstance(value, (bool, str)):
+            value = _FORMER_NAMES[kind].get(str(value).lower(), value)
         if isinstance(value, str) and value in names:
             return value
         raise ConfigError(f"{where}: '{value}' is not one of {', '.join(names)}"

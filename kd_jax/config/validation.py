@@ -96,6 +96,9 @@ def check_architecture(m: ModelConfig) -> None:
     if m.resolved_head_dim % 2:
         raise ConfigError(
             f"head dimension {m.resolved_head_dim} must be even for rotary embeddings")
+    if m.attention == "cudnn" and (m.resolved_head_dim % 8 or m.resolved_head_dim > 256):
+        raise ConfigError(f"model.attention is cudnn, whose kernel takes head dimensions that "
+                          f"are multiples of 8 up to 256, got {m.resolved_head_dim}")
 
 
 def _check_model(m: ModelConfig, config: Config) -> None:
@@ -106,6 +109,11 @@ def _check_model(m: ModelConfig, config: Config) -> None:
                  "rope_original_max"):
         if not getattr(m, name) > 0:
             raise ConfigError(f"model.{name} must be > 0, got {getattr(m, name)}")
+    if m.attention_block <= 0:
+        raise ConfigError(f"model.attention_block must be > 0, got {m.attention_block}")
+    if m.attention == "cudnn" and m.dtype != "bfloat16":
+        raise ConfigError(f"model.attention is cudnn, whose kernel takes bfloat16 activations "
+                          f"only: set model.dtype=bfloat16 (got {m.dtype})")
     if m.init == "hf" and not m.path:
         raise ConfigError("model.init is 'hf' but model.path is empty")
     if m.init == "teacher" and config.teacher.source not in ("checkpoint", "hf"):

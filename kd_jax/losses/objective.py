@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.config import LossConfig
+from kd_jax.losses.chunked import chunk_positions, chunked_objective
 from kd_jax.losses.divergences import check_leading_shapes, cross_entropy_bt, validate_loss_args
 from kd_jax.losses.soft_targets import SoftTargets, check_supported
 
@@ -32,8 +33,18 @@ def objective(student, soft_targets: SoftTargets | None, labels_bt, loss_mask_bt
     """The loss of `student` (model outputs: `student.logits()` gives [batch, tokens, vocab]).
 
     `logits_sharding` pins the student's logits, the largest activations of the step, to a
-    sharding (None: left to XLA's propagation).
+    sharding (None: left to XLA's propagation). With a large vocabulary (`loss.chunk_tokens`) the
+    head and the loss run fused, chunk by chunk (`kd_jax.losses.chunked`): the same loss and
+    gradients without the whole batch's logits.
     """
+    b, t = labels_bt.shape
+    positions = chunk_positions(config.chunk_tokens, b, t, student.head_vd.shape[0])
+    if positions:
+        return chunked_objective(objective_on_logits, student.hidden_btd, student.head_vd,
+                                 soft_targets, labels_bt,
+                                 loss_mask_bt, positions=positions, config=config,
+                                 num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab,
+                                 logits_sharding=logits_sharding)
     student_logits_btv = student.logits()
     if logits_sharding is not None:
         student_logits_btv = jax.lax.with_sharding_constraint(student_logits_btv,

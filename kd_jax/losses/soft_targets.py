@@ -9,6 +9,10 @@ What a teacher gives the loss for a batch is one of:
             outside them (`kd_jax.teacher.sparse.topk_targets`).
 * `Sampled` n ids drawn from the teacher, as unique ids with counts, and the teacher's entropy
             (`kd_jax.teacher.sparse.sample_targets`).
+* `Projected` an online teacher's final hidden states and output head: `Dense` logits computed
+            where they are needed, for the whole batch or a chunk of tokens at a time
+            (`kd_jax.losses.chunked`), so the teacher's [tokens, vocab] logits need never exist
+            whole.
 
 Each kind is a pytree with `divergence_bt(kind, student_logits_btv, ...)`, the per-token
 divergence of the student from it, float32 [batch, tokens] and scaled by T^2 like
@@ -17,6 +21,8 @@ divergence (or None). Adding a kind of target is one more class here.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +54,33 @@ class Dense:
                       valid_vocab=None) -> jax.Array:
         return divergence_bt(kind, student_logits_btv, self.logits, temperature=temperature,
                              beta=beta, skew=skew, valid_vocab=valid_vocab)
+
+
+@struct.dataclass
+class Projected:
+    """A teacher's final-normed hidden states [batch, tokens, d] and output head [vocab, d]."""
+
+    hidden: jax.Array
+    head: jax.Array
+    # Pins the teacher's logits [batch, tokens, vocab] to a sharding (None: XLA's choice).
+    logits_sharding: Any = struct.field(pytree_node=False, default=None)
+
+    @staticmethod
+    def refusal(divergence: str) -> str | None:
+        return None
+
+    def dense(self) -> Dense:
+        """The teacher's logits, float32 (accumulated in float32 whatever the dtype)."""
+        logits_btv = jnp.einsum("btd,vd->btv", self.hidden, self.head.astype(self.hidden.dtype),
+                                preferred_element_type=jnp.float32)
+        if self.logits_sharding is not None:
+            logits_btv = jax.lax.with_sharding_constraint(logits_btv, self.logits_sharding)
+        return Dense(logits_btv)
+
+    def divergence_bt(self, kind: str, student_logits_btv, *, temperature, beta=0.5, skew=0.1,
+                      valid_vocab=None) -> jax.Array:
+        return self.dense().divergence_bt(kind, student_logits_btv, temperature=temperature,
+                                          beta=beta, skew=skew, valid_vocab=valid_vocab)
 
 
 @struct.dataclass

@@ -51,8 +51,9 @@ class Checkpoint:
         return families.model_config(self.hf, base)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """The checkpoint directory `path`, its config and where each tensor lies; checked."""
+def read_config(path: str | Path) -> dict:
+    """The config.json of the checkpoint directory `path`, of a supported family; checked.
+    Enough for shapes (`kd-jax plan`): the weights need not be there."""
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"checkpoint directory '{path}' does not exist")
@@ -65,6 +66,13 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(hf, dict):
         raise ConfigError(f"{path / 'config.json'}: not a JSON object")
     families.family_of(hf)
+    return hf
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """The checkpoint directory `path`, its config and where each tensor lies; checked."""
+    path = Path(path)
+    hf = read_config(path)
     shard_files = sorted(path.glob("*.safetensors"))
     if (path / INDEX).is_file():
         try:
@@ -130,15 +138,11 @@ def _check_tensor(ckpt: Checkpoint, name: str, expected: tuple[int, ...]) -> Non
                           f"implies {list(expected)}")
 
 
-def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict,
-                shardings: Any = None) -> dict:
-    """The parameters of `cfg` from `ckpt`, in `cfg.param_dtype`, each placed as `shardings`
-    says (a tree like `abstract`; None: the default device)."""
-    dtype = jnp.dtype(cfg.param_dtype)
+def check_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict) -> list[tuple]:
+    """Every parameter's tensors are in the checkpoint with the shapes config.json implies
+    (nothing is read but the headers); (path, tensor, names, shape) per parameter."""
     tensors = families.tensor_map(cfg)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    flat_shardings = dict(_flatten(shardings)) if shardings is not None else {}
-    params: dict = {}
+    found = []
     for path, leaf in _flatten(abstract):
         if path not in tensors:
             raise ValueError(f"parameter {'/'.join(path)} has no tensor in the {cfg.family} map")
@@ -149,6 +153,20 @@ def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict,
             tensor.name]
         for name in names:
             _check_tensor(ckpt, name, _source_shape(per_layer, tensor))
+        found.append((path, tensor, names, shape))
+    return found
+
+
+def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict,
+                shardings: Any = None) -> dict:
+    """The parameters of `cfg` from `ckpt`, in `cfg.param_dtype`, each placed as `shardings`
+    says (a tree like `abstract`; None: the default device)."""
+    dtype = jnp.dtype(cfg.param_dtype)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    flat_shardings = dict(_flatten(shardings)) if shardings is not None else {}
+    params: dict = {}
+    for path, tensor, names, shape in check_params(ckpt, cfg, abstract):
+        layered = path[0] == "layers"
 
         def fetch(index, tensor=tensor, shape=shape, names=names, layered=layered):
             index = tuple(slice(*s.indices(size)[:2]) for s, size in zip(index, shape))

@@ -10,6 +10,8 @@ packed: each token carries its position (restarting at 0 in every document) and 
 
 Layers are stacked: every per-layer weight is a single parameter with a leading `layers` axis and
 the forward pass is one `jax.lax.scan`, so tracing and compile time do not grow with depth.
+`model.attention` chooses how attention is computed (`kd_jax.models.attention`), `model.remat`
+what each layer keeps for the backward pass (`REMAT_POLICIES`).
 
 Every parameter carries its logical axis names in the `logical_axes` metadata; the sharding table
 (`kd_jax.parallel.mesh`) maps them to mesh axes. Downstream code works on pure dicts of arrays
@@ -27,11 +29,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kd_jax.config import ModelConfig
+from kd_jax.config import ModelConfig, RematPolicy, coerce
+from kd_jax.models import attention
 
-# Masked attention scores are set to this before the softmax rather than -inf, so a query that
-# may attend to nothing (a padding token) gets a uniform, finite distribution instead of NaN.
-_MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
+# model.remat -> the jax.checkpoint policy of a layer (None: no checkpoint, keep everything).
+# dots saves only matmuls without batch dimensions (the projections and the MLP): the attention
+# scores are batched over (batch, kv head), so they are recomputed rather than stored.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 # Names of the stacked per-layer weights every model has, in the order a layer uses them; the
 # family flags add bq, bk, bv (qkv_bias), bo (o_bias), q_norm and k_norm (qk_norm).
@@ -107,25 +115,9 @@ def apply_rotary(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> j
     return (x32 * cos + rotated_half * sin).astype(x_btnh.dtype)
 
 
-def attention_mask(segment_ids_bt: jax.Array, sliding_window: int = 0) -> jax.Array:
-    """[b, t(query), s(key)] booleans: causal, same segment, and the key is not padding; with a
-    sliding window, also at most `sliding_window - 1` tokens back (the query itself counts)."""
-    t = segment_ids_bt.shape[1]
-    query_t, key_s = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
-    allowed_ts = query_t >= key_s
-    if sliding_window:
-        allowed_ts &= query_t - key_s < sliding_window
-    same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    real_key_bs = (segment_ids_bt != 0)[:, None, :]
-    return allowed_ts[None] & same_segment_bts & real_key_bs
-
-
-def _attention(h_btd, w, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
+def _attention(h_btd, w, cos_bth, sin_bth, attend: attention.Attend, cfg: ModelConfig):
     """Grouped-query attention of normed inputs; the heads' outputs [b, t, n, head_dim], before
     the output projection."""
-    n_kv = cfg.n_kv_heads
-    group = cfg.n_heads // n_kv
-    head_dim = cfg.resolved_head_dim
     q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, w["wq"])
     k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wk"])
     v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wv"])
@@ -136,20 +128,10 @@ def _attention(h_btd, w, cos_bth, sin_bth, mask_bts, cfg: ModelConfig):
         k_btkh = rms_norm(k_btkh, w["k_norm"], cfg.norm_eps)
     q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
     k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
-
-    # Query head n uses kv head n // group (Hugging Face `repeat_kv`), so split n as (kv, group).
-    b, t = q_btnh.shape[:2]
-    q_btkgh = q_btnh.reshape(b, t, n_kv, group, head_dim)
-    scores_bkgts = jnp.einsum(
-        "btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
-    scores_bkgts = scores_bkgts / math.sqrt(head_dim)
-    scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED_SCORE)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(h_btd.dtype)
-    attended_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
-    return attended_btkgh.reshape(b, t, cfg.n_heads, head_dim)
+    return attend(q_btnh, k_btkh, v_btkh)
 
 
-def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig,
+def _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend: attention.Attend, cfg: ModelConfig,
                    with_stats: bool = False):
     """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); `layer` holds its weights.
 
@@ -159,7 +141,7 @@ def _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg: ModelConfig,
     """
     w = {name: value.astype(x_btd.dtype) for name, value in layer.items()}
     h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-    attended_btnh = _attention(h_btd, w, cos_bth, sin_bth, mask_bts, cfg)
+    attended_btnh = _attention(h_btd, w, cos_bth, sin_bth, attend, cfg)
     x_btd = x_btd + jnp.einsum("btnh,nhd->btd", attended_btnh, w["wo"])
     if cfg.o_bias:
         x_btd = x_btd + w["bo"]
@@ -244,14 +226,14 @@ class Transformer(nnx.Module):
         cfg = self.cfg
 
         def layer_step(x_btd, layer):
-            x_btd = _decoder_layer(x_btd, layer, cos_bth, sin_bth, mask_bts, cfg)
+            x_btd = _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend, cfg)
             return x_btd, (x_btd if with_layers else None)
 
-        if cfg.remat:
-            # Keep only each layer's input; everything inside is recomputed in the backward pass.
-            layer_step = jax.checkpoint(
-                layer_step, policy=jax.checkpoint_policies.nothing_saveable)
-        x_btd, cos_bth, sin_bth, mask_bts = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
+        # A config built in code may still say remat=True: coerce reads it as it reads YAML.
+        policy = REMAT_POLICIES[coerce(cfg.remat, RematPolicy, "model.remat")]
+        if policy is not None:
+            layer_step = jax.checkpoint(layer_step, policy=policy)
+        x_btd, cos_bth, sin_bth, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
         x_btd, layers_lbtd = jax.lax.scan(layer_step, x_btd, self._stacked())
         hidden_btd = rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
         return (hidden_btd, layers_lbtd) if with_layers else hidden_btd
@@ -261,9 +243,9 @@ class Transformer(nnx.Module):
         """Per layer, the summed output norm of each attention head [layers, n_heads] and the
         summed magnitude of each MLP unit [layers, d_ff], over the tokens (padding included)."""
         cfg = self.cfg
-        x_btd, cos_bth, sin_bth, mask_bts = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
+        x_btd, cos_bth, sin_bth, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
         _, (heads_ln, mlp_lf) = jax.lax.scan(
-            lambda x, layer: _decoder_layer(x, layer, cos_bth, sin_bth, mask_bts, cfg, True),
+            lambda x, layer: _decoder_layer(x, layer, cos_bth, sin_bth, attend, cfg, True),
             x_btd, self._stacked())
         return heads_ln, mlp_lf
 
@@ -271,7 +253,7 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
         cos_bth, sin_bth = rotary_angles(positions_bt, rope_inv_freq(cfg))
-        return x_btd, cos_bth, sin_bth, attention_mask(segment_ids_bt, cfg.sliding_window)
+        return x_btd, cos_bth, sin_bth, attention.for_batch(cfg, segment_ids_bt)
 
     def _stacked(self) -> dict[str, jax.Array]:
         return {name: value[...] for name, value in self.layers.items()}

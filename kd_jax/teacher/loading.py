@@ -57,7 +57,7 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
         raise ConfigError(
             f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} tokens) "
             f"differs from the student's ({cfg.data.tokenizer}, {tokenizer.vocab_size} tokens)")
-    model_cfg = dataclasses.replace(teacher_cfg.model, dtype=cfg.teacher.dtype, remat=False)
+    model_cfg = dataclasses.replace(teacher_cfg.model, dtype=cfg.teacher.dtype, remat="none")
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
                           f"max_seq_len ({model_cfg.max_seq_len})")

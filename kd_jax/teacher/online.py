@@ -1,4 +1,5 @@
-"""The online teacher: a frozen model run inside the step, giving dense logits.
+"""The online teacher: a frozen model run inside the step, giving its final hidden states and
+output head (`Projected`), from which the loss computes its logits, whole or chunk by chunk.
 
 Seen from the step, a teacher is one object with one method,
 
@@ -17,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kd_jax.losses.soft_targets import Dense
+from kd_jax.losses.soft_targets import Projected
 from kd_jax.models.pure import PureModel
 
 
@@ -27,11 +28,9 @@ class OnlineTeacher:
     # Pins the [batch, tokens, vocab] logits to a sharding (None: left to XLA's propagation).
     logits_sharding: Any = None
 
-    def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> Dense:
-        logits_btv = self.model.logits(params, batch)
-        if self.logits_sharding is not None:
-            logits_btv = jax.lax.with_sharding_constraint(logits_btv, self.logits_sharding)
-        return Dense(jax.lax.stop_gradient(logits_btv))  # the teacher is frozen
+    def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> Projected:
+        outputs = jax.lax.stop_gradient(self.model.apply(params, batch))  # the teacher is frozen
+        return Projected(outputs.hidden_btd, outputs.head_vd, self.logits_sharding)
 
     def host_fields(self, rows: np.ndarray) -> dict[str, Any]:
         return {}

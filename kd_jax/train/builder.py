@@ -26,7 +26,7 @@ from kd_jax.data.packing import Packed, pack
 from kd_jax.data.sources import load_documents
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.models import surgery
-from kd_jax.models.pretrained import load_params, open_checkpoint
+from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
 from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement, initialize_distributed
@@ -173,6 +173,7 @@ def build(cfg: Config, mode: str) -> Run:
     data = load_data(cfg)
     if cfg.model.init == "hf" and mode in ("train", "distill"):
         check_same_tokenizer(Path(cfg.model.path), "model.path", data.tokenizer)
+        check_params(open_checkpoint(cfg.model.path), cfg.model, abstract_model(cfg.model)[1])
     initialize_distributed(cfg.distributed)  # before anything else touches JAX's devices
 
     # Where every array lies: the student's state and the teacher's parameters by their own

@@ -23,9 +23,11 @@ from kd_jax.config import ConfigError
 from kd_jax.data.prefetch import Prefetcher
 from kd_jax.eval.evaluate import evaluate, make_eval_fn
 from kd_jax.eval.report import build_report
+from kd_jax.models import attention
 from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
 from kd_jax.train import builder
+from kd_jax.train.plan import figures_line, memory_figures
 from kd_jax.train.preemption import Preempted, Preemption
 from kd_jax.train.progress import StepClock, describe_compiled, log, log_record, progress_bar
 
@@ -49,10 +51,12 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
         log(f"resuming from checkpoint {start}: first step {start + 1}" if start < train.steps
             else f"{run_dir} already finished {start} of {train.steps} steps")
     teacher_params = built.teacher_params
-    update = built.update_fn().lower(state, teacher_params, built.placement.abstract(
-        built.host_batch(start))).compile()
+    abstract_batch = built.placement.abstract(built.host_batch(start))
+    update = built.update_fn().lower(state, teacher_params, abstract_batch).compile()
+    log(attention.describe(cfg.model, cfg.data.seq_len, jax.default_backend()))
     log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
-        f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}")
+        f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}; "
+        f"{figures_line(memory_figures(update, state, teacher_params, abstract_batch))}")
     evaluator = _evaluator(built)
 
     def evaluate_now(step: int) -> dict[str, dict]:

@@ -15,16 +15,23 @@ from pathlib import Path
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.config.validation import check_architecture
 from kd_jax.models import surgery
-from kd_jax.models.pretrained import open_checkpoint
+from kd_jax.models.families import model_config
+from kd_jax.models.pretrained import read_config
 from kd_jax.run_dir import read_run
 
 
 def resolve(cfg: Config) -> Config:
     """A resolved copy of `cfg`; raises ConfigError for what cannot be resolved."""
-    cfg = copy.deepcopy(cfg)
+    cfg = resolve_model(cfg)
     cfg.data.tokenizer = tokenizer_spec(cfg)
+    return cfg
+
+
+def resolve_model(cfg: Config) -> Config:
+    """A copy of `cfg` with the student's architecture spelled out (no tokenizer, no data)."""
+    cfg = copy.deepcopy(cfg)
     if cfg.model.init == "hf":
-        cfg.model = open_checkpoint(cfg.model.path).model_config(cfg.model)
+        cfg.model = model_config(read_config(cfg.model.path), cfg.model)
     elif cfg.model.init == "teacher":
         cfg.model = surgery.student_config(teacher_model_config(cfg), cfg.model)
     check_architecture(cfg.model)
@@ -55,7 +62,7 @@ def tokenizer_spec(cfg: Config) -> str:
 def teacher_model_config(cfg: Config) -> ModelConfig:
     """The teacher's architecture, as `teacher.path` describes it (checkpoint or hf)."""
     if cfg.teacher.source == "hf":
-        return open_checkpoint(cfg.teacher.path).model_config()
+        return model_config(read_config(cfg.teacher.path))
     if not Path(cfg.teacher.path).is_dir():
         raise ConfigError(f"teacher.path '{cfg.teacher.path}' does not exist")
     return read_run(cfg.teacher.path)[0].model

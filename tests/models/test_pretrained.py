@@ -95,7 +95,8 @@ def test_biases_and_norms_are_loaded(checkpoints):
             assert np.abs(value - np.round(value)).max() > 0, (kind, name)  # not 0s or 1s
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
+# One kind per tensor map: Llama's (untied, and with attention biases), tied, Qwen2's, Qwen3's.
+@pytest.mark.parametrize("kind", ["llama3", "llama_linear_bias", "smollm", "qwen2", "qwen3"])
 def test_import_export_is_lossless_and_loads_in_transformers(checkpoints, kind, tmp_path):
     path = checkpoints[kind]["v5"]
     loaded = load_pretrained(path)

@@ -124,13 +124,13 @@ def test_student_config_is_the_teachers_architecture_narrowed_with_the_students_
     teacher_cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
                               d_ff=48, qk_norm=True, sliding_window=8, family="qwen3", seed=3)
     student_cfg = student(init_layers=[2, 0], prune_d_ff=16, prune_kv_heads=1, prune_batches=2,
-                          dtype="bfloat16", param_dtype="bfloat16", remat=True, seed=9)
+                          dtype="bfloat16", param_dtype="bfloat16", remat="full", seed=9)
     cfg = student_config(teacher_cfg, student_cfg)
     # Two heads of the teacher's width 8, not d_model // n_heads = 16.
     assert cfg == dataclasses.replace(
         teacher_cfg, n_layers=2, d_ff=16, n_kv_heads=1, n_heads=2, head_dim=8,
         init="teacher", init_layers=[2, 0], prune_d_ff=16, prune_kv_heads=1, prune_batches=2,
-        dtype="bfloat16", param_dtype="bfloat16", remat=True, seed=9)
+        dtype="bfloat16", param_dtype="bfloat16", remat="full", seed=9)
     assert cfg.resolved_head_dim == 8
 
     unpruned = student_config(teacher_cfg, student())

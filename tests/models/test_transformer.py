@@ -191,7 +191,7 @@ def test_padding_is_finite_and_invisible():
 def test_remat_matches_plain_outputs_and_gradients():
     cfg = tiny_config()
     plain = build(cfg)
-    remat = build(dataclasses.replace(cfg, remat=True))
+    remat = build(dataclasses.replace(cfg, remat="full"))
     tokens = random_tokens(cfg, batch=2, length=6)
     positions, segments = single_segment(2, 6)
 

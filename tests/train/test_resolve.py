@@ -43,7 +43,7 @@ def test_a_pretrained_student_takes_the_checkpoints_architecture(hf_pair):
     hf = json.loads((student / "config.json").read_text())
     assert (model.family, model.d_model, model.n_layers, model.vocab_size, model.qkv_bias) == (
         "qwen2", hf["hidden_size"], hf["num_hidden_layers"], 208, True)
-    assert model.remat and model.init == "hf"  # the student's own choices stay
+    assert model.remat == "full" and model.init == "hf"  # the student's own choices stay
     assert cfg.model.d_model == 999  # the input config is not changed
     too_long = config_lib.load(None, ["model.init=hf", f"model.path={student}",
                                       "data.seq_len=128"])

@@ -1,0 +1,105 @@
+"""kd-jax plan: the step compiled from shapes alone, on placeholder devices; per-device figures
+that follow the mesh, the chunked loss and the attention, and a verdict on the memory given."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import cli_env
+
+SHAPES = Path(__file__).parents[2] / "configs" / "shapes"
+TINY = """
+model: {vocab_size: 4096, d_model: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, d_ff: 128,
+        max_seq_len: 4096}
+data: {seq_len: 512}
+train: {batch_size: 8, microbatches: 2}
+"""
+
+
+def plan(config: Path, *args: str) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "plan", str(config), *args],
+                            env=cli_env(1), capture_output=True, text=True, timeout=600)
+    return result.returncode, result.stdout + result.stderr
+
+
+def figure(output: str, label: str) -> float:
+    """A per-device figure of the table, in MiB."""
+    match = re.search(rf"^  {label}\s+([\d.]+) (GiB|MiB)", output, re.M)
+    assert match, (label, output)
+    return float(match.group(1)) * (1024 if match.group(2) == "GiB" else 1)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def test_parameters_and_optimizer_state_follow_the_mesh(config):
+    code, one = plan(config, "--devices", "1", "--device-memory", "1")
+    assert code == 0, one
+    code, eight = plan(config, "--devices", "8", "mesh.data=1", "mesh.fsdp=8",
+                       "mesh.student_layout=fsdp")
+    assert code == 0, eight
+    assert "8 devices" in eight and "fits" in one
+    # Every matrix splits its embed dimension over fsdp = 8; only the norm scales do not.
+    assert figure(eight, "student parameters") == pytest.approx(
+        figure(one, "student parameters") / 8, rel=0.02)
+    assert figure(one, "optimizer state") == pytest.approx(
+        2 * figure(one, "student parameters"), rel=0.02)  # AdamW: m and v
+    assert "largest temporaries:" in one and "f32[" in one
+
+
+def test_the_chunked_loss_and_blockwise_attention_shrink_the_temporaries(config):
+    """A vocabulary of 32,768 and 2,048 tokens a row, 4 rows a microbatch: the logits (1 GiB an
+    array) and the attention scores dominate the dense, unchunked step. What does not shrink
+    (the head's and the embedding's gradients, AdamW's updates) stays; benchmarks/memory.py
+    measures the loss alone."""
+    sizes = ["model.vocab_size=32768", "data.seq_len=2048"]
+    code, plain = plan(config, *sizes, "loss.chunk_tokens=-1", "model.attention=dense",
+                       "--device-memory", "2")
+    assert code == 0 and "does NOT fit" in plain
+    code, lean = plan(config, *sizes, "loss.chunk_tokens=512", "model.attention=blockwise",
+                      "model.attention_block=256", "--device-memory", "2")
+    assert code == 0 and ": fits" in lean
+    assert figure(lean, "temporaries") < 0.1 * figure(plain, "temporaries")
+
+
+def test_a_hf_teacher_and_student_from_config_json_alone(tmp_path):
+    """Shapes only: the folders hold a config.json, no weights, no tokenizer."""
+    for name in ("teacher", "student"):
+        (tmp_path / name).mkdir()
+    published = json.loads((SHAPES / "Llama-3.2-1B" / "config.json").read_text())
+    small = dict(published, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024)
+    (tmp_path / "student" / "config.json").write_text(json.dumps(small))
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(dict(
+        small, hidden_size=128, num_hidden_layers=3, head_dim=32, tie_word_embeddings=False)))
+    config = tmp_path / "hf.yaml"
+    config.write_text(f"""
+teacher: {{source: hf, path: {tmp_path / 'teacher'}, dtype: bfloat16}}
+model: {{init: hf, path: {tmp_path / 'student'}}}
+data: {{seq_len: 256}}
+train: {{batch_size: 4}}
+""")
+    code, output = plan(config, "--devices", "4", "mesh.data=1", "mesh.fsdp=4",
+                        "mesh.student_layout=fsdp", "mesh.teacher_layout=fsdp")
+    assert code == 0, output
+    teacher_params = 1024 * 128 * 2 + 3 * (128 * 4 * 32 + 2 * 128 * 2 * 32 + 4 * 32 * 128
+                                           + 3 * 128 * 128 + 2 * 128) + 128
+    assert figure(output, "teacher parameters") == pytest.approx(
+        teacher_params * 2 / 4 / 2**20, rel=0.05)  # bfloat16, a quarter per device
+
+
+def test_bad_input_is_one_line(config, tmp_path):
+    code, output = plan(config, "--devices", "0")
+    assert code == 2 and output.strip().splitlines()[-1].startswith("kd-jax: error:")
+    code, output = plan(config, "--devices", "3", "mesh.data=2")
+    assert code == 2 and "kd-jax: error:" in output and "Traceback" not in output
