@@ -56,13 +56,17 @@ class PureModel:
     graphdef: nnx.GraphDef
     template: nnx.State
 
-    def apply(self, params: Params, batch: Batch, with_layers: bool = False) -> ModelOutputs:
+    def apply(self, params: Params, batch: Batch, with_layers: bool = False,
+              activation_sharding: Any = None) -> ModelOutputs:
+        """The model's outputs; `activation_sharding` pins the residual stream between layers
+        (see `Transformer.__call__`)."""
         module = bind(self.graphdef, self.template, params)
+        args = batch["tokens"], batch["positions"], batch["segment_ids"]
         if with_layers:
-            hidden_btd, layers_lbtd = module(batch["tokens"], batch["positions"],
-                                             batch["segment_ids"], with_layers=True)
+            hidden_btd, layers_lbtd = module(*args, with_layers=True,
+                                             activation_sharding=activation_sharding)
             return ModelOutputs(hidden_btd, module.head_vd(), layers_lbtd)
-        hidden_btd = module(batch["tokens"], batch["positions"], batch["segment_ids"])
+        hidden_btd = module(*args, activation_sharding=activation_sharding)
         return ModelOutputs(hidden_btd, module.head_vd())
 
     def logits(self, params: Params, batch: Batch) -> jax.Array:

@@ -220,13 +220,24 @@ class Transformer(nnx.Module):
         return self.embedding[...] if cfg.tie_embeddings else self.head[...]
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array,
-                 segment_ids_bt: jax.Array, with_layers: bool = False):
+                 segment_ids_bt: jax.Array, with_layers: bool = False,
+                 activation_sharding: Any = None):
         """Final-normed hidden states [b, t, d]; with `with_layers`, also each layer's output
-        (the residual stream after it, before the final norm), stacked [layers, b, t, d]."""
+        (the residual stream after it, before the final norm), stacked [layers, b, t, d].
+
+        `activation_sharding` pins the residual stream [b, t, d] between layers (the batch split
+        over the devices): without it, XLA may keep fsdp-sharded weights in place and gather
+        the activations instead, every device then computing the whole batch.
+        """
         cfg = self.cfg
 
+        def pin(x_btd):
+            if activation_sharding is None:
+                return x_btd
+            return jax.lax.with_sharding_constraint(x_btd, activation_sharding)
+
         def layer_step(x_btd, layer):
-            x_btd = _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend, cfg)
+            x_btd = pin(_decoder_layer(x_btd, layer, cos_bth, sin_bth, attend, cfg))
             return x_btd, (x_btd if with_layers else None)
 
         # A config built in code may still say remat=True: coerce reads it as it reads YAML.
@@ -234,7 +245,7 @@ class Transformer(nnx.Module):
         if policy is not None:
             layer_step = jax.checkpoint(layer_step, policy=policy)
         x_btd, cos_bth, sin_bth, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
-        x_btd, layers_lbtd = jax.lax.scan(layer_step, x_btd, self._stacked())
+        x_btd, layers_lbtd = jax.lax.scan(layer_step, pin(x_btd), self._stacked())
         hidden_btd = rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
         return (hidden_btd, layers_lbtd) if with_layers else hidden_btd
 

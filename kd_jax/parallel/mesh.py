@@ -186,6 +186,14 @@ def logits_sharding(mesh: Mesh, rules: str | dict, vocab_size: int) -> NamedShar
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None, *vocab_spec))
 
 
+def activation_sharding(logits: NamedSharding | None) -> NamedSharding | None:
+    """Where a model's activations [batch, tokens, d] lie: the batch as its logits' batch (split
+    over data x fsdp), the rest whole. None for None."""
+    if logits is None:
+        return None
+    return NamedSharding(logits.mesh, PartitionSpec(logits.spec[0]))
+
+
 def batch_sharding(mesh: Mesh, batch_size: int | None = None,
                    what: str = "train.batch_size") -> NamedSharding:
     """Batch arrays [batch, ...] split on batch over data x fsdp; checks `batch_size` if given."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from kd_jax.losses.soft_targets import Projected
 from kd_jax.models.pure import PureModel
+from kd_jax.parallel.mesh import activation_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +30,9 @@ class OnlineTeacher:
     logits_sharding: Any = None
 
     def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> Projected:
-        outputs = jax.lax.stop_gradient(self.model.apply(params, batch))  # the teacher is frozen
+        outputs = self.model.apply(params, batch,
+                                   activation_sharding=activation_sharding(self.logits_sharding))
+        outputs = jax.lax.stop_gradient(outputs)  # the teacher is frozen
         return Projected(outputs.hidden_btd, outputs.head_vd, self.logits_sharding)
 
     def host_fields(self, rows: np.ndarray) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     figures.update(devices=jax.device_count(), mesh=dict(mesh.shape), largest=largest,
                    device_memory=device_memory_gb * GIB if device_memory_gb else None,
                    student=cfg.model.family, seq_len=cfg.data.seq_len,
-                   batch=cfg.train.batch_size, microbatches=cfg.train.microbatches)
+                   batch_size=cfg.train.batch_size, microbatches=cfg.train.microbatches)
     return figures
 
 
@@ -175,7 +175,8 @@ def plan_table(figures: dict[str, Any]) -> str:
             ("teacher parameters", "teacher_params"), ("batch", "batch"),
             ("temporaries", "temporaries"), ("total", "total")]
     lines = [f"per device, {figures['devices']} devices, mesh {figures['mesh']}; batch "
-             f"{figures['batch']} x {figures['seq_len']} tokens in {figures['microbatches']} "
+             f"{figures['batch_size']} x {figures['seq_len']} tokens in "
+             f"{figures['microbatches']} "
              "microbatches"]
     lines += [f"  {label:20s} {_size(figures[key]):>12s}" for label, key in rows]
     if figures.get("device_memory"):

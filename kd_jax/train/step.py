@@ -34,6 +34,7 @@ from kd_jax.config import LossConfig, ModelConfig, OptimizerConfig
 from kd_jax.losses.objective import objective
 from kd_jax.losses.soft_targets import SoftTargets
 from kd_jax.models.pure import Batch, Params, PureModel, init_params
+from kd_jax.parallel.mesh import activation_sharding
 
 
 class Teacher(Protocol):
@@ -99,8 +100,10 @@ def make_loss_fn(student: PureModel, teacher: Teacher | None, loss_cfg: LossConf
     left to XLA's propagation); the teacher pins its own.
     """
 
+    activations = activation_sharding(logits_sharding)
+
     def loss_fn(params, teacher_params, batch, num_valid_tokens):
-        outputs = student.apply(params, batch)
+        outputs = student.apply(params, batch, activation_sharding=activations)
         soft_targets = None if teacher is None else teacher.soft_targets(teacher_params, batch)
         return objective(outputs, soft_targets, batch["labels"], batch["loss_mask"],
                          config=loss_cfg, num_valid_tokens=num_valid_tokens,
@@ -118,7 +121,11 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
         return grad_fn(params, teacher_params, batch, num_valid_tokens)
 
     def split(x):
-        return x.reshape(microbatches, x.shape[0] // microbatches, *x.shape[1:])
+        # Microbatch m is rows m, m + k, m + 2k, ...: with the batch split over devices in
+        # contiguous blocks, every microbatch then has rows on every device (a contiguous split
+        # would put whole microbatches on single devices, and the others would idle or gather).
+        return jnp.swapaxes(x.reshape(x.shape[0] // microbatches, microbatches, *x.shape[1:]),
+                            0, 1)
 
     micro = jax.tree.map(split, batch)
     first = jax.tree.map(lambda x: x[0], micro)

@@ -195,9 +195,8 @@ def test_the_implementation_chosen_for_a_platform_and_length():
     assert attention.implementation(auto, 256, "cpu") == "dense"
     assert attention.implementation(auto, 1024, "cpu") == "blockwise"
     assert attention.implementation(bf16, 8192, "tpu") == "blockwise"
-    assert attention.implementation(bf16, 4096, "gpu") == "cudnn"
-    assert attention.implementation(bf16, 32768, "gpu") == "blockwise"  # cuDNN's mask too big
-    assert attention.implementation(auto, 4096, "gpu") == "blockwise"  # float32: no cuDNN
+    assert attention.implementation(bf16, 4096, "gpu") == "blockwise"  # cuDNN is opt-in
+    assert attention.implementation(ModelConfig(attention="cudnn"), 4096, "gpu") == "cudnn"
     assert attention.implementation(ModelConfig(attention="dense"), 8192, "gpu") == "dense"
     line = attention.describe(ModelConfig(attention_block=512), 8192, "cpu")
     assert line.startswith("attention blockwise") and "512-token" in line and "auto" in line
