@@ -20,6 +20,7 @@ from typing import Any, Literal
 from kd_jax.checks import closest
 
 DType = Literal["float32", "bfloat16"]
+TeacherDType = Literal["auto", "float32", "bfloat16"]
 # none: hard-label training; checkpoint: a `kd-jax train` run directory at `teacher.path`;
 # hf: a Hugging Face checkpoint directory at `teacher.path`;
 # cache: targets precomputed by `kd-jax precompute` into `cache.dir`
@@ -115,7 +116,9 @@ class TeacherConfig:
     # checked against the cache, and evaluated beside the student.
     source: TeacherSource = "none"
     path: str = ""
-    dtype: DType = "float32"  # teacher forward precision
+    # The frozen teacher's precision (parameters and forward pass). auto: bfloat16 for a Hugging
+    # Face checkpoint (what real teachers are published in), float32 for a kd-jax run.
+    dtype: TeacherDType = "auto"
     # The teacher's terms, recorded in an exported model card: a distilled model's user must be
     # able to show that the teacher's licence allows distillation.
     license: str = ""

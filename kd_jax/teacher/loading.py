@@ -25,6 +25,14 @@ from kd_jax.parallel.mesh import param_shardings, rules_for
 from kd_jax.run_dir import read_run
 
 
+def teacher_dtype(cfg: Config) -> str:
+    """`teacher.dtype` made concrete: auto is bfloat16 for a Hugging Face checkpoint, float32
+    for a kd-jax run."""
+    if cfg.teacher.dtype != "auto":
+        return cfg.teacher.dtype
+    return "bfloat16" if is_hf_checkpoint(cfg) else "float32"
+
+
 def is_hf_checkpoint(cfg: Config) -> bool:
     """Whether `teacher.path` is a Hugging Face checkpoint directory (`teacher.source: hf`, or
     the teacher a cache was built from), rather than a kd-jax run directory."""
@@ -57,7 +65,7 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
         raise ConfigError(
             f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} tokens) "
             f"differs from the student's ({cfg.data.tokenizer}, {tokenizer.vocab_size} tokens)")
-    model_cfg = dataclasses.replace(teacher_cfg.model, dtype=cfg.teacher.dtype, remat="none")
+    model_cfg = dataclasses.replace(teacher_cfg.model, dtype=teacher_dtype(cfg), remat="none")
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
                           f"max_seq_len ({model_cfg.max_seq_len})")
@@ -68,7 +76,7 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
         shardings = param_shardings(logical_axes(model.template), rules, mesh, abstract)
         abstract = checkpoint.placed(abstract, shardings)
     params = checkpoint.restore_params(path, abstract, step)
-    if cfg.teacher.dtype == "bfloat16":
+    if teacher_dtype(cfg) == "bfloat16":
         params = jax.jit(lambda tree: jax.tree.map(lambda p: p.astype(jnp.bfloat16), tree),
                          out_shardings=shardings)(params)
     return model, params, model_cfg
@@ -78,7 +86,7 @@ def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any
                      ) -> tuple[PureModel, Any, ModelConfig]:
     ckpt = open_checkpoint(cfg.teacher.path)
     check_same_tokenizer(Path(cfg.teacher.path), "teacher.path", tokenizer)
-    dtype = cfg.teacher.dtype
+    dtype = teacher_dtype(cfg)
     model_cfg = ckpt.model_config(ModelConfig(dtype=dtype, param_dtype=dtype))
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "

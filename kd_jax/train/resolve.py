@@ -18,6 +18,7 @@ from kd_jax.models import surgery
 from kd_jax.models.families import model_config
 from kd_jax.models.pretrained import read_config
 from kd_jax.run_dir import read_run
+from kd_jax.teacher.loading import teacher_dtype
 
 
 def resolve(cfg: Config) -> Config:
@@ -28,8 +29,10 @@ def resolve(cfg: Config) -> Config:
 
 
 def resolve_model(cfg: Config) -> Config:
-    """A copy of `cfg` with the student's architecture spelled out (no tokenizer, no data)."""
+    """A copy of `cfg` with the student's architecture and the teacher's dtype spelled out (no
+    tokenizer, no data)."""
     cfg = copy.deepcopy(cfg)
+    cfg.teacher.dtype = teacher_dtype(cfg)
     if cfg.model.init == "hf":
         cfg.model = model_config(read_config(cfg.model.path), cfg.model)
     elif cfg.model.init == "teacher":
