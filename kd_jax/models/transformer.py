@@ -41,12 +41,6 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# Names of the stacked per-layer weights every model has, in the order a layer uses them; the
-# family flags add bq, bk, bv (qkv_bias), bo (o_bias), q_norm and k_norm (qk_norm).
-LAYER_PARAM_NAMES = (
-    "attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
-
-
 def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any,
            axes: tuple[str, ...]) -> nnx.Param:
     # Drawn flat, then reshaped: eager init compiles one draw per shape, and XLA compiles a 1-D
