@@ -19,6 +19,7 @@ from typing import Any
 from kd_jax import checkpoint
 from kd_jax.config import Config, ConfigError
 from kd_jax.eval.report import eval_table
+from kd_jax.models.families import hf_config
 from kd_jax.models.pretrained import save_params
 from kd_jax.models.pure import abstract_model, count_params
 from kd_jax.run_dir import read_report, read_run
@@ -40,10 +41,10 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
         raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} exists and is not empty: export into a new directory")
-    base = _source_config(cfg)
-    from kd_jax.models.families import hf_config
-
+    source = _source_dir(cfg)
+    base = _source_config(source)
     hf_config(dataclasses.replace(cfg.model, param_dtype="float32"), base)  # refuse early
+    tokenizer = _tokenizer_file(cfg)
     model_cfg = dataclasses.replace(cfg.model, remat="none")
     _, abstract = abstract_model(model_cfg)
     params = checkpoint.restore_params(run_dir, abstract, step)
@@ -52,18 +53,20 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     written = save_params(params, model_cfg, partial, dtype, base)
-    tokenizer = _copy_tokenizer(cfg, partial)
-    generation = _source_dir(cfg) / "generation_config.json" if _source_dir(cfg) else None
-    if generation is not None and generation.is_file():
-        shutil.copy2(generation, partial / "generation_config.json")
+    if tokenizer is not None:
+        _copy_tokenizer(tokenizer, partial)
+    if source is not None and (source / "generation_config.json").is_file():
+        shutil.copy2(source / "generation_config.json", partial / "generation_config.json")
     report = read_report(run_dir)
-    (partial / "README.md").write_text(model_card(cfg, info, report, step, dtype, tokenizer,
-                                                  count_params(abstract)))
+    (partial / "README.md").write_text(model_card(
+        cfg, info, report, step, dtype, str(tokenizer) if tokenizer else None,
+        count_params(abstract)))
     if out_dir.exists():
         out_dir.rmdir()
     partial.rename(out_dir)
     return {"out_dir": str(out_dir), "step": step, "dtype": dtype,
-            "files": [path.name for path in written], "tokenizer": tokenizer}
+            "files": [path.name for path in written],
+            "tokenizer": str(tokenizer) if tokenizer else None}
 
 
 def _source_dir(cfg: Config) -> Path | None:
@@ -75,26 +78,29 @@ def _source_dir(cfg: Config) -> Path | None:
     return None
 
 
-def _source_config(cfg: Config) -> dict | None:
-    source = _source_dir(cfg)
+def _source_config(source: Path | None) -> dict | None:
     if source is None or not (source / "config.json").is_file():
         return None
     return json.loads((source / "config.json").read_text())
 
 
-def _copy_tokenizer(cfg: Config, out_dir: Path) -> str | None:
-    """Copy the run's tokenizer.json (and its companions); None for the byte tokenizer."""
+def _tokenizer_file(cfg: Config) -> Path | None:
+    """The run's tokenizer.json, checked before anything is written; None for bytes."""
     if cfg.data.tokenizer in ("byte", "auto"):
         return None
     path = Path(cfg.data.tokenizer)
     if not path.is_file():
         raise ConfigError(f"the run's tokenizer {path} is gone: it cannot be exported with "
                           "the model")
+    return path
+
+
+def _copy_tokenizer(path: Path, out_dir: Path) -> None:
+    """The tokenizer.json and its companions beside it."""
     shutil.copy2(path, out_dir / "tokenizer.json")
     for name in TOKENIZER_FILES:
         if (path.parent / name).is_file():
             shutil.copy2(path.parent / name, out_dir / name)
-    return str(path)
 
 
 def model_card(cfg: Config, info: dict, report: dict | None, step: int, dtype: str,

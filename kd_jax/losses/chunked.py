@@ -74,6 +74,7 @@ def chunked_objective(on_logits: Callable, hidden_btd, head_vd, soft_targets: So
     def from_chunks(x):
         return jnp.moveaxis(x, 0, 1).reshape(b, n_chunks * positions, *x.shape[3:])[:, :t]
 
+    soft_targets = jax.lax.stop_gradient(soft_targets)  # the teacher is frozen
     head_shared = None
     if isinstance(soft_targets, Projected):  # the teacher's head is shared by every chunk
         head_shared = soft_targets.head
@@ -86,8 +87,6 @@ def chunked_objective(on_logits: Callable, hidden_btd, head_vd, soft_targets: So
         "labels": to_chunks(labels_bt),
         "mask": to_chunks(loss_mask_bt, fill_edge=False),
     }
-    if soft_targets is not None:
-        chunks["targets"] = jax.tree.map(jax.lax.stop_gradient, chunks["targets"])
 
     def chunk_loss(hidden_c, head, targets_c, labels_c, mask_c):
         logits_bcv = jnp.einsum("bcd,vd->bcv", hidden_c, head.astype(hidden_c.dtype),

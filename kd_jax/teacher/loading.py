@@ -66,14 +66,8 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
             f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} tokens) "
             f"differs from the student's ({cfg.data.tokenizer}, {tokenizer.vocab_size} tokens)")
     model_cfg = dataclasses.replace(teacher_cfg.model, dtype=teacher_dtype(cfg), remat="none")
-    if cfg.data.seq_len > model_cfg.max_seq_len:
-        raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
-                          f"max_seq_len ({model_cfg.max_seq_len})")
-    model, abstract = abstract_model(model_cfg)
-    shardings = None
-    if mesh is not None:
-        rules = rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules, "mesh.teacher_rules")
-        shardings = param_shardings(logical_axes(model.template), rules, mesh, abstract)
+    model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
+    if shardings is not None:
         abstract = checkpoint.placed(abstract, shardings)
     params = checkpoint.restore_params(path, abstract, step)
     if teacher_dtype(cfg) == "bfloat16":
@@ -88,15 +82,23 @@ def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any
     check_same_tokenizer(Path(cfg.teacher.path), "teacher.path", tokenizer)
     dtype = teacher_dtype(cfg)
     model_cfg = ckpt.model_config(ModelConfig(dtype=dtype, param_dtype=dtype))
+    model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
+    return model, load_params(ckpt, model_cfg, abstract, shardings), model_cfg
+
+
+def teacher_model(cfg: Config, model_cfg: ModelConfig, mesh: Any
+                  ) -> tuple[PureModel, Any, Any]:
+    """The teacher described by `model_cfg`, as shapes: (model, abstract params, their
+    shardings by `mesh.teacher_layout`, or None without a mesh); checks the sequence fits."""
     if cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
-                          f"max_position_embeddings ({model_cfg.max_seq_len})")
+                          f"max_seq_len ({model_cfg.max_seq_len})")
     model, abstract = abstract_model(model_cfg)
     shardings = None
     if mesh is not None:
         rules = rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules, "mesh.teacher_rules")
         shardings = param_shardings(logical_axes(model.template), rules, mesh, abstract)
-    return model, load_params(ckpt, model_cfg, abstract, shardings), model_cfg
+    return model, abstract, shardings
 
 
 def check_same_tokenizer(checkpoint_dir: Path, key: str, tokenizer: Tokenizer) -> None:

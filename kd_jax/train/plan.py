@@ -25,10 +25,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from kd_jax.checkpoint import placed
 from kd_jax.config import Config, ConfigError
 from kd_jax.models.pure import abstract_model, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement
+from kd_jax.teacher.loading import teacher_model
 from kd_jax.teacher.online import OnlineTeacher
 from kd_jax.train import step as step_lib
 from kd_jax.train.resolve import resolve_model, teacher_model_config
@@ -60,13 +62,11 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     if cfg.teacher.source in ("checkpoint", "hf"):
         teacher_cfg = dataclasses.replace(teacher_model_config(cfg), dtype=cfg.teacher.dtype,
                                           param_dtype=cfg.teacher.dtype)
+        model, teacher_abstract, teacher_shardings = teacher_model(cfg, teacher_cfg, mesh)
+        teacher_params = placed(teacher_abstract, teacher_shardings)
         teacher_rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
                                            "mesh.teacher_rules")
-        teacher_model, teacher_abstract = abstract_model(teacher_cfg)
-        teacher_shardings = mesh_lib.param_shardings(
-            logical_axes(teacher_model.template), teacher_rules, mesh, teacher_abstract)
-        teacher_params = _placed(teacher_abstract, teacher_shardings)
-        teacher = OnlineTeacher(teacher_model, mesh_lib.logits_sharding(
+        teacher = OnlineTeacher(model, mesh_lib.logits_sharding(
             mesh, teacher_rules, teacher_cfg.vocab_size))
     tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), abstract)
@@ -82,21 +82,16 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
         state_shardings, jax.tree.map(lambda p: p.sharding, teacher_params),
         placement.sharding), out_shardings=(state_shardings, mesh_lib.replicated(mesh)))
     with tempfile.TemporaryDirectory() as dump:
-        compiled = jitted.lower(_placed(abstract_state, state_shardings), teacher_params,
+        compiled = jitted.lower(placed(abstract_state, state_shardings), teacher_params,
                                 batch).compile(compiler_options={"xla_dump_to": dump})
         largest = largest_temporaries(Path(dump), top)
-    figures = memory_figures(compiled, _placed(abstract_state, state_shardings),
+    figures = memory_figures(compiled, placed(abstract_state, state_shardings),
                              teacher_params, batch)
     figures.update(devices=jax.device_count(), mesh=dict(mesh.shape), largest=largest,
                    device_memory=device_memory_gb * GIB if device_memory_gb else None,
                    student=cfg.model.family, seq_len=cfg.data.seq_len,
                    batch_size=cfg.train.batch_size, microbatches=cfg.train.microbatches)
     return figures
-
-
-def _placed(abstract: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(
-        leaf.shape, leaf.dtype, sharding=sharding), abstract, shardings)
 
 
 def _device_bytes(tree: Any) -> int:
