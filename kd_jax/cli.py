@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("config", help="experiment YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value")
+    text = ("tokenize and pack the configured data once into the token store data.store "
+            "(resumable; train, distill, eval and precompute then read it)")
+    p = sub.add_parser("prepare", help=text, description=text)
+    p.add_argument("config", help="experiment YAML file (data.store and the data section)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
     text = "run the teacher once and cache its targets in cache.dir (topk, sample or full)"
     p = sub.add_parser("precompute", help=text, description=text)
     p.add_argument("config", help="experiment YAML file (teacher.path, cache.dir, cache.mode)")
@@ -84,10 +89,9 @@ def _cache_command(args) -> None:
         expected = None
         if args.config:
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax.cache.fingerprints import packed_row_hashes
             from kd_jax.train.builder import load_data
 
-            expected = packed_row_hashes(load_data(cfg).train)
+            expected = load_data(cfg).train.row_hashes()
         elif args.overrides:
             raise ConfigError("overrides need --config")
         result = shards.verify(args.dir, expected)
@@ -141,6 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             result = evaluate_checkpoint(target, overrides)
             print(eval_table(result))
             print(f"wrote {target / 'report.json'}")
+        elif args.command == "prepare":
+            cfg = config_lib.load(args.config, args.overrides)
+            from kd_jax.train.builder import prepare_data
+
+            summary = prepare_data(cfg)
+            done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]
+                    else "already prepared, nothing tokenized")
+            print(f"{summary['store']}: {done}; {summary['documents']:,} documents, "
+                  f"{summary['tokens']:,} tokens, {summary['train_rows']:,} training and "
+                  f"{summary['heldout_rows']:,} held-out rows of {summary['seq_len']} tokens")
         elif args.command == "precompute":
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.train.precompute import precompute

@@ -42,7 +42,6 @@ import numpy as np
 
 from kd_jax.cache import shards
 from kd_jax.cache.api_responses import fit, parse, read_lines
-from kd_jax.cache.codec import row_hashes
 from kd_jax.cache.fingerprints import packing_fingerprint
 from kd_jax.cache.manifest import (
     VALUE_DTYPES,
@@ -54,7 +53,7 @@ from kd_jax.cache.manifest import (
     read_manifest,
     shard_rows,
 )
-from kd_jax.data.packing import Packed, covered_bytes
+from kd_jax.data.packing import Packed, covered_bytes, row_hashes
 from kd_jax.data.tokenizers import Tokenizer
 
 ROWS_NAME = "rows.npz"

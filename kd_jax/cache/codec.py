@@ -1,5 +1,5 @@
-"""How a cache's values become bytes: the fields of each mode, bit packing, 16-bit floats
-without their sign, and the hash of a data row.
+"""How a cache's values become bytes: the fields of each mode, bit packing, and 16-bit floats
+without their sign.
 
 Fields per mode (T = seq_len, V = vocab_size, id_bits = max(1, ceil(log2 V))):
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import math
 from typing import Any
 
@@ -165,31 +164,3 @@ def decode_floats(codes: np.ndarray, field: Field) -> np.ndarray:
         return (codes.astype(np.uint16) | sign_bit).view(np.float16).astype(np.float32)
     sign_bit = np.uint32(0x80000000 if field.sign < 0 else 0)
     return (codes.astype(np.uint32) | sign_bit).view(np.float32)
-
-
-def row_hashes(tokens: np.ndarray, segment_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
-    """uint64 [rows]: blake2b-64 of each row's tokens, segment_ids, loss_mask as int32 LE bytes.
-
-    A cache row and a data row with the same hash were built from the same packed sequence.
-    """
-    arrays = []
-    for name, array in (("tokens", tokens), ("segment_ids", segment_ids),
-                        ("loss_mask", loss_mask)):
-        array = np.asarray(array)
-        if array.ndim != 2 or array.dtype.kind not in "iu":
-            raise ValueError(f"{name} must be an integer array [rows, seq_len], got "
-                             f"{array.dtype} {array.shape}")
-        as_int32 = np.ascontiguousarray(array, dtype="<i4")
-        if not np.array_equal(as_int32, array):
-            raise ValueError(f"{name} has values outside int32")
-        arrays.append(as_int32)
-    if len({array.shape for array in arrays}) != 1:
-        raise ValueError(f"tokens, segment_ids and loss_mask differ in shape: "
-                         f"{[array.shape for array in arrays]}")
-    hashes = np.empty(arrays[0].shape[0], dtype=np.uint64)
-    for row in range(len(hashes)):
-        digest = hashlib.blake2b(digest_size=8)
-        for array in arrays:
-            digest.update(array[row])
-        hashes[row] = int.from_bytes(digest.digest(), "little")
-    return hashes

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_jax.cache.codec import row_hashes
 from kd_jax.config import Config
 from kd_jax.data.batches import fingerprint as data_fingerprint
-from kd_jax.data.packing import Packed
+from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer
 
 
@@ -65,17 +64,12 @@ def packing_fingerprint(seq_len: int, hashes: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def packed_row_hashes(rows: Packed) -> np.ndarray:
-    """`codec.row_hashes` of packed rows: what each cache row is checked against."""
-    return row_hashes(rows.tokens, rows.segment_ids, rows.loss_mask)
-
-
-def fingerprints(cfg: Config, tokenizer: Tokenizer, train: Packed, teacher: str | None
+def fingerprints(cfg: Config, tokenizer: Tokenizer, train: Rows, teacher: str | None
                  ) -> dict[str, str]:
     """The four parts a cache depends on; `teacher` is `teacher_fingerprint` (None: unknown)."""
     parts = {"teacher": teacher} if teacher is not None else {}
     parts["tokenizer"] = tokenizer.fingerprint
     if cfg.data.source != "cache":  # an imported cache's rows are its own data
         parts["data"] = _data_identity(cfg, tokenizer)
-    parts["packing"] = packing_fingerprint(cfg.data.seq_len, packed_row_hashes(train))
+    parts["packing"] = packing_fingerprint(cfg.data.seq_len, train.row_hashes())
     return parts

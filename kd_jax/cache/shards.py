@@ -9,7 +9,7 @@ A shard file is, in order:
                   offset of the row hashes and the data size. It is a function of the manifest
                   and the shard index alone, so a reader rebuilds it and compares bytes.
     data          each field, row after row, bit-packed (`kd_jax.cache.codec`)
-    row hashes    uint64 little-endian per row (`codec.row_hashes`)
+    row hashes    uint64 little-endian per row (`kd_jax.data.packing.row_hashes`)
     trailer       sha256 of every byte before it
 
 Writing: a shard goes to a temporary name in `shards/`

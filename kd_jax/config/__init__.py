@@ -136,6 +136,15 @@ class DataConfig:
     text_column: str = "text"
     prompt_column: str = ""  # with response_column: chat-style data, loss on the response only
     response_column: str = ""
+    # A column of chat conversations ([{role, content}, ...]) rendered with the tokenizer's own
+    # chat template; the loss covers the assistant turns only.
+    messages_column: str = ""
+    # Read a hub dataset as a stream (nothing downloaded in full first); needs data.store.
+    streaming: bool = False
+    # A token store: the data tokenized and packed once into memory-mapped files there
+    # (`kd-jax prepare`, or the first run that needs it); empty: packed in memory at each start.
+    store: str = ""
+    store_shard_mb: float = 64.0  # text per token-store shard: the unit of a resumed prepare
     # auto: the checkpoint's tokenizer.json (model.path, else an hf teacher's), else byte;
     # byte; or a Hugging Face tokenizer.json (or a directory holding one)
     tokenizer: str = "auto"

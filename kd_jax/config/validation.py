@@ -50,6 +50,20 @@ def check(config: Config) -> None:
         raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {d.heldout_fraction}")
     if bool(d.prompt_column) != bool(d.response_column):
         raise ConfigError("data.prompt_column and data.response_column must be set together")
+    if d.messages_column and d.prompt_column:
+        raise ConfigError("data.messages_column and data.prompt_column are two chat formats; "
+                          "set one")
+    if d.streaming and not d.store:
+        raise ConfigError("data.streaming needs data.store: a streamed dataset is read once, "
+                          "into a token store")
+    if d.streaming and d.source != "hub":
+        raise ConfigError(f"data.streaming applies to source 'hub' (local {d.source} files are "
+                          "always read as a stream into the store)")
+    if d.store and d.source == "cache":
+        raise ConfigError("data.store does not apply to data.source 'cache' (the cache holds "
+                          "its rows)")
+    if not d.store_shard_mb > 0:
+        raise ConfigError(f"data.store_shard_mb must be > 0, got {d.store_shard_mb}")
     if opt.lr <= 0 or opt.warmup_steps < 0 or not 0.0 <= opt.min_lr_ratio <= 1.0:
         raise ConfigError(
             "optimizer: lr must be > 0, warmup_steps >= 0 and min_lr_ratio in [0, 1]")

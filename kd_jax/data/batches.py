@@ -14,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from kd_jax.config import ConfigError, DataConfig
-from kd_jax.data.packing import BATCH_KEYS, Packed
+from kd_jax.data.packing import BATCH_KEYS, Rows
 from kd_jax.data.tokenizers import Tokenizer
 
 _FINGERPRINT_VERSION = "kd_jax.data/1"  # bump when packing or batching changes meaning
@@ -30,17 +30,17 @@ class Batches:
     same thing for any number of processes or devices.
     """
 
-    def __init__(self, packed: Packed, global_batch: int, seed: int):
+    def __init__(self, data: Rows, global_batch: int, seed: int):
         if global_batch <= 0:
             raise ConfigError(f"train.batch_size must be > 0, got {global_batch}")
-        self.packed = packed
+        self.data = data
         self.global_batch = global_batch
         self.seed = seed
         self._permutations: dict[int, np.ndarray] = {}
 
     @property
     def n_rows(self) -> int:
-        return self.packed.n_rows
+        return self.data.n_rows
 
     def position(self, step: int) -> int:
         """Global sequences consumed before `step`; independent of the process count."""
@@ -68,11 +68,11 @@ class Batches:
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The arrays of `rows`, int32 [len(rows), seq_len] each."""
-        return {key: getattr(self.packed, key)[rows].astype(np.int32) for key in BATCH_KEYS}
+        return self.data.take(rows)
 
 
-def heldout_batches(packed: Packed, batch: int, max_sequences: int) -> Iterator[dict[str,
-                                                                                     np.ndarray]]:
+def heldout_batches(data: Rows, batch: int, max_sequences: int) -> Iterator[dict[str,
+                                                                                 np.ndarray]]:
     """The first `max_sequences` rows (all if <= 0) in order, in batches of exactly `batch`.
 
     The last batch is filled with all-zero rows (loss_mask 0), so the jitted evaluation
@@ -80,20 +80,21 @@ def heldout_batches(packed: Packed, batch: int, max_sequences: int) -> Iterator[
     """
     if batch <= 0:
         raise ConfigError(f"evaluation batch must be > 0, got {batch}")
-    n_rows = scored_rows(packed, max_sequences)
+    n_rows = scored_rows(data, max_sequences)
     for first in range(0, n_rows, batch):
         last = min(first + batch, n_rows)
+        rows = data.take(np.arange(first, last))
         out = {}
         for key in BATCH_KEYS:
-            values = np.zeros((batch, packed.seq_len), dtype=np.int32)
-            values[: last - first] = getattr(packed, key)[first:last]
+            values = np.zeros((batch, data.seq_len), dtype=np.int32)
+            values[: last - first] = rows[key]
             out[key] = values
         yield out
 
 
-def scored_rows(packed: Packed, max_sequences: int) -> int:
+def scored_rows(data: Rows, max_sequences: int) -> int:
     """How many held-out rows an evaluation scores: the first `max_sequences`, or all (<= 0)."""
-    return min(max_sequences, packed.n_rows) if max_sequences > 0 else packed.n_rows
+    return min(max_sequences, data.n_rows) if max_sequences > 0 else data.n_rows
 
 
 def fingerprint(cfg: DataConfig, tokenizer: Tokenizer) -> str:

@@ -1,9 +1,12 @@
 """Documents: where the text comes from, and which documents are held out.
 
-A source yields `Document`s: plain text, or a (prompt, response) pair whose loss covers only the
-response. Sources are the running interpreter's standard library (`stdlib`, no download), local
-text/JSON/Parquet/CSV files and Hugging Face Hub datasets (both through `datasets`, imported only
-when used). Adding a source touches this module only.
+A source yields `Document`s: plain text, a (prompt, response) pair whose loss covers only the
+response, or a chat conversation rendered with the tokenizer's chat template whose loss covers
+the assistant turns (`kd_jax.data.chat`). Sources are the running interpreter's standard library
+(`stdlib`, no download), local text/JSON/Parquet/CSV files and Hugging Face Hub datasets (both
+through `datasets`, imported only when used). `load_documents` returns them all, for packing in
+memory; `iter_documents` streams them, for a token store. Adding a source touches this module
+only.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import glob
 import os
 import sysconfig
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -29,41 +32,46 @@ _HELDOUT_STREAM = 0x4D1D
 
 @dataclasses.dataclass(frozen=True)
 class Document:
-    """Plain text, or a (prompt, response) pair whose loss covers only the response."""
+    """Plain text, a (prompt, response) pair whose loss covers only the response, or a
+    rendered chat: (text, trained) pieces whose loss covers the trained ones."""
 
     text: str  # the whole document, or the response when `prompt` is set
     prompt: str | None = None
     name: str = ""  # where it came from: a file's relative path, or "row 17"
+    pieces: tuple[tuple[str, bool], ...] = ()  # a chat rendered by its template
 
 
 def load_documents(cfg: DataConfig) -> tuple[list[Document], list[Document]]:
     """Return (train, heldout) documents for `cfg`; raises ConfigError for a user mistake."""
+    check_source(cfg)
     if cfg.source == "stdlib":
-        if cfg.heldout_split:
-            raise ConfigError("data.heldout_split applies to source 'hub' only; the stdlib "
-                              "source holds out files by data.heldout_fraction")
-        documents = _stdlib_documents()
-        train, heldout = _hold_out(documents, cfg)
+        train, heldout = _hold_out(_stdlib_documents(), cfg)
     elif cfg.source in _FILE_BUILDERS:
-        if cfg.heldout_split:
-            raise ConfigError(f"data.heldout_split applies to source 'hub' only; for local "
-                              f"'{cfg.source}' files, documents are held out by "
-                              f"data.heldout_fraction")
-        documents = _dataset_documents(cfg, cfg.split)
-        train, heldout = _hold_out(documents, cfg)
-    elif cfg.source == "hub":
-        if not cfg.path:
-            raise ConfigError("data.path must name a Hugging Face dataset for source 'hub'")
+        train, heldout = _hold_out(_dataset_documents(cfg, cfg.split), cfg)
+    else:
         documents = _dataset_documents(cfg, cfg.split)
         if cfg.heldout_split:
             train, heldout = documents, _dataset_documents(cfg, cfg.heldout_split)
         else:
             train, heldout = _hold_out(documents, cfg)
-    else:
-        raise ConfigError(f"data.source: unknown source '{cfg.source}'")
     if cfg.max_documents > 0:
         train = train[: cfg.max_documents]
     return train, heldout
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Refuse settings that do not fit the source, before anything is read."""
+    if cfg.source not in ("stdlib", "hub", *_FILE_BUILDERS):
+        raise ConfigError(f"data.source: unknown source '{cfg.source}'")
+    if cfg.source == "hub" and not cfg.path:
+        raise ConfigError("data.path must name a Hugging Face dataset for source 'hub'")
+    if cfg.heldout_split and cfg.source == "stdlib":
+        raise ConfigError("data.heldout_split applies to source 'hub' only; the stdlib "
+                          "source holds out files by data.heldout_fraction")
+    if cfg.heldout_split and cfg.source != "hub":
+        raise ConfigError(f"data.heldout_split applies to source 'hub' only; for local "
+                          f"'{cfg.source}' files, documents are held out by "
+                          f"data.heldout_fraction")
 
 
 def _describe(cfg: DataConfig) -> str:
@@ -87,7 +95,7 @@ def _stdlib_documents() -> list[Document]:
     return documents
 
 
-def _data_files(cfg: DataConfig) -> list[str]:
+def data_files(cfg: DataConfig) -> list[str]:
     patterns = [pattern.strip() for pattern in cfg.path.split(",") if pattern.strip()]
     if not patterns:
         raise ConfigError(f"data.path must list the {cfg.source} files to read")
@@ -101,54 +109,120 @@ def _data_files(cfg: DataConfig) -> list[str]:
     return files
 
 
-def _dataset_documents(cfg: DataConfig, split: str) -> list[Document]:
+def _load_dataset(cfg: DataConfig, split: str, streaming: bool) -> Any:
+    """The `datasets` dataset of `cfg` (an IterableDataset when `streaming`)."""
     try:
         import datasets
     except ImportError:
         raise ConfigError(f"data.source '{cfg.source}' needs the 'datasets' package") from None
     if cfg.source != "hub":
-        files = _data_files(cfg)
+        files = data_files(cfg)
         if all(os.path.getsize(file) == 0 for file in files):
             raise ConfigError(f"{_describe(cfg)} is empty: every file matched has 0 bytes")
     try:
         if cfg.source == "hub":
-            dataset = datasets.load_dataset(cfg.path, cfg.name or None, split=split)
-        else:
-            dataset = datasets.load_dataset(cfg.source, data_files=files, split=split)
+            return datasets.load_dataset(cfg.path, cfg.name or None, split=split,
+                                         streaming=streaming)
+        return datasets.load_dataset(cfg.source, data_files=files, split=split,
+                                     streaming=streaming)
     except Exception as err:  # noqa: BLE001 - datasets raises many types; the CLI wants one line
-        # DatasetGenerationError wraps the parser's error (a malformed json line, say).
-        cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) \
-            and err.__cause__ is not None else err
-        reason = (str(cause).strip().splitlines() or [""])[0] or type(cause).__name__
-        raise ConfigError(f"could not load {_describe(cfg)}: {reason}") from None
-    if len(dataset) == 0:
-        raise ConfigError(f"{_describe(cfg)} is empty: 0 rows")
+        raise ConfigError(f"could not load {_describe(cfg)}: {_first_line(err)}") from None
 
-    chat = bool(cfg.prompt_column)
-    keys = ("prompt_column", "response_column") if chat else ("text_column",)
-    wanted = [getattr(cfg, key) for key in keys]
-    available = list(dataset.column_names)
-    for key, column in zip(keys, wanted):
+
+def _first_line(err: BaseException) -> str:
+    import datasets
+
+    # DatasetGenerationError wraps the parser's error (a malformed json line, say).
+    cause = err.__cause__ if isinstance(err, datasets.exceptions.DatasetGenerationError) \
+        and err.__cause__ is not None else err
+    return (str(cause).strip().splitlines() or [""])[0] or type(cause).__name__
+
+
+def _columns(cfg: DataConfig) -> tuple[tuple[str, ...], list[str]]:
+    """The config keys naming the columns read, and those columns."""
+    if cfg.messages_column:
+        keys = ("messages_column",)
+    elif cfg.prompt_column:
+        keys = ("prompt_column", "response_column")
+    else:
+        keys = ("text_column",)
+    return keys, [getattr(cfg, key) for key in keys]
+
+
+def _check_columns(cfg: DataConfig, available: list[str]) -> None:
+    for key, column in zip(*_columns(cfg)):
         if column not in available:
             raise ConfigError(f"data.{key}: column '{column}' is not in {_describe(cfg)}; "
                               f"available columns: {', '.join(available) or '(none)'}")
-    columns = {column: list(dataset[column]) for column in wanted}
 
-    documents = []
-    if chat:
-        rows = zip(columns[cfg.prompt_column], columns[cfg.response_column])
-        for index, (prompt, response) in enumerate(rows):
-            prompt, response = _as_text(prompt), _as_text(response)
-            if prompt or response:
-                documents.append(Document(text=response, prompt=prompt, name=f"row {index}"))
-    else:
-        for index, text in enumerate(columns[cfg.text_column]):
-            text = _as_text(text)
-            if text:
-                documents.append(Document(text=text, name=f"row {index}"))
+
+def _row_document(cfg: DataConfig, row: dict[str, Any], index: int, chat: Any
+                  ) -> Document | None:
+    """The document of one dataset row, or None for an empty one."""
+    name = f"row {index}"
+    if cfg.messages_column:
+        try:
+            pieces = chat.pieces(row[cfg.messages_column])
+        except ValueError as err:
+            raise ConfigError(f"{_describe(cfg)}, {name}: {err}") from None
+        return Document(text="", name=name, pieces=tuple(pieces)) if pieces else None
+    if cfg.prompt_column:
+        prompt, response = _as_text(row[cfg.prompt_column]), _as_text(row[cfg.response_column])
+        return Document(text=response, prompt=prompt, name=name) if prompt or response else None
+    text = _as_text(row[cfg.text_column])
+    return Document(text=text, name=name) if text else None
+
+
+def _chat_template(cfg: DataConfig) -> Any:
+    if not cfg.messages_column:
+        return None
+    if cfg.tokenizer == "byte":
+        raise ConfigError("data.messages_column needs a Hugging Face tokenizer with a chat "
+                          "template (data.tokenizer is 'byte')")
+    from kd_jax.data.chat import load_chat_template
+
+    return load_chat_template(cfg.tokenizer)
+
+
+def _dataset_documents(cfg: DataConfig, split: str) -> list[Document]:
+    dataset = _load_dataset(cfg, split, streaming=False)
+    if len(dataset) == 0:
+        raise ConfigError(f"{_describe(cfg)} is empty: 0 rows")
+    _check_columns(cfg, list(dataset.column_names))
+    chat = _chat_template(cfg)
+    dataset = dataset.select_columns(_columns(cfg)[1])
+    documents = [doc for index, row in enumerate(dataset)
+                 if (doc := _row_document(cfg, row, index, chat)) is not None]
     if not documents:
         raise ConfigError(f"{_describe(cfg)} is empty: no non-empty documents")
     return documents
+
+
+def iter_documents(cfg: DataConfig, split: str) -> Iterator[Document]:
+    """The documents of one split, one at a time, never all in memory: what a token store is
+    prepared from. Local files are read as a stream; a hub dataset too with `data.streaming`.
+
+    The documents and their order are `load_documents`' before holding any out."""
+    if cfg.source == "stdlib":
+        yield from _stdlib_documents()
+        return
+    chat = _chat_template(cfg)
+    dataset = _load_dataset(cfg, split, streaming=cfg.source != "hub" or cfg.streaming)
+    count = 0
+    try:
+        for index, row in enumerate(dataset):
+            if index == 0:
+                _check_columns(cfg, list(row))
+            doc = _row_document(cfg, row, index, chat)
+            if doc is not None:
+                count += 1
+                yield doc
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a parser error met while streaming: one line
+        raise ConfigError(f"could not read {_describe(cfg)}: {_first_line(err)}") from None
+    if not count:
+        raise ConfigError(f"{_describe(cfg)} is empty: no non-empty documents")
 
 
 def _as_text(value: Any) -> str:
@@ -159,12 +233,18 @@ def _as_text(value: Any) -> str:
 
 def _hold_out(documents: list[Document], cfg: DataConfig) -> tuple[list[Document], list[Document]]:
     """A seeded draw of whole documents (files, for stdlib); both parts keep the source order."""
-    if len(documents) < 2:
-        raise ConfigError(f"{_describe(cfg)} has {len(documents)} document; at least 2 are "
+    heldout = heldout_mask(len(documents), cfg)
+    return ([doc for doc, out in zip(documents, heldout) if not out],
+            [doc for doc, out in zip(documents, heldout) if out])
+
+
+def heldout_mask(n_documents: int, cfg: DataConfig) -> np.ndarray:
+    """bool [n_documents]: which documents `data.heldout_fraction` holds out, by seeded draw."""
+    if n_documents < 2:
+        raise ConfigError(f"{_describe(cfg)} has {n_documents} document; at least 2 are "
                           "needed to hold some out (data.heldout_fraction)")
-    n_heldout = min(len(documents) - 1, max(1, round(cfg.heldout_fraction * len(documents))))
-    order = np.random.default_rng([cfg.seed, _HELDOUT_STREAM]).permutation(len(documents))
-    heldout_indices = set(order[:n_heldout].tolist())
-    train = [doc for i, doc in enumerate(documents) if i not in heldout_indices]
-    heldout = [doc for i, doc in enumerate(documents) if i in heldout_indices]
-    return train, heldout
+    n_heldout = min(n_documents - 1, max(1, round(cfg.heldout_fraction * n_documents)))
+    order = np.random.default_rng([cfg.seed, _HELDOUT_STREAM]).permutation(n_documents)
+    mask = np.zeros(n_documents, dtype=bool)
+    mask[order[:n_heldout]] = True
+    return mask

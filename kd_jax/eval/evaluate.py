@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from kd_jax.data.batches import heldout_batches, scored_rows
-from kd_jax.data.packing import Packed, covered_bytes
+from kd_jax.data.packing import Rows, covered_bytes
 from kd_jax.eval.metrics import summarize, token_stats
 from kd_jax.models.pure import PureModel
 
@@ -38,7 +38,7 @@ def make_eval_fn(student: PureModel, teacher: PureModel | None, valid_vocab: int
     return eval_fn
 
 
-def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: Packed,
+def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: Rows,
              byte_lengths: np.ndarray, batch_size: int, max_sequences: int,
              place: Callable | None = None) -> dict[str, dict]:
     """Run the jitted `eval_fn` over the first `max_sequences` held-out rows; host-side summary.
@@ -46,18 +46,18 @@ def evaluate(eval_fn: Callable, params: Any, teacher_params: Any, heldout: Packe
     `place` turns each host batch into the arrays `eval_fn` takes (e.g. this process's rows of
     a global batch on a mesh); by default the host batch goes in as it is.
     """
-    totals = None
+    totals, byte_count = None, 0.0
     rows = scored_rows(heldout, max_sequences)
     for batch in heldout_batches(heldout, batch_size, rows):
+        byte_count += covered_bytes(batch["labels"], batch["loss_mask"], byte_lengths)
         sums = eval_fn(params, teacher_params, batch if place is None else place(batch))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals)  # note: the one host sync of an evaluation
-    byte_count = covered_bytes(heldout.labels[:rows], heldout.loss_mask[:rows], byte_lengths)
     return {name: summarize(sums, byte_count=byte_count) for name, sums in totals.items()}
 
 
-def heldout_bytes(heldout: Packed, max_sequences: int) -> bytes:
+def heldout_bytes(heldout: Rows, max_sequences: int) -> bytes:
     """The label bytes the evaluation scores, in order (byte-level tokenizer only)."""
-    rows = scored_rows(heldout, max_sequences)
-    mask = heldout.loss_mask[:rows].astype(bool)
-    return heldout.labels[:rows][mask].astype(np.uint8).tobytes()
+    rows = heldout.take(np.arange(scored_rows(heldout, max_sequences)))
+    mask = rows["loss_mask"].astype(bool)
+    return rows["labels"][mask].astype(np.uint8).tobytes()

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from kd_jax.cache.fingerprints import fingerprints, packed_row_hashes
+from kd_jax.cache.fingerprints import fingerprints
 from kd_jax.cache.manifest import check_fingerprints, read_manifest
 from kd_jax.cache.reader import CacheReader
 from kd_jax.cache.shards import check_shards
 from kd_jax.config import Config, ConfigError, LossConfig
-from kd_jax.data.packing import Packed
+from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer
 from kd_jax.losses.soft_targets import Dense, Sampled, SoftTargets, TopK
 
@@ -52,7 +52,7 @@ class CachedTeacher:
         self.reader.close()
 
 
-def open_cache(cfg: Config, tokenizer: Tokenizer, train: Packed, teacher: str | None
+def open_cache(cfg: Config, tokenizer: Tokenizer, train: Rows, teacher: str | None
                ) -> CachedTeacher:
     """`cache.dir`, checked against this run; `teacher` is the teacher run's fingerprint (or
     None when the config names no teacher run)."""
@@ -64,7 +64,7 @@ def open_cache(cfg: Config, tokenizer: Tokenizer, train: Packed, teacher: str | 
     check_fingerprints(manifest, expected, cache_dir)
     check_loss(cfg.loss, manifest, cache_dir)
     check_shards(cache_dir, manifest)
-    return CachedTeacher(cache_dir, manifest["mode"], packed_row_hashes(train))
+    return CachedTeacher(cache_dir, manifest["mode"], train.row_hashes())
 
 
 def check_loss(loss: LossConfig, manifest: dict[str, Any], cache_dir: str) -> None:

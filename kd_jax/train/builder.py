@@ -22,8 +22,10 @@ from kd_jax.cache.fingerprints import teacher_fingerprint
 from kd_jax.config import Config, ConfigError
 from kd_jax.data.batches import Batches
 from kd_jax.data.batches import fingerprint as data_fingerprint
-from kd_jax.data.packing import Packed, pack
+from kd_jax.data.packing import Rows, pack
+from kd_jax.data.prepare import prepare
 from kd_jax.data.sources import load_documents
+from kd_jax.data.store import is_prepared, open_store
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.models import surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
@@ -48,8 +50,8 @@ MODES = ("train", "distill", "eval", "precompute")
 @dataclasses.dataclass
 class RunData:
     tokenizer: Tokenizer
-    train: Packed
-    heldout: Packed
+    train: Rows  # in memory, or read from a token store
+    heldout: Rows
     fingerprint: str
 
 
@@ -253,13 +255,30 @@ def load_data(cfg: Config) -> RunData:
         if train.seq_len != cfg.data.seq_len:
             raise ConfigError(f"cache {cfg.cache.dir} holds rows of {train.seq_len} tokens; "
                               f"set data.seq_len={train.seq_len} (got {cfg.data.seq_len})")
+    elif cfg.data.store:
+        if not is_prepared(cfg.data.store):
+            if cfg.distributed.enabled:  # every process would prepare the same store at once
+                raise ConfigError(f"data.store '{cfg.data.store}' is not prepared; a "
+                                  "multi-process run reads a prepared store: run kd-jax "
+                                  "prepare with this config first")
+            prepare(cfg.data, tokenizer, cfg.train.progress)
+        train, heldout = open_store(cfg.data, tokenizer)
     else:
         train_docs, heldout_docs = load_documents(cfg.data)
         train = pack(train_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
         heldout = pack(heldout_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
-    if train.n_rows == 0 or not train.loss_mask.any():
+    if train.n_rows == 0 or not train.trained_tokens:
         raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
     return RunData(tokenizer, train, heldout, data_fingerprint(cfg.data, tokenizer))
+
+
+def prepare_data(cfg: Config) -> dict[str, Any]:
+    """`kd-jax prepare`: the token store `data.store` of `cfg`, prepared (or found prepared)."""
+    if not cfg.data.store:
+        raise ConfigError("kd-jax prepare needs data.store, the directory of the token store")
+    cfg = resolve(cfg)
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
+    return prepare(cfg.data, tokenizer, cfg.train.progress)
 
 
 def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer

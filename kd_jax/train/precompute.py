@@ -24,7 +24,6 @@ import numpy as np
 from kd_jax.cache import shards as shards_lib
 from kd_jax.cache.fingerprints import (
     fingerprints,
-    packed_row_hashes,
     teacher_fingerprint,
 )
 from kd_jax.cache.manifest import (
@@ -35,7 +34,6 @@ from kd_jax.cache.manifest import (
     shard_rows,
 )
 from kd_jax.config import Config
-from kd_jax.data.packing import BATCH_KEYS
 from kd_jax.parallel.hosts import (
     barrier,
     is_main_process,
@@ -117,7 +115,7 @@ def precompute(cfg: Config) -> dict[str, Any]:
     placement = run.placement
     rows_per_step, positions = placement.rows, placement.positions
 
-    hashes = packed_row_hashes(train)
+    hashes = train.row_hashes()
     manifest = make_manifest(
         cfg.cache.mode, manifest_params(cfg), vocab_size=tokenizer.vocab_size,
         seq_len=cfg.data.seq_len, n_rows=train.n_rows, rows_per_shard=cfg.cache.rows_per_shard,
@@ -157,7 +155,7 @@ def precompute(cfg: Config) -> dict[str, Any]:
     def global_batch(rows: np.ndarray) -> tuple[dict, Any]:
         padded = np.zeros(len(positions), dtype=np.int64)
         padded[:len(rows)] = rows
-        local = {key: getattr(train, key)[padded].astype(np.int32) for key in BATCH_KEYS}
+        local = train.take(padded)
         return placement.place(local), placement.place(padded.astype(np.int32))
 
     compiled = jax.jit(targets_fn, out_shardings=placement.sharding).lower(

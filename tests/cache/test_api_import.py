@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from kd_jax.cache import api_import
-from kd_jax.cache.codec import row_hashes
 from kd_jax.cache.manifest import (
     FINGERPRINT_PARTS,
     CacheError,
@@ -21,6 +20,7 @@ from kd_jax.cache.manifest import (
 )
 from kd_jax.cache.reader import CacheReader
 from kd_jax.cache.shards import verify
+from kd_jax.data.packing import row_hashes
 from kd_jax.data.tokenizers import ByteTokenizer
 from tests.data.test_tokenizers import sentence_bpe, sentences
 

@@ -4,7 +4,8 @@ the row hashes that tie a cache row to a data row."""
 import numpy as np
 import pytest
 
-from kd_jax.cache.codec import fields, pack_bits, row_hashes, unpack_bits
+from kd_jax.cache.codec import fields, pack_bits, unpack_bits
+from kd_jax.data.packing import row_hashes
 from tests.cache.test_manifest import make_manifest
 
 

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from kd_jax.cache import shards
-from kd_jax.cache.codec import row_hashes
 from kd_jax.cache.manifest import CacheError
 from kd_jax.cache.reader import CacheReader
+from kd_jax.data.packing import row_hashes
 from tests.cache.test_manifest import make_manifest
 from tests.cache.test_shards import expected_values, synthetic, write_cache, write_topk_cache
 

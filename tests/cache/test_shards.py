@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from kd_jax.cache import shards
-from kd_jax.cache.codec import row_hashes
 from kd_jax.cache.manifest import CacheError, create_manifest, n_shards, shard_rows
 from kd_jax.cache.reader import CacheReader
+from kd_jax.data.packing import row_hashes
 from tests.cache.test_manifest import FINGERPRINTS, make_manifest
 
 
