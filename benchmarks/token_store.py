@@ -274,7 +274,7 @@ def prepare(work: Path, name: str, corpus: Path, tokenizer: str, seq_len: int,
     if store.exists() and not reuse:
         shutil.rmtree(store)
     config = yaml_config(work / "configs" / f"prepare_{name}.yaml", {
-        "data": data_section(corpus, tokenizer, store, seq_len),
+        "model": {"max_seq_len": seq_len}, "data": data_section(corpus, tokenizer, store, seq_len),
         "train": {"progress": False}})
     first = kd_jax(["prepare", str(config)], work / "logs" / f"prepare_{name}.log")
     again = kd_jax(["prepare", str(config)], work / "logs" / f"prepare_{name}_again.log")

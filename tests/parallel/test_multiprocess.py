@@ -1,10 +1,10 @@
 """Two processes with 4 CPU devices each run `kd-jax distill` as one 8-device job.
 
-The processes join through `jax.distributed` (coordinator on 127.0.0.1), each loads only the
-rows of each global batch that its devices hold, and orbax writes and reads the checkpoints with
-both. The run stops at step 3, resumes in two processes again, and must match the same mesh
-driven by one process with 8 devices. A SIGTERM that reaches one host makes both save the same
-step; mesh mistakes on 8 devices are one-line errors.
+The processes join through `jax.distributed` (coordinator on 127.0.0.1), each reads from a token
+store only the rows of each global batch that its devices hold, and orbax writes and reads the
+checkpoints with both. The run stops at step 3, resumes in two processes again, and must match
+the same mesh driven by one process with 8 devices and the data packed in memory. A SIGTERM that
+reaches one host makes both save the same step; mesh mistakes on 8 devices are one-line errors.
 """
 
 import json
@@ -25,12 +25,14 @@ from tests.helpers import (
     MESH,
     cli_env,
     distill_config,
+    free_port,
     losses_by_step,
     start_two_processes,
     write_config,
     write_corpus,
 )
 
+STORE_READS_WORKER = Path(__file__).with_name("store_reads_worker.py")
 TIMEOUT_S = 600  # generous: two processes compile and run on a machine that may be shared
 
 
@@ -78,9 +80,12 @@ def runs(teacher_run, tmp_path_factory):
         env=cli_env(8), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-4000:]
 
-    multi = root / "multi"
-    first = run_two_processes(config, [f"train.run_dir={multi}", "train.stop_at=3"])
-    second = run_two_processes(config, [f"train.run_dir={multi}"])
+    multi, store = root / "multi", f"data.store={root / 'store'}"
+    prepared = subprocess.run([sys.executable, "-m", "kd_jax.cli", "prepare", str(config), store],
+                              capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert prepared.returncode == 0, prepared.stderr[-4000:]
+    first = run_two_processes(config, [f"train.run_dir={multi}", "train.stop_at=3", store])
+    second = run_two_processes(config, [f"train.run_dir={multi}", store])
     return root, first, second
 
 
@@ -115,6 +120,40 @@ def test_two_processes_match_one_process(runs):
     report_multi = json.loads((root / "multi" / "report.json").read_text())
     assert report_multi["student"]["bits_per_byte"] == pytest.approx(
         report_one["student"]["bits_per_byte"], rel=1e-4)
+
+
+def test_each_process_reads_only_its_rows_of_the_store(runs):
+    """Each process asks the store for the rows its devices hold and reads nothing else; the
+    two halves make the global batch, row for row equal to one process's."""
+    root, _, _ = runs
+    config, steps = root / "distill.yaml", 3
+    overrides = [*MESH, f"data.store={root / 'store'}", "teacher.source=none"]
+    port = free_port()
+    workers = [subprocess.Popen(
+        [sys.executable, str(STORE_READS_WORKER), str(config), str(steps), *overrides,
+         "distributed.enabled=true", f"distributed.coordinator=127.0.0.1:{port}",
+         "distributed.num_processes=2", f"distributed.process_id={index}",
+         "distributed.timeout_s=120"],
+        env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for index in range(2)]
+    reports = [json.loads(output.strip().splitlines()[-1])
+               for output in communicate_all(workers)]
+    one = subprocess.run([sys.executable, str(STORE_READS_WORKER), str(config), str(steps),
+                          *overrides], env=cli_env(8), capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
+    assert one.returncode == 0, one.stderr[-4000:]
+    whole = json.loads(one.stdout.strip().splitlines()[-1])
+
+    batch = 8  # train.batch_size of the config
+    for report in reports:
+        assert report["rows_read"] == steps * batch // 2  # its half of each batch, no more
+    assert whole["rows_read"] == steps * batch
+    for step in range(steps):
+        halves = reports[0]["rows"][step] + reports[1]["rows"][step]
+        assert sorted(halves) == sorted(whole["rows"][step])
+        by_row = dict(zip(whole["rows"][step], whole["hashes"][step]))
+        for report in reports:
+            assert [by_row[row] for row in report["rows"][step]] == report["hashes"][step]
 
 
 def test_sigterm_on_one_host_saves_the_same_step_everywhere(tmp_path):
