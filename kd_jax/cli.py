@@ -149,12 +149,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.train.builder import prepare_data
 
-            summary = prepare_data(cfg)
-            done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]
-                    else "already prepared, nothing tokenized")
-            print(f"{summary['store']}: {done}; {summary['documents']:,} documents, "
-                  f"{summary['tokens']:,} tokens, {summary['train_rows']:,} training and "
-                  f"{summary['heldout_rows']:,} held-out rows of {summary['seq_len']} tokens")
+            for summary in prepare_data(cfg):
+                done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]
+                        else "already prepared, nothing tokenized")
+                print(f"{summary['store']}: {done}; {summary['documents']:,} documents, "
+                      f"{summary['tokens']:,} tokens, {summary['train_rows']:,} training and "
+                      f"{summary['heldout_rows']:,} held-out rows of {summary['seq_len']} "
+                      "tokens")
         elif args.command == "precompute":
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.train.precompute import precompute

@@ -145,6 +145,10 @@ class DataConfig:
     # (`kd-jax prepare`, or the first run that needs it); empty: packed in memory at each start.
     store: str = ""
     store_shard_mb: float = 64.0  # text per token-store shard: the unit of a resumed prepare
+    # Several sources drawn from by weight, each a mapping of `weight` and source keys (source,
+    # path, name, split, text_column, messages_column, streaming, ...), each prepared into
+    # <data.store>/<i>; the source keys above are then unused. Needs data.store.
+    mixture: list[dict] = dataclasses.field(default_factory=list)
     # auto: the checkpoint's tokenizer.json (model.path, else an hf teacher's), else byte;
     # byte; or a Hugging Face tokenizer.json (or a directory holding one)
     tokenizer: str = "auto"
@@ -267,57 +271,6 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
 
-_BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
-# The values a choice had before it was named: `model.remat` was a boolean, and the configs and
-# run directories written then must still load, and compare equal when a run resumes.
-_FORMER_NAMES = {RematPolicy: {"true": "full", "false": "none"}}
-
-
-def coerce(value: Any, kind: type, where: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or raise ConfigError."""
-    if typing.get_origin(kind) is Literal:
-        names = choices(kind)
-        if kind in _FORMER_NAMES and isinstance(value, (bool, str)):
-            value = _FORMER_NAMES[kind].get(str(value).lower(), value)
-        if isinstance(value, str) and value in names:
-            return value
-        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(names)}"
-                          f"{closest(str(value), names)}")
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
-            return _BOOL_WORDS[value.lower()]
-    elif kind in (int, float):
-        number = value
-        if isinstance(value, str):
-            try:  # "1e-3" is a float, "1_000" an int, "3.0" not an int
-                number = float(value) if kind is float else int(value.replace("_", ""))
-            except ValueError:
-                number = None
-        if isinstance(number, (int, float)) and not isinstance(number, bool) and (
-                kind is float or float(number).is_integer()):
-            return kind(number)
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif typing.get_origin(kind) is list:  # a list of integers
-        if isinstance(value, (list, tuple)) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return list(value)
-        raise ConfigError(f"{where}: expected a list of integers, got {value!r}")
-    elif kind is dict:
-        if value is None:
-            return {}
-        if isinstance(value, dict) and all(
-                isinstance(v, (str, type(None))) for v in value.values()):
-            return {str(k): v for k, v in value.items()}
-        raise ConfigError(f"{where}: expected a mapping of names to names or null, got {value!r}")
-    raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
-
-
 def section_types(section_cls: type) -> dict[str, type]:
     hints = typing.get_type_hints(section_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
@@ -397,3 +350,7 @@ def validate(config: Config) -> None:
     from kd_jax.config.validation import check
 
     check(config)
+
+
+# Below the sections it converts values for (it imports them from here).
+from kd_jax.config.coercion import coerce  # noqa: E402

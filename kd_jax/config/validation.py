@@ -62,6 +62,9 @@ def check(config: Config) -> None:
     if d.store and d.source == "cache":
         raise ConfigError("data.store does not apply to data.source 'cache' (the cache holds "
                           "its rows)")
+    if d.mixture and not d.store:
+        raise ConfigError("data.mixture needs data.store: each source is prepared into "
+                          "<data.store>/<i>")
     if not d.store_shard_mb > 0:
         raise ConfigError(f"data.store_shard_mb must be > 0, got {d.store_shard_mb}")
     if opt.lr <= 0 or opt.warmup_steps < 0 or not 0.0 <= opt.min_lr_ratio <= 1.0:

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from kd_jax.config import ConfigError, DataConfig
+from kd_jax.data.mixture import MixedRows
 from kd_jax.data.packing import BATCH_KEYS, Rows
 from kd_jax.data.tokenizers import Tokenizer
 
@@ -36,7 +37,7 @@ class Batches:
         self.data = data
         self.global_batch = global_batch
         self.seed = seed
-        self._permutations: dict[int, np.ndarray] = {}
+        self._permutations: dict[tuple[int, int | None], np.ndarray] = {}
 
     @property
     def n_rows(self) -> int:
@@ -46,19 +47,29 @@ class Batches:
         """Global sequences consumed before `step`; independent of the process count."""
         return step * self.global_batch
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._permutations:
-            if len(self._permutations) >= 4:  # a batch spans at most a few epochs
+    def permutation(self, epoch: int, part: int | None = None) -> np.ndarray:
+        """The order of the rows in `epoch` (of a mixture's source `part`)."""
+        key = (epoch, part)
+        if key not in self._permutations:
+            # A batch spans at most a few epochs (of each source of a mixture).
+            if len(self._permutations) >= 4 * len(getattr(self.data, "parts", [None])):
                 self._permutations.pop(next(iter(self._permutations)))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._permutations[epoch] = rng.permutation(self.n_rows)
-        return self._permutations[epoch]
+            if part is None:
+                rng, n_rows = np.random.default_rng([self.seed, epoch]), self.n_rows
+            else:
+                rng = np.random.default_rng([self.seed, epoch, part])
+                n_rows = self.data.parts[part].n_rows
+            self._permutations[key] = rng.permutation(n_rows)
+        return self._permutations[key]
 
     def rows(self, step: int, positions: np.ndarray) -> np.ndarray:
         """Row indices at `positions` (0 .. global_batch - 1) of step `step`'s global batch."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         stream = self.position(step) + np.asarray(positions, dtype=np.int64)
+        if isinstance(self.data, MixedRows):
+            return self.data.stream_rows(stream, self.seed,
+                                         lambda part, epoch: self.permutation(epoch, part))
         epochs, offsets = np.divmod(stream, self.n_rows)
         rows = np.empty(len(stream), dtype=np.int64)
         for epoch in np.unique(epochs):
@@ -123,5 +134,8 @@ def fingerprint(cfg: DataConfig, tokenizer: Tokenizer) -> str:
         identity["python"] = platform.python_version()
     if cfg.add_bos and tokenizer.document_prefix:  # absent otherwise: older caches stay valid
         identity["document_prefix"] = list(tokenizer.document_prefix)
+    for key in ("messages_column", "mixture"):  # likewise
+        if getattr(cfg, key):
+            identity[key] = getattr(cfg, key)
     encoded = json.dumps(identity, sort_keys=True).encode("utf-8")
     return hashlib.sha256(encoded).hexdigest()[:16]

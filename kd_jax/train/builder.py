@@ -19,7 +19,8 @@ import jax
 from kd_jax import checkpoint
 from kd_jax.cache.api_import import load_rows
 from kd_jax.cache.fingerprints import teacher_fingerprint
-from kd_jax.config import Config, ConfigError
+from kd_jax.config import Config, ConfigError, DataConfig
+from kd_jax.data import mixture
 from kd_jax.data.batches import Batches
 from kd_jax.data.batches import fingerprint as data_fingerprint
 from kd_jax.data.packing import Rows, pack
@@ -255,14 +256,13 @@ def load_data(cfg: Config) -> RunData:
         if train.seq_len != cfg.data.seq_len:
             raise ConfigError(f"cache {cfg.cache.dir} holds rows of {train.seq_len} tokens; "
                               f"set data.seq_len={train.seq_len} (got {cfg.data.seq_len})")
+    elif cfg.data.mixture:
+        sources = mixture.components(cfg.data)
+        opened = [_store_rows(cfg, source, tokenizer) for _, source in sources]
+        train = mixture.MixedRows([rows for rows, _ in opened], [w for w, _ in sources])
+        heldout = mixture.InterleavedRows([rows for _, rows in opened])
     elif cfg.data.store:
-        if not is_prepared(cfg.data.store):
-            if cfg.distributed.enabled:  # every process would prepare the same store at once
-                raise ConfigError(f"data.store '{cfg.data.store}' is not prepared; a "
-                                  "multi-process run reads a prepared store: run kd-jax "
-                                  "prepare with this config first")
-            prepare(cfg.data, tokenizer, cfg.train.progress)
-        train, heldout = open_store(cfg.data, tokenizer)
+        train, heldout = _store_rows(cfg, cfg.data, tokenizer)
     else:
         train_docs, heldout_docs = load_documents(cfg.data)
         train = pack(train_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
@@ -272,13 +272,27 @@ def load_data(cfg: Config) -> RunData:
     return RunData(tokenizer, train, heldout, data_fingerprint(cfg.data, tokenizer))
 
 
-def prepare_data(cfg: Config) -> dict[str, Any]:
-    """`kd-jax prepare`: the token store `data.store` of `cfg`, prepared (or found prepared)."""
+def _store_rows(cfg: Config, data: DataConfig, tokenizer: Tokenizer) -> tuple[Rows, Rows]:
+    """The rows of the token store `data.store`, prepared first when it is missing."""
+    if not is_prepared(data.store):
+        if cfg.distributed.enabled:  # every process would prepare the same store at once
+            raise ConfigError(f"data.store '{data.store}' is not prepared; a multi-process run "
+                              "reads a prepared store: run kd-jax prepare with this config "
+                              "first")
+        prepare(data, tokenizer, cfg.train.progress)
+    return open_store(data, tokenizer)
+
+
+def prepare_data(cfg: Config) -> list[dict[str, Any]]:
+    """`kd-jax prepare`: the token store `data.store` of `cfg` (a store per source of a
+    mixture), prepared or found prepared; a summary of each."""
     if not cfg.data.store:
         raise ConfigError("kd-jax prepare needs data.store, the directory of the token store")
     cfg = resolve(cfg)
     tokenizer = load_tokenizer(tokenizer_spec(cfg))
-    return prepare(cfg.data, tokenizer, cfg.train.progress)
+    sources = ([source for _, source in mixture.components(cfg.data)] if cfg.data.mixture
+               else [cfg.data])
+    return [prepare(source, tokenizer, cfg.train.progress) for source in sources]
 
 
 def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer
