@@ -257,3 +257,17 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     # grows is one epoch's permutation of the rows, 8 bytes a row (1/32 of a byte a token).
     growth = peaks["large"] - peaks["small"]
     assert growth < 8 * (rows["large"] - rows["small"]) + 100_000, (growth, peaks, rows)
+
+
+def test_a_teacher_cache_sees_the_same_rows_in_a_store(tmp_path):
+    """A cache is checked against the rows' fingerprints: the same for a store and for the
+    rows packed in memory, so a cache made from either serves the other."""
+    from kd_jax.cache.fingerprints import fingerprints
+
+    cfg = Config(data=data_config(write_corpus(tmp_path / "c.jsonl", 80), tmp_path / "store"))
+    tokenizer = ByteTokenizer()
+    prepare(cfg.data, tokenizer, progress=False)
+    stored, _ = open_store(cfg.data, tokenizer)
+    packed = pack(load_documents(cfg.data)[0], tokenizer, cfg.data.seq_len)
+    assert (fingerprints(cfg, tokenizer, stored, "teacher")
+            == fingerprints(cfg, tokenizer, packed, "teacher"))
