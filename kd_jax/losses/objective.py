@@ -69,6 +69,14 @@ def objective_on_logits(student_logits_btv, soft_targets: SoftTargets | None, la
                          mask=loss_mask_bt.shape)
     mask_bt = loss_mask_bt.astype(bool)
     tokens = jnp.sum(mask_bt, dtype=jnp.float32)
+    # The inputs at masked positions are replaced before any arithmetic, not only the values
+    # after it: the backward pass of where(mask, f(x), 0) still multiplies 0 by f'(x), and an
+    # infinite f'(x) there (a cache's filler targets at prompt positions, a label out of range)
+    # would make every gradient NaN. Uniform logits and targets are finite for every divergence.
+    student_logits_btv = jnp.where(mask_bt[..., None], student_logits_btv, 0.0)
+    labels_bt = jnp.where(mask_bt, labels_bt, 0)
+    if soft_targets is not None:
+        soft_targets = soft_targets.where(mask_bt)
     if soft_targets is None:
         ce_sum = _masked_sum(
             cross_entropy_bt(student_logits_btv, labels_bt, valid_vocab=valid_vocab), mask_bt)

@@ -50,6 +50,10 @@ class Dense:
     def refusal(divergence: str) -> str | None:
         return None
 
+    def where(self, mask_bt) -> Dense:
+        """These targets where `mask_bt`, uniform elsewhere (finite for every divergence)."""
+        return Dense(jnp.where(mask_bt[..., None], self.logits, 0.0))
+
     def divergence_bt(self, kind: str, student_logits_btv, *, temperature, beta=0.5, skew=0.1,
                       valid_vocab=None) -> jax.Array:
         return divergence_bt(kind, student_logits_btv, self.logits, temperature=temperature,
@@ -68,6 +72,10 @@ class Projected:
     @staticmethod
     def refusal(divergence: str) -> str | None:
         return None
+
+    def where(self, mask_bt) -> Projected:
+        """These targets where `mask_bt`; zero hidden states (uniform logits) elsewhere."""
+        return self.replace(hidden=jnp.where(mask_bt[..., None], self.hidden, 0))
 
     def dense(self) -> Dense:
         """The teacher's logits, float32 (accumulated in float32 whatever the dtype)."""
@@ -100,6 +108,16 @@ class TopK:
                     "use a divergence between distributions or full targets")
         return None
 
+    def where(self, mask_bt) -> TopK:
+        """These targets where `mask_bt`; elsewhere k distinct ids and k + 1 equal buckets."""
+        k = self.ids.shape[-1]
+        keep_btk = mask_bt[..., None]
+        uniform = -jnp.log(jnp.float32(k + 1))
+        return TopK(ids=jnp.where(keep_btk, self.ids, jnp.arange(k, dtype=self.ids.dtype)),
+                    logprobs=jnp.where(keep_btk, self.logprobs, uniform.astype(
+                        self.logprobs.dtype)),
+                    tail=jnp.where(mask_bt, self.tail, uniform.astype(self.tail.dtype)))
+
     def divergence_bt(self, kind: str, student_logits_btv, *, temperature, beta=0.5, skew=0.1,
                       valid_vocab=None) -> jax.Array:
         return topk_divergence_bt(kind, student_logits_btv, self.ids, self.logprobs, self.tail,
@@ -123,6 +141,13 @@ class Sampled:
                     "samples y ~ p give an unbiased forward KL(p || q) = E[-log q(y)] - H(p) "
                     "only; use divergence 'forward_kl', or top-k or full targets")
         return None
+
+    def where(self, mask_bt) -> Sampled:
+        """These targets where `mask_bt`; elsewhere no draws (padding slots) and zero entropy."""
+        keep_btn = mask_bt[..., None]
+        return Sampled(ids=jnp.where(keep_btn, self.ids, 0),
+                       counts=jnp.where(keep_btn, self.counts, 0),
+                       entropy=jnp.where(mask_bt, self.entropy, 0))
 
     def divergence_bt(self, kind: str, student_logits_btv, *, temperature, beta=0.5, skew=0.1,
                       valid_vocab=None) -> jax.Array:

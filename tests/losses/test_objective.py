@@ -54,6 +54,59 @@ def test_padded_positions_do_not_change_the_loss(kind):
             np.testing.assert_array_equal(np.asarray(metrics[key]), np.asarray(clean_metrics[key]))
 
 
+def _targets_of_each_kind(teacher, temperature):
+    """The teacher as dense logits, top-k and sampled targets (jax arrays)."""
+    from kd_jax.losses.soft_targets import Sampled, TopK
+    from kd_jax.teacher import sparse
+
+    teacher = jnp.asarray(teacher)
+    topk = sparse.topk_targets(teacher, 4, temperature=temperature, valid_vocab=None)
+    sampled = sparse.sample_targets(teacher, sparse.row_keys(0, jnp.arange(teacher.shape[0])),
+                                    6, temperature=temperature, valid_vocab=None)
+    return {"dense": Dense(teacher), "topk": TopK(**topk), "sampled": Sampled(**sampled)}
+
+
+def _poisoned(targets, mask, value):
+    """`targets` with `value` (inf, -inf, NaN, huge) in every float at masked positions, and ids
+    and counts out of range there."""
+    def poison(leaf):
+        where_bt = mask if leaf.ndim == 2 else mask[..., None]
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jnp.where(where_bt, leaf, jnp.asarray(value, leaf.dtype))
+        return jnp.where(where_bt, leaf, 10**6)
+    return jax.tree.map(poison, targets)
+
+
+@pytest.mark.parametrize("target_kind", ["dense", "topk", "sampled"])
+@pytest.mark.parametrize("kind", DIVERGENCES)
+def test_nothing_at_masked_positions_reaches_the_gradient(kind, target_kind):
+    """inf, -inf, NaN and huge values at every masked position, in the student's logits, the
+    labels and every field of the targets: the loss and its gradient are the clean ones."""
+    from kd_jax.losses.soft_targets import Sampled, TopK
+
+    config = config_for(kind)
+    student, teacher, labels, mask = batch()
+    targets = _targets_of_each_kind(teacher, config.temperature)[target_kind]
+    if type(targets).refusal(kind) is not None:
+        pytest.skip(f"{target_kind} targets do not serve {kind}")
+    mask_j = jnp.asarray(mask)
+
+    def loss_and_grad(student_logits, soft_targets, labels_bt):
+        return jax.value_and_grad(lambda s: objective_on_logits(
+            s, soft_targets, labels_bt, mask_j, config=config,
+            num_valid_tokens=mask.sum())[0])(student_logits)
+
+    clean_loss, clean_grad = loss_and_grad(jnp.asarray(student), targets, jnp.asarray(labels))
+    assert np.isfinite(clean_loss) and np.isfinite(clean_grad).all()
+    for value in (np.inf, -np.inf, np.nan, 1e30):
+        dirty_student = jnp.where(mask_j[..., None], student, value).astype(COMPUTE_DTYPE)
+        loss, grad = loss_and_grad(dirty_student, _poisoned(targets, mask_j, value),
+                                   jnp.where(mask_j, labels, -100))
+        np.testing.assert_array_equal(np.asarray(loss), np.asarray(clean_loss), err_msg=value)
+        np.testing.assert_array_equal(np.asarray(grad), np.asarray(clean_grad), err_msg=value)
+    assert isinstance(targets, (Dense, TopK, Sampled))
+
+
 @pytest.mark.parametrize("kind", DIVERGENCES)
 def test_loss_is_masked_sum_over_global_token_count(kind):
     student, teacher, labels, mask = batch()
