@@ -7,15 +7,125 @@ A run directory holds `checkpoints/<step>/` with three items:
   tokenizer's fingerprint.
 Saving is asynchronous; orbax finalizes a step directory only once all of it is written, so an
 interrupted save never looks like a valid checkpoint.
+
+orbax's data blocks carry no checksum: a flipped byte can decode to other weights. So a
+checkpoint is checked twice over. `meta` holds a digest of every array saved (`digests`),
+computed on the devices from the state being saved, and every restore recomputes it from what was
+read. And once a save is committed, `files.sha256.json` in its directory records the SHA-256 of
+every file, checked before a restore reads any (this also catches damage to bytes a restore
+would not read, and is all there is for a save killed before it was recorded). A damaged
+checkpoint is named, never used (`DamagedCheckpoint`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from kd_jax.config import ConfigError
+
+
+class DamagedCheckpoint(ConfigError):
+    """A checkpoint whose arrays do not match their digests, or cannot be read at all."""
+
+
+FILE_DIGESTS = "files.sha256.json"
+
+
+def _hash_files(step_dir: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(p for p in step_dir.rglob("*") if p.is_file()):
+        name = path.relative_to(step_dir).as_posix()
+        if name != FILE_DIGESTS and not name.endswith(".partial"):
+            with open(path, "rb") as file:
+                out[name] = hashlib.file_digest(file, "sha256").hexdigest()
+    return out
+
+
+def record_file_digests(step_dir: Path) -> None:
+    """Write the SHA-256 of every file of a committed checkpoint beside them (atomically)."""
+    temporary = step_dir / (FILE_DIGESTS + ".partial")
+    temporary.write_text(json.dumps(_hash_files(step_dir), indent=1, sort_keys=True))
+    os.replace(temporary, step_dir / FILE_DIGESTS)
+
+
+def check_file_digests(step_dir: Path, what: str, skip: str | None = None) -> None:
+    """Raise DamagedCheckpoint naming the first file that differs from its recorded digest
+    (files of the item `skip`, one not read, aside)."""
+    recorded_path = step_dir / FILE_DIGESTS
+    if not recorded_path.is_file():  # a save killed before it was recorded: arrays checked only
+        return
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except (OSError, ValueError):
+        raise DamagedCheckpoint(f"{what} is damaged: {FILE_DIGESTS} cannot be read") from None
+    actual = _hash_files(step_dir)
+    for name in sorted(set(recorded) | set(actual)):
+        if skip is not None and name.startswith(skip + "/"):
+            continue
+        if recorded.get(name) != actual.get(name):
+            state = ("is missing" if name not in actual else "was not saved with it"
+                     if name not in recorded else "does not match its recorded digest")
+            raise DamagedCheckpoint(f"{what} is damaged: file {name} {state}")
+
+
+def _words(x: jax.Array) -> jax.Array:
+    """The array's bits as uint32, one word per element."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _digest(x: jax.Array) -> jax.Array:
+    """Two position-weighted sums of the array's words, modulo 2^32: uint32 [2].
+
+    Each word is multiplied by an odd number, so flipping any one bit changes each sum. The
+    position comes from iotas, not a reshape, so a sharded array stays where it is and the sum
+    is one all-reduce; modular sums do not depend on the order, so neither on the mesh.
+    """
+    index = jnp.zeros(x.shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(x.ndim)):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis) * jnp.uint32(
+            stride % (1 << 32))
+        stride *= x.shape[axis]
+    words = _words(x)
+    first = jnp.sum(words * (2 * index + 1), dtype=jnp.uint32)
+    second = jnp.sum((words ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B),
+                     dtype=jnp.uint32)
+    return jnp.stack([first, second])
+
+
+@jax.jit
+def _digests(leaves: tuple) -> tuple:
+    return tuple(_digest(leaf) for leaf in leaves)
+
+
+def digests(tree: Any) -> dict[str, list[int]]:
+    """{leaf path: its digest} of every array in `tree` (on any mesh, across processes)."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    values = _digests(tuple(leaf for _, leaf in flat))
+    return {jax.tree_util.keystr(path): np.asarray(value.addressable_data(0)).tolist()
+            for (path, _), value in zip(flat, values)}
+
+
+def check_digests(recorded: dict[str, list[int]] | None, tree: Any, what: str) -> None:
+    """Raise DamagedCheckpoint naming the first array of `tree` whose digest differs."""
+    if recorded is None:  # written before digests were recorded: nothing to compare
+        return
+    for name, digest in digests(tree).items():
+        if name in recorded and recorded[name] != digest:
+            raise DamagedCheckpoint(f"{what} is damaged: array {name} does not match the "
+                                    "digest recorded when it was saved")
 
 
 def _ocp():
@@ -50,8 +160,10 @@ class Checkpointer:
     def __init__(self, run_dir: str | Path, keep: int):
         ocp = _ocp()
         self._ocp = ocp
+        self._directory = checkpoint_dir(run_dir)
+        self._unrecorded: list[int] = []  # saved steps whose file digests are not written yet
         self._manager = ocp.CheckpointManager(
-            checkpoint_dir(run_dir),
+            self._directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=True, create=True),
             item_names=("params", "opt_state", "meta"))
@@ -61,10 +173,31 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         args = self._ocp.args
+        meta = {**meta, "digests": {"params": digests(state.params),
+                                    "opt_state": digests(state.opt_state)}}
+        self.wait()  # the previous save committed and its files recorded
         self._manager.save(step, args=args.Composite(
             params=args.StandardSave(state.params),
             opt_state=args.StandardSave(state.opt_state),
             meta=args.JsonSave(meta)))
+        self._unrecorded.append(step)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def set_aside(self, step: int) -> Path:
+        """Move a damaged checkpoint out of the way (kept for inspection, never read again), so
+        the step can be saved anew; call on one process."""
+        source = self._directory / str(step)
+        target = self._directory.parent / "damaged_checkpoints" / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(source), str(target))
+        return target
+
+    def reload(self) -> None:
+        self._manager.reload()
 
     def restore(self, step: int, abstract_state: Any,
                 shardings: Any = None) -> tuple[Any, dict[str, Any]]:
@@ -75,11 +208,19 @@ class Checkpointer:
         if shardings is not None:
             abstract_state = placed(abstract_state, shardings)
         args = self._ocp.args
-        restored = self._manager.restore(step, args=args.Composite(
-            params=args.StandardRestore(abstract_state.params),
-            opt_state=args.StandardRestore(abstract_state.opt_state),
-            meta=args.JsonRestore()))
+        what = f"checkpoint {step} in {self._directory}"
+        check_file_digests(self._directory / str(step), what)
+        try:
+            restored = self._manager.restore(step, args=args.Composite(
+                params=args.StandardRestore(abstract_state.params),
+                opt_state=args.StandardRestore(abstract_state.opt_state),
+                meta=args.JsonRestore()))
+        except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside orbax
+            raise DamagedCheckpoint(f"{what} cannot be read ({_first_line(err)})") from None
         meta = restored["meta"]
+        recorded = meta.get("digests") or {}
+        check_digests(recorded.get("params"), restored["params"], what)
+        check_digests(recorded.get("opt_state"), restored["opt_state"], what)
         state = abstract_state.replace(
             step=np.asarray(meta["step"], np.int32),
             params=restored["params"],
@@ -89,10 +230,17 @@ class Checkpointer:
         return jax.device_put(state, shardings), meta
 
     def wait(self) -> None:
+        """Wait for the save under way to commit, then record its files' digests."""
         self._manager.wait_until_finished()
+        if jax.process_index() == 0:  # orbax commits on process 0 once every process wrote
+            for step in self._unrecorded:
+                step_dir = self._directory / str(step)
+                if step_dir.is_dir():  # not already deleted by max_to_keep
+                    record_file_digests(step_dir)
+        self._unrecorded.clear()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
 
@@ -111,7 +259,20 @@ def restore_params(run_dir: str | Path, abstract_params: Any, step: int | None =
     step = latest_step(run_dir) if step is None else step
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(run_dir)}")
-    with ocp.CheckpointManager(checkpoint_dir(run_dir), item_names=("params",)) as manager:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params)))
+    what = f"checkpoint {step} in {checkpoint_dir(run_dir)}"
+    check_file_digests(checkpoint_dir(run_dir) / str(step), what, skip="opt_state")
+    try:
+        with ocp.CheckpointManager(checkpoint_dir(run_dir),
+                                   item_names=("params", "meta")) as manager:
+            restored = manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                meta=ocp.args.JsonRestore()))
+    except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside orbax
+        raise DamagedCheckpoint(f"{what} cannot be read ({_first_line(err)})") from None
+    check_digests((restored["meta"].get("digests") or {}).get("params"), restored["params"],
+                  what)
     return restored["params"]
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

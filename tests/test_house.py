@@ -27,7 +27,7 @@ ALLOWED = {
     "losses": {"config", "checks"},
     "parallel": {"config", "checks"},
     "run_dir": {"config", "checks"},
-    "checkpoint": set(),
+    "checkpoint": {"config"},
     "cache": {"config", "checks", "data", "checkpoint"},
     "eval": {"config", "checks", "data", "models", "losses"},
     "teacher": {"config", "checks", "data", "models", "losses", "parallel", "cache",

@@ -32,7 +32,12 @@ from kd_jax.models import surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
 from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
-from kd_jax.parallel.hosts import BatchPlacement, initialize_distributed
+from kd_jax.parallel.hosts import (
+    BatchPlacement,
+    barrier,
+    initialize_distributed,
+    is_main_process,
+)
 from kd_jax.run_dir import check_resume
 from kd_jax.teacher.cached import CachedTeacher, open_cache
 from kd_jax.teacher.loading import (
@@ -295,13 +300,37 @@ def prepare_data(cfg: Config) -> list[dict[str, Any]]:
     return [prepare(source, tokenizer, cfg.train.progress) for source in sources]
 
 
-def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer
+def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer, log=print
                     ) -> tuple[step_lib.TrainState, int]:
-    """The state to start from: the latest checkpoint of the run directory, or a fresh one."""
-    start = checkpointer.latest_step() or 0
-    if not start:
+    """The state to start from: the latest sound checkpoint of the run directory, or a fresh one.
+
+    A damaged checkpoint (its arrays do not match their digests) is named, moved to
+    `damaged_checkpoints/`, and the one before it is used; none sound left is an error.
+    """
+    steps = checkpointer.all_steps()
+    if not steps:
         return run.fresh_state(), 0
-    state, meta = checkpointer.restore(start, run.abstract_state, run.state_shardings)
+    damaged = []
+    for start in reversed(steps):
+        try:
+            state, meta = checkpointer.restore(start, run.abstract_state, run.state_shardings)
+        except checkpoint.DamagedCheckpoint as err:
+            damaged.append(start)
+            log(f"{err}; {'trying the one before' if start != steps[0] else 'none before it'}")
+            continue
+        break
+    else:
+        raise checkpoint.DamagedCheckpoint(
+            f"every checkpoint in {run.cfg.train.run_dir} is damaged (steps "
+            f"{', '.join(map(str, steps))}); nothing sound to resume from")
+    if damaged:
+        if is_main_process():
+            for step in damaged:
+                checkpointer.set_aside(step)
+        barrier("damaged checkpoints set aside")
+        checkpointer.reload()
+        log(f"resuming from checkpoint {start} instead; damaged checkpoint(s) "
+            f"{', '.join(map(str, damaged))} moved to damaged_checkpoints/")
     if meta["data_position"] != run.batches.position(start):
         raise ConfigError(f"checkpoint {start} in {run.cfg.train.run_dir} is at data position "
                           f"{meta['data_position']}, expected {run.batches.position(start)}")

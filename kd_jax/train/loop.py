@@ -46,7 +46,7 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
     if main:  # everything is checked: from here on the run directory is written
         run_dir_lib.write_run(run_dir, cfg, info)
     checkpointer = checkpoint.Checkpointer(run_dir, train.keep_checkpoints)
-    state, start = builder.restore_or_init(built, checkpointer)
+    state, start = builder.restore_or_init(built, checkpointer, log)
     if start:
         log(f"resuming from checkpoint {start}: first step {start + 1}" if start < train.steps
             else f"{run_dir} already finished {start} of {train.steps} steps")
