@@ -10,7 +10,6 @@ from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
 
 USAGE_ERROR = 2
-PREEMPTED = 143  # 128 + SIGTERM, what schedulers expect of a job they stopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -194,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if isinstance(err, Preempted):
             print(f"kd-jax: {err}", file=sys.stderr)
-            return PREEMPTED
+            return err.exit_code
         if isinstance(err, NonFiniteError):
             print(f"kd-jax: error: {err}", file=sys.stderr)
             return 1

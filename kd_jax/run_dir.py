@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from kd_jax.config import Config, ConfigError
 
 # The sections a resumed run must share with the run that wrote the directory.
 _RESUME_SECTIONS = ("model", "data", "loss", "optimizer", "teacher", "cache")
+# Keys of those sections that change where the same rows come from, not what they are.
+_MAY_CHANGE = {"data.store", "data.store_shard_mb"}
 
 
 def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
@@ -46,7 +50,7 @@ def check_resume(cfg: Config) -> None:
         old, new = dataclasses.asdict(getattr(saved, section)), dataclasses.asdict(
             getattr(cfg, section))
         for key in new:
-            if old[key] != new[key]:
+            if old[key] != new[key] and f"{section}.{key}" not in _MAY_CHANGE:
                 raise ConfigError(
                     f"{run_dir} was started with {section}.{key}={old[key]!r}, not "
                     f"{new[key]!r}: use a new train.run_dir")
@@ -60,12 +64,49 @@ def write_run(run_dir: Path, cfg: Config, info: dict[str, Any]) -> None:
     """config.yaml and run.json: the first files of a run, written once everything is checked."""
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.dump(cfg, run_dir / "config.yaml")
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    (run_dir / "run.json").write_text(dumps(info, indent=2) + "\n")
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, inf) as None: strict JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def dumps(value: Any, **options) -> str:
+    """Strict JSON: non-finite numbers are written as null."""
+    return json.dumps(json_safe(value), allow_nan=False, **options)
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(dumps(record) + "\n")
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Forget the records of steps after `step`: a run resumed from checkpoint `step` logs them
+    again, and metrics.jsonl holds each step once. Rewritten whole, then renamed."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and _step_of(line) <= step]
+    if len(kept) != len(lines):
+        temporary = path.with_name(path.name + ".partial")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", math.inf)
+    except ValueError:  # a line cut short by a kill: dropped
+        return math.inf
 
 
 def read_report(run_dir: Path) -> dict[str, Any] | None:
@@ -74,4 +115,4 @@ def read_report(run_dir: Path) -> dict[str, Any] | None:
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / "report.json").write_text(dumps(report, indent=2) + "\n")

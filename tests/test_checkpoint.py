@@ -120,3 +120,32 @@ def test_every_checkpoint_damaged_is_one_line(run_copy, teacher_run, capsys):
     assert code == 2
     assert err[-1] == (f"kd-jax: error: every checkpoint in {run_copy} is damaged (steps 3, 6); "
                        "nothing sound to resume from")
+
+
+def test_run_files_are_strict_json(tmp_path):
+    from kd_jax import run_dir
+
+    record = {"step": 3, "loss": float("nan"), "eval": {"kl": float("inf"), "ok": [1.5, -np.inf]}}
+    run_dir.append_metrics(tmp_path, record)
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert line == '{"step": 3, "loss": null, "eval": {"kl": null, "ok": [1.5, null]}}\n'
+    for step in (1, 2, 4, 5):
+        run_dir.append_metrics(tmp_path, {"step": step})
+    with open(tmp_path / "metrics.jsonl", "a") as file:
+        file.write('{"step": 6, "lo')  # a line cut short by a kill
+    run_dir.drop_metrics_after(tmp_path, 4)
+    import json
+
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 1, 2, 4]
+
+
+def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys):
+    from kd_jax.train.progress import PlainProgress
+
+    bar = PlainProgress(total=10, initial=2, unit="step", every_s=0.0)
+    bar.set_postfix({"loss": "1.25"})
+    bar.update(3)
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("step 5/10 (50%), ") and "ETA " in line and line.endswith(
+        ", loss 1.25")

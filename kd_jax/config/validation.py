@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Literal
 
 from kd_jax.config import Config, ConfigError, ModelConfig, coerce, section_types
+
+# Numeric fields that must not be negative (those that must be > 0 are listed in `check`; the
+# mesh sizes and distributed.process_id take -1 for "detect"; loss.chunk_tokens -1 for "never").
+_NOT_NEGATIVE = ("model.head_dim", "model.init_std", "model.seed", "model.sliding_window",
+                 "model.prune_d_ff", "model.prune_kv_heads", "model.prune_batches",
+                 "data.max_documents", "data.seed", "optimizer.warmup_steps",
+                 "optimizer.weight_decay", "optimizer.clip_norm", "optimizer.eps",
+                 "train.seed", "train.eval_every", "train.eval_sequences", "train.stop_at",
+                 "cache.seed", "cache.batch_size", "distributed.num_processes")
+_AT_LEAST_MINUS_ONE = ("mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.process_id",
+                       "loss.chunk_tokens")
+
+
+def _check_numbers(config: Config) -> None:
+    """Every number finite, and of the sign its field allows."""
+    for section in dataclasses.fields(Config):
+        values = getattr(config, section.name)
+        for key, kind in section_types(type(values)).items():
+            name, value = f"{section.name}.{key}", getattr(values, key)
+            if kind is float and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
+            if kind in (int, float) and name in _NOT_NEGATIVE and value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+            if kind is int and name in _AT_LEAST_MINUS_ONE and value < -1:
+                raise ConfigError(f"{name} must be >= -1, got {value}")
 
 
 def check(config: Config) -> None:
@@ -16,13 +42,15 @@ def check(config: Config) -> None:
         for key, kind in section_types(type(values)).items():
             if typing.get_origin(kind) is Literal:
                 coerce(getattr(values, key), kind, f"{section.name}.{key}")
+    _check_numbers(config)
     m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
     positive = {
         "data.seq_len": d.seq_len,
         "train.steps": t.steps, "train.batch_size": t.batch_size,
         "train.microbatches": t.microbatches, "train.log_every": t.log_every,
         "train.checkpoint_every": t.checkpoint_every, "train.keep_checkpoints": t.keep_checkpoints,
-        "loss.temperature": loss.temperature,
+        "loss.temperature": loss.temperature, "model.rope_theta": config.model.rope_theta,
+        "model.norm_eps": config.model.norm_eps, "optimizer.lr": opt.lr,
         "cache.k": config.cache.k, "cache.draws": config.cache.draws,
         "cache.temperature": config.cache.temperature,
         "cache.rows_per_shard": config.cache.rows_per_shard,
@@ -44,6 +72,9 @@ def check(config: Config) -> None:
         value = getattr(loss, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"loss.{name} must be in [0, 1], got {value}")
+    for name in ("b1", "b2"):
+        if not 0.0 <= getattr(opt, name) < 1.0:
+            raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(opt, name)}")
     if loss.kd_weight < 0 or loss.ce_weight < 0:
         raise ConfigError("loss.kd_weight and loss.ce_weight must be >= 0")
     if not 0.0 < d.heldout_fraction < 1.0 and not d.heldout_split:

@@ -28,7 +28,7 @@ from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
 from kd_jax.train import builder
 from kd_jax.train.plan import figures_line, memory_figures
-from kd_jax.train.preemption import Preempted, Preemption
+from kd_jax.train.preemption import Preemption
 from kd_jax.train.progress import StepClock, describe_compiled, log, log_record, progress_bar
 
 
@@ -38,6 +38,14 @@ class NonFiniteError(RuntimeError):
 
 def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
     """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report."""
+    preemption = Preemption()  # first: a signal during start-up stops the run, not the process
+    try:
+        return _run(cfg, mode, preemption)
+    finally:
+        preemption.close()
+
+
+def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str, Any]:
     built = builder.build(cfg, mode)
     cfg = built.cfg  # resolved: the tokenizer a file, the student's architecture spelled out
     run_dir, train = Path(cfg.train.run_dir), cfg.train
@@ -47,6 +55,8 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
         run_dir_lib.write_run(run_dir, cfg, info)
     checkpointer = checkpoint.Checkpointer(run_dir, train.keep_checkpoints)
     state, start = builder.restore_or_init(built, checkpointer, log)
+    if main:
+        run_dir_lib.drop_metrics_after(run_dir, start)
     if start:
         log(f"resuming from checkpoint {start}: first step {start + 1}" if start < train.steps
             else f"{run_dir} already finished {start} of {train.steps} steps")
@@ -71,12 +81,14 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
     clock = StepClock(train.batch_size * cfg.data.seq_len)
     pending: list[dict] = []  # metrics still on device
     fetched: list[dict] = []  # metrics on the host, not yet logged
-    preemption = Preemption()
     # Batches (and cached targets) are read on a background thread, a few steps ahead.
     host_batches = Prefetcher(built.host_batch, range(start, last_step), depth=cfg.cache.prefetch)
     bar = progress_bar(train.steps, start, train.progress, unit="step")
     last_eval = None
     try:
+        if preemption.requested:
+            raise preemption.stopped(f"stopped before step {start + 1}: nothing new to save; "
+                                     "rerun to continue")
         clock.start()
         for step in range(start + 1, last_step + 1):
             batch = built.placement.place(next(host_batches))
@@ -117,11 +129,10 @@ def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
                     "tokenizer_fingerprint": built.data.tokenizer.fingerprint})
             if preempted:
                 checkpointer.wait()
-                raise Preempted(f"preempted after step {step}: checkpoint saved in {run_dir}; "
-                                "rerun to resume")
+                raise preemption.stopped(f"preempted after step {step}: checkpoint saved in "
+                                         f"{run_dir}; rerun to resume")
             clock.start()
     finally:
-        preemption.close()
         host_batches.close()
         built.close()
         bar.close()

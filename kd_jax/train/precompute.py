@@ -42,6 +42,7 @@ from kd_jax.parallel.hosts import (
 )
 from kd_jax.teacher import sparse
 from kd_jax.train import builder
+from kd_jax.train.preemption import Preemption
 from kd_jax.train.progress import progress_bar
 
 
@@ -109,6 +110,14 @@ def manifest_params(cfg: Config) -> dict[str, Any]:
 
 def precompute(cfg: Config) -> dict[str, Any]:
     """Build (or finish) the cache `cfg.cache.dir` from the teacher `cfg.teacher.path`."""
+    preemption = Preemption()  # first: a signal during start-up stops the run cleanly
+    try:
+        return _precompute(cfg, preemption)
+    finally:
+        preemption.close()
+
+
+def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     run = builder.build(cfg, "precompute")
     tokenizer, train = run.data.tokenizer, run.data.train
     teacher = run.loaded_teacher
@@ -174,8 +183,12 @@ def precompute(cfg: Config) -> dict[str, Any]:
         bar.update(rows_per_step * seq_len)
 
     pending = None  # the previous step's outputs, still being computed
+    stopped_at = None
     try:
         for step in range(steps):
+            if preemption.reached(step):
+                stopped_at = step
+                break
             shard, rows = chunks[step] if step < len(chunks) else (None, np.zeros(0, np.int64))
             out = compiled(teacher.params, *global_batch(rows))  # dispatched, not waited for
             if pending is not None:
@@ -187,6 +200,10 @@ def precompute(cfg: Config) -> dict[str, Any]:
         bar.close()
         writer.close()
     seconds = time.perf_counter() - started
+    if stopped_at is not None:
+        raise preemption.stopped(
+            f"precompute stopped after {stopped_at} of {steps} teacher passes: {writer.written} "
+            f"shards written whole in {cache_dir}; rerun to finish")
     barrier("precompute shards")
     summary = {"cache_dir": str(cache_dir), "mode": cfg.cache.mode,
                "shards_written": writer.written, "shards": n_shards(manifest),

@@ -6,6 +6,8 @@ and checkpoint saves. In a multi-host run only process 0 prints.
 
 from __future__ import annotations
 
+import math
+import sys
 import time
 
 import jax
@@ -73,7 +75,46 @@ def log_record(step: int, fetched: list[dict], tokens_per_second: float) -> dict
     return record
 
 
-def progress_bar(total: int, initial: int, enabled: bool, **options) -> tqdm:
-    """A progress bar that keeps out of the way of log lines (`log`)."""
-    return tqdm(total=total, initial=initial, disable=not (enabled and jax.process_index() == 0),
-                dynamic_ncols=True, leave=False, **options)
+def progress_bar(total: int, initial: int, enabled: bool, **options) -> tqdm | PlainProgress:
+    """A progress bar that keeps out of the way of log lines (`log`); where stderr is not a
+    terminal (a log file, a scheduler's capture), a plain line every `PLAIN_EVERY_S` instead."""
+    enabled = enabled and jax.process_index() == 0
+    if enabled and not sys.stderr.isatty():
+        return PlainProgress(total, initial, options.get("unit", "it"))
+    return tqdm(total=total, initial=initial, disable=not enabled, dynamic_ncols=True,
+                leave=False, **options)
+
+
+PLAIN_EVERY_S = 30.0
+
+
+class PlainProgress:
+    """Progress as plain lines on stderr: done/total, rate, ETA and the latest figures."""
+
+    def __init__(self, total: int, initial: int, unit: str, every_s: float = PLAIN_EVERY_S):
+        self.total, self.done, self.unit, self.every_s = total, initial, unit, every_s
+        self._started_at, self._started_done = time.monotonic(), initial
+        self._last_line = self._started_at
+        self._postfix: dict[str, str] = {}
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        now = time.monotonic()
+        if now - self._last_line >= self.every_s:
+            self._last_line = now
+            print(self.line(now), file=sys.stderr, flush=True)
+
+    def set_postfix(self, values: dict[str, str]) -> None:
+        self._postfix = dict(values)
+
+    def line(self, now: float) -> str:
+        rate = (self.done - self._started_done) / max(now - self._started_at, 1e-9)
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = time.strftime("%H:%M:%S", time.gmtime(left)) if math.isfinite(left) else "?"
+        figures = "".join(f", {key} {value}" for key, value in self._postfix.items())
+        share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
+        return (f"{self.unit} {self.done:,}/{self.total:,}{share}, {rate:,.3g} {self.unit}/s, "
+                f"ETA {eta}{figures}")
+
+    def close(self) -> None:
+        pass

@@ -46,10 +46,19 @@ teacher:
     assert result.returncode == 0, result.stderr
     assert f"resuming from checkpoint {resumed_from}: first step {resumed_from + 1}" in (
         result.stdout + result.stderr)
-    got = losses_by_step(tmp_path / "killed")  # later lines win: the resumed run's values
+    got = losses_by_step(tmp_path / "killed")
     assert sorted(got) == sorted(expected)
     for step in range(resumed_from + 1, 41):
         assert got[step] == pytest.approx(expected[step], rel=1e-6), step
+    # Each step once (the killed run's records past the checkpoint were dropped), strict JSON.
+    records = [json.loads(line, parse_constant=_refuse) for line in
+               (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records if "loss" in record]
+    assert steps == sorted(set(steps)) == sorted(expected)
+
+
+def _refuse(constant):
+    raise AssertionError(f"{constant} is not strict JSON")
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_143(teacher_run, tmp_path):
@@ -69,6 +78,24 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(teacher_run, tmp_pat
     step = int(line.split("preempted after step ")[1].split(":")[0])
 
     assert checkpoint.latest_step(tmp_path / "run") == step < 400
+    assert "\r" not in output  # stderr is not a terminal: no progress bar redrawn in place
+
+
+def test_a_signal_during_start_up_stops_before_the_first_step(teacher_run, tmp_path):
+    """Ctrl-C while the step compiles: handled, nothing trained or saved, exit 130."""
+    root, corpus = teacher_run
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
+    process = run_cli(["train", str(config)])
+    deadline = time.time() + 300
+    while not (tmp_path / "run" / "run.json").is_file():
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 130, output
+    assert output.strip().splitlines()[-1] == ("kd-jax: stopped before step 1: nothing new to "
+                                               "save; rerun to continue")
+    assert checkpoint.latest_step(tmp_path / "run") is None
 
 
 def test_distill_on_an_8_device_mesh_matches_one_device_and_resumes_on_another(
