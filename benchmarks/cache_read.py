@@ -6,7 +6,9 @@ Writes a synthetic top-32 cache and a 12-draw sample cache (vocab 131072) in a t
 directory, plus the same values as plain int32/float32 `.npy` files, then times decoding
 random batches of 16 rows into int32/float32 arrays from each. The files were just written, so
 this is a warm page cache: it measures decoding, not the disk. The ratio column says what the
-bit-packing costs in read time; the bytes columns what it saves on disk.
+bit-packing costs in read time; the bytes columns what it saves on disk. The last column is
+what training pays to check each shard's sha256 the first time it reads it (once per shard per
+run), in tokens of that shard checked per second.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from kd_jax.cache.codec import fields
 from kd_jax.cache.manifest import create_manifest, make_manifest, n_shards, shard_rows
 from kd_jax.cache.reader import CacheReader
-from kd_jax.cache.shards import disk_bytes_per_token, write_shard
+from kd_jax.cache.shards import disk_bytes_per_token, open_shard, write_shard
 from kd_jax.teacher.sparse import SAMPLER
 
 VOCAB = 131072
@@ -95,7 +97,7 @@ def main() -> None:
     print(f"vocab {VOCAB}, {args.rows} rows x {args.seq_len} tokens, {args.batches} timed "
           f"batches of {args.batch_rows} rows ({tokens_per_batch} tokens), warm page cache")
     print(f"{'cache':22s} {'B/token':>8s} {'B/entry':>8s} {'ms/batch':>9s} {'tokens/s':>11s} "
-          f"{'x plain':>8s} {'write tok/s':>12s}")
+          f"{'x plain':>8s} {'write tok/s':>12s} {'check tok/s':>12s}")
     with tempfile.TemporaryDirectory() as root:
         for mode, params in MODES.items():
             cache_dir, plain, write_seconds = build(Path(root), mode, args.rows, args.seq_len)
@@ -112,9 +114,13 @@ def main() -> None:
                 args.rows * args.seq_len)
             label = f"{mode} {'k' if mode == 'topk' else 'n'}={entries}"
             write_rate = args.rows * args.seq_len / write_seconds
+            start = time.perf_counter()
+            for index in range(n_shards(reader.manifest)):
+                open_shard(cache_dir, reader.manifest, index, verify_checksum=True)
+            check_rate = args.rows * args.seq_len / (time.perf_counter() - start)
             print(f"{label + ', cache':22s} {cache_bytes:8.2f} {cache_bytes / entries:8.3f} "
                   f"{cached * 1e3:9.2f} {tokens_per_batch / cached:11,.0f} "
-                  f"{cached / baseline:8.2f} {write_rate:12,.0f}")
+                  f"{cached / baseline:8.2f} {write_rate:12,.0f} {check_rate:12,.0f}")
             print(f"{label + ', plain npy':22s} {plain_bytes:8.2f} {plain_bytes / entries:8.3f} "
                   f"{baseline * 1e3:9.2f} {tokens_per_batch / baseline:11,.0f} {1.0:8.2f}")
             reader.close()

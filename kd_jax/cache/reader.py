@@ -22,7 +22,8 @@ class CacheReader:
 
     `read(rows)` returns {field: array [len(rows), T, ...]} in the order of `rows`: ids and
     counts int32, values float32. Opening a shard checks that it is present, whole and belongs
-    to this manifest; `verify_checksums=True` also checks its sha256 (a full read per shard).
+    to this manifest; `verify_checksums=True` also checks its sha256 the first time it is opened
+    (a full read per shard, once: training reads each shard many times).
     """
 
     def __init__(self, cache_dir: str | Path, verify_checksums: bool = False,
@@ -35,14 +36,16 @@ class CacheReader:
         self._verify_checksums = verify_checksums
         self._maxopen_shards = max(1, maxopen_shards)
         self._open: dict[int, Shard] = {}  # insertion order is the eviction order
+        self._verified: set[int] = set()  # shards whose sha256 was checked
         self._lock = threading.Lock()  # a Prefetcher thread may read while another opens
 
     def _shard(self, shard_index: int) -> Shard:
         with self._lock:
             shard = self._open.pop(shard_index, None)
             if shard is None:
-                shard = open_shard(self.cache_dir, self.manifest, shard_index,
-                                   self._verify_checksums)
+                verify = self._verify_checksums and shard_index not in self._verified
+                shard = open_shard(self.cache_dir, self.manifest, shard_index, verify)
+                self._verified.add(shard_index)
                 if len(self._open) >= self._maxopen_shards:
                     self._open.pop(next(iter(self._open)))  # each map holds a file descriptor
             self._open[shard_index] = shard  # most recently used last

@@ -36,7 +36,9 @@ class CachedTeacher:
     def __init__(self, cache_dir: str | Path, mode: str, hashes: np.ndarray):
         self.mode = mode
         self.hashes = hashes
-        self.reader = CacheReader(cache_dir)
+        # Each shard's checksum is checked when it is first read: a damaged shard is named, never
+        # trained on (a full read of the shard, once; benchmarks/cache_read.py measures it).
+        self.reader = CacheReader(cache_dir, verify_checksums=True)
 
     def soft_targets(self, params: Any, batch: dict[str, Any]) -> SoftTargets:
         fields = batch[SOFT_TARGETS]

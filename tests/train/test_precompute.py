@@ -186,6 +186,17 @@ def test_a_corrupt_or_truncated_shard_is_named(setup, tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["cache", "verify", str(cache_dir)]) == 2
     assert corrupt.name in capsys.readouterr().err
+    # Training checks each shard's checksum the first time it reads it: named, not trained on.
+    every = shutil.copytree(root / "cache", tmp_path / "every")
+    for shard in (every / "shards").glob("*.kdc"):
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        shard.write_bytes(bytes(data))
+    assert cli.main(["distill", str(config), "teacher.source=cache", "train.progress=false",
+                     f"cache.dir={every}", f"train.run_dir={tmp_path / 'run0'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"kd-jax: error: cache shard {every / 'shards'}/0")
+    assert err[-1].endswith("is corrupt: its sha256 does not match its trailer")
     truncated.write_bytes(truncated.read_bytes()[:-100])
     assert cli.main(["distill", str(config), "teacher.source=cache",
                      f"cache.dir={cache_dir}", f"train.run_dir={tmp_path / 'run'}"]) == 2
