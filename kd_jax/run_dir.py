@@ -40,9 +40,22 @@ def read_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
     return config_lib.from_dict(raw), json.loads(info_path.read_text())
 
 
+def check_writable(run_dir: Path) -> None:
+    """A run directory that exists is a writable directory; one that does not can be made."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"train.run_dir '{run_dir}' is a file, not a directory")
+    existing = run_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.run_dir '{run_dir}' cannot be written ({existing} is not a "
+                          "writable directory)")
+
+
 def check_resume(cfg: Config) -> None:
     """Resuming needs the same model, data, loss, optimizer, teacher and batch."""
     run_dir = Path(cfg.train.run_dir)
+    check_writable(run_dir.absolute())
     if not (run_dir / "config.yaml").is_file():
         return
     saved, _ = read_run(run_dir)

@@ -330,9 +330,16 @@ def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Confi
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, "
+                              f"...), got a {type(raw).__name__}")
         from_dict(raw, config)
     apply_overrides(config, overrides)
     validate(config)
