@@ -226,7 +226,7 @@ class Checkpointer:
             params=restored["params"],
             opt_state=restored["opt_state"],
             rng=np.asarray(meta["rng"], np.uint32),
-            nonfinite_step=np.asarray(-1, np.int32))
+            nonfinite_step=np.asarray(-1, np.int32), nonfinite_term=np.asarray(-1, np.int32))
         return jax.device_put(state, shardings), meta
 
     def wait(self) -> None:

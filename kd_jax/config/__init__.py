@@ -47,6 +47,7 @@ AttentionKind = Literal["auto", "dense", "blockwise", "cudnn"]
 # activation; full keeps only the layer's input and recomputes the rest; dots keeps the
 # projections' and MLP's matmul outputs and recomputes the attention scores and elementwise ops.
 RematPolicy = Literal["none", "full", "dots"]
+NonFinitePolicy = Literal["stop", "skip"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -199,6 +200,9 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     stop_at: int = 0  # stop after this step (a job slot's share); the schedule spans `steps`
+    # A step whose loss or gradients are not finite is never applied; then stop (naming the step
+    # and the term; the last checkpoint is kept), or skip it and count it in the metrics.
+    on_nonfinite: NonFinitePolicy = "stop"
     progress: bool = True
 
 

@@ -9,7 +9,6 @@ step is the checkpoint's step + 1. `evaluate_checkpoint` is `kd-jax eval`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -104,12 +103,11 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
             fetched.extend(jax.device_get(pending))  # note: a host sync point
             clock.stop(len(pending))
             pending.clear()
+            if train.on_nonfinite == "stop":
+                _stop_if_nonfinite(state, checkpointer)
             if log_now:
                 record = log_record(step, fetched, clock.tokens_per_second_since_log())
                 fetched.clear()
-                if not math.isfinite(record["loss"]):
-                    bad = int(jax.device_get(state.nonfinite_step))
-                    raise NonFiniteError(f"non-finite loss at step {bad if bad > 0 else step}")
                 if main:
                     run_dir_lib.append_metrics(run_dir, record)
                 shown = {"loss": record["loss"], "ce": record["ce"]}
@@ -120,9 +118,6 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
             if eval_now:
                 last_eval = (step, evaluate_now(step))
             if save_now:
-                bad = int(jax.device_get(state.nonfinite_step))
-                if bad > 0:
-                    raise NonFiniteError(f"non-finite loss at step {bad}")
                 checkpointer.save(step, state, {
                     "step": step, "data_position": built.batches.position(step),
                     "rng": np.asarray(jax.device_get(state.rng)).tolist(),
@@ -150,6 +145,24 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
     if main:
         run_dir_lib.write_report(run_dir, report)
     return report
+
+
+def _stop_if_nonfinite(state, checkpointer: checkpoint.Checkpointer) -> None:
+    """Raise NonFiniteError naming the first step whose loss or gradient was not finite."""
+    bad, term = (int(x) for x in jax.device_get((state.nonfinite_step, state.nonfinite_term)))
+    if bad <= 0:
+        return
+    if term <= 0:
+        what = "loss"
+    else:
+        path = jax.tree_util.tree_flatten_with_path(state.params)[0][term - 1][0]
+        what = "gradient of " + "/".join(str(getattr(key, "key", key)) for key in path)
+    checkpointer.wait()
+    kept = checkpointer.latest_step()
+    raise NonFiniteError(
+        f"non-finite {what} at step {bad}: the update was not applied; stopped, "
+        f"{f'checkpoint {kept} kept' if kept else 'no checkpoint saved'} "
+        "(train.on_nonfinite=skip skips such steps instead)")
 
 
 def evaluate_checkpoint(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:

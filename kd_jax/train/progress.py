@@ -69,6 +69,8 @@ def log_record(step: int, fetched: list[dict], tokens_per_second: float) -> dict
     for key in ("kd", "ce"):
         if f"{key}_sum" in totals:
             record[key] = totals[f"{key}_sum"] / tokens
+    if "skipped" in totals:  # steps not applied: a non-finite loss or gradient
+        record["skipped"] = int(totals["skipped"])
     record["grad_norm"] = float(fetched[-1]["grad_norm"])
     record["lr"] = float(fetched[-1]["lr"])
     record["tokens_per_second"] = tokens_per_second

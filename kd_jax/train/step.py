@@ -50,6 +50,9 @@ class TrainState:
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2] raw key, advanced every step (stochastic losses and sampling)
     nonfinite_step: jax.Array  # first step (1-based) with a non-finite loss or gradient, or -1
+    # what went non-finite at that step: 0 the loss, i + 1 the gradient of parameter i (in
+    # `jax.tree.leaves` order), -1 nothing
+    nonfinite_term: jax.Array
 
 
 def init_state_on(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
@@ -89,7 +92,7 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> T
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
-        nonfinite_step=jnp.full((), -1, jnp.int32))
+        nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_term=jnp.full((), -1, jnp.int32))
 
 
 def make_loss_fn(student: PureModel, teacher: Teacher | None, loss_cfg: LossConfig,
@@ -156,7 +159,12 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
         grads, metrics = accumulate_gradients(
             loss_fn, state.params, teacher_params, batch, microbatches)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm)
+        loss_finite = jnp.isfinite(metrics["loss_sum"])
+        grads_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        finite = loss_finite & jnp.all(grads_finite)
+        # The loss first (a non-finite loss makes every gradient so), else the first gradient.
+        term = jnp.where(loss_finite, jnp.argmin(grads_finite) + 1, 0).astype(jnp.int32)
+        first_bad = (state.nonfinite_step < 0) & ~finite
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # A non-finite step leaves the state as it was: what gets checkpointed is always finite.
@@ -168,9 +176,10 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
             params=keep(params, state.params),
             opt_state=keep(opt_state, state.opt_state),
             rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)),
-            nonfinite_step=jnp.where((state.nonfinite_step < 0) & ~finite, step,
-                                     state.nonfinite_step))
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step))
+            nonfinite_step=jnp.where(first_bad, step, state.nonfinite_step),
+            nonfinite_term=jnp.where(first_bad, term, state.nonfinite_term))
+        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+                       skipped=(~finite).astype(jnp.float32))
         return new_state, metrics
 
     return update

@@ -135,3 +135,23 @@ def test_stop_at_then_rerun_finishes(teacher_run, tmp_path):
     assert not (tmp_path / "run" / "report.json").exists()
     assert cli.main(["train", str(config)]) == 0
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 6
+
+
+def test_a_non_finite_step_stops_the_run_or_is_skipped(teacher_run, tmp_path, capsys):
+    """A learning rate of 1e30 without clipping: the second step's gradients overflow. `stop`
+    names the step and the parameter; `skip` trains on and counts the steps it skipped."""
+    root, corpus = teacher_run
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "stop")
+    diverge = ["optimizer.lr=1e30", "optimizer.clip_norm=0", "optimizer.warmup_steps=0"]
+    capsys.readouterr()
+    assert cli.main(["train", str(config), *diverge]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "kd-jax: error: non-finite gradient of embedding at step 2: the update was not "
+        "applied; stopped, no checkpoint saved (train.on_nonfinite=skip skips such steps "
+        "instead)")
+    assert cli.main(["train", str(config), *diverge, "train.on_nonfinite=skip",
+                     f"train.run_dir={tmp_path / 'skip'}"]) == 0
+    records = [json.loads(line) for line in
+               (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+    skipped = {r["step"]: r["skipped"] for r in records if "skipped" in r}
+    assert skipped == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}

@@ -140,10 +140,38 @@ def test_non_finite_step_is_recorded_and_skipped(tiny_models):
     before = jax.tree.map(np.asarray, state.params)
     state, metrics = update(state, broken_teacher, make_batch(4))
     assert not np.isfinite(float(metrics["loss_sum"]))
-    assert int(state.nonfinite_step) == 2
+    assert int(state.nonfinite_step) == 2 and int(state.nonfinite_term) == 0  # the loss
+    assert float(metrics["skipped"]) == 1.0
     assert_trees_close(state.params, before)
-    state, _ = update(state, teacher_params, make_batch(5))
+    state, metrics = update(state, teacher_params, make_batch(5))
     assert int(state.nonfinite_step) == 2, "the first non-finite step is kept"
+    assert float(metrics["skipped"]) == 0.0
+
+
+def test_a_non_finite_gradient_is_named_by_its_parameter(tiny_models):
+    """The loop's stop message names the parameter whose gradient went non-finite first."""
+    from kd_jax.train.loop import NonFiniteError, _stop_if_nonfinite
+
+    _, student_params, _, _ = tiny_models
+    state = init_state(student_params, optax.sgd(1.0), seed=0)
+    names = ["/".join(str(key.key) for key in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
+
+    class Saved:
+        def wait(self):
+            pass
+
+        def latest_step(self):
+            return 6
+
+    for index in (0, len(names) - 1):
+        bad = state.replace(nonfinite_step=jnp.int32(7), nonfinite_term=jnp.int32(index + 1))
+        with pytest.raises(NonFiniteError) as caught:
+            _stop_if_nonfinite(bad, Saved())
+        assert str(caught.value) == (
+            f"non-finite gradient of {names[index]} at step 7: the update was not applied; "
+            "stopped, checkpoint 6 kept (train.on_nonfinite=skip skips such steps instead)")
+    _stop_if_nonfinite(state, Saved())  # all finite: nothing to say
 
 
 def test_hard_label_step_has_no_teacher(tiny_models):
