@@ -14,6 +14,7 @@ This is the weight-loading module of `kd_jax.models`; the model definitions stay
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -157,10 +158,36 @@ def check_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict) -> list[tup
     return found
 
 
+def verify_downloads(ckpt: Checkpoint) -> None:
+    """Check each weights file that the Hugging Face cache names by its content's SHA-256.
+
+    The hub stores a large file once, under `blobs/<sha256 of its bytes>`, and a snapshot links
+    to it: that name is a digest recorded when the file was published, so a damaged download or
+    a flipped byte is found before any weight is read. Files outside that layout have no
+    recorded digest to check (their headers and sizes are still checked when opened).
+    """
+    for file in sorted(set(ckpt.files.values())):
+        blob = file.resolve()
+        if blob.parent.name != "blobs" or not _is_sha256(blob.name):
+            continue
+        with open(blob, "rb") as handle:
+            actual = hashlib.file_digest(handle, "sha256").hexdigest()
+        if actual != blob.name:
+            raise ConfigError(f"{file}: its bytes do not match the SHA-256 the Hugging Face "
+                              "cache recorded for it (a damaged download); delete it and "
+                              "download it again")
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
 def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict,
                 shardings: Any = None) -> dict:
     """The parameters of `cfg` from `ckpt`, in `cfg.param_dtype`, each placed as `shardings`
-    says (a tree like `abstract`; None: the default device)."""
+    says (a tree like `abstract`; None: the default device). Files in the Hugging Face cache
+    are checked against their recorded SHA-256 first (`verify_downloads`)."""
+    verify_downloads(ckpt)
     dtype = jnp.dtype(cfg.param_dtype)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat_shardings = dict(_flatten(shardings)) if shardings is not None else {}

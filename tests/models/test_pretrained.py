@@ -222,3 +222,32 @@ def test_truncated_weights_are_one_line(checkpoints, tmp_path):
     (path / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="truncated"):
         open_checkpoint(path)
+
+
+def test_a_damaged_download_in_the_hub_cache_is_named(tmp_path):
+    """The hub names a weights blob by its SHA-256: a flipped byte is found before loading."""
+    import hashlib
+    import shutil
+
+    from kd_jax.config import ConfigError
+    from kd_jax.models.pretrained import open_checkpoint, verify_downloads
+
+    source = make_checkpoint(tmp_path / "plain", "llama2")
+    snapshot = tmp_path / "hub" / "snapshots" / "abc123"
+    blobs = tmp_path / "hub" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for file in source.iterdir():
+        if file.suffix == ".safetensors":
+            digest = hashlib.sha256(file.read_bytes()).hexdigest()
+            shutil.copyfile(file, blobs / digest)
+            (snapshot / file.name).symlink_to(blobs / digest)
+        else:
+            shutil.copyfile(file, snapshot / file.name)
+    verify_downloads(open_checkpoint(snapshot))  # sound
+    blob = next(blobs.iterdir())
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="do not match the SHA-256 the Hugging Face cache"):
+        verify_downloads(open_checkpoint(snapshot))
