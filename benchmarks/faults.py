@@ -4,11 +4,12 @@ resume each to the end, and compare with an uninterrupted run, bit for bit.
     python benchmarks/faults.py [--points 10] [--seed 0] [--work DIR]
 
 A tiny byte-level teacher is trained once; then, for each fault kind, an uninterrupted run is
-timed, and each of `--points` runs is stopped at a moment drawn uniformly from that run's wall
-time (start-up included: a kill before the first checkpoint means starting over), then rerun
-until it finishes (a SIGTERM run resumes from the checkpoint it saved). A distill point is
-identical when every final student parameter equals the uninterrupted run's exactly; a
-precompute point when every file of the cache has the same bytes. Prints a table and writes
+timed, and runs are stopped at moments drawn uniformly from 90% of that run's wall time
+(start-up included: a kill before the first checkpoint means starting over), then rerun until
+they finish (a SIGTERM run resumes from the checkpoint it saved). A run that ended before its
+signal landed is not a fault point and is drawn again, until `--points` signals have landed.
+A distill point is identical when every final student parameter equals the uninterrupted run's
+exactly; a precompute point when every file of the cache has the same bytes. Prints a table and writes
 benchmarks/results/faults.json.
 """
 
@@ -122,15 +123,20 @@ def main() -> None:
         finish(command, str(distill), f"{target}={reference}", *extra)
         wall_s = time.perf_counter() - started
         expected = files_of(reference) if command == "precompute" else params_of(reference)
-        tried = resumed = identical = 0
+        tried = landed = resumed = identical = 0
         moments = []
-        for point in range(args.points):
+        while landed < args.points and tried < 3 * args.points:
+            point = tried
             out = work / f"{command}_{signum}_{point}"
             shutil.rmtree(out, ignore_errors=True)
-            at_s = float(rng.uniform(0.2, wall_s))
+            at_s = float(rng.uniform(0.2, 0.9 * wall_s))
             code = interrupted([command, str(distill), f"{target}={out}", *extra], at_s,
                                signum)
             tried += 1
+            if code == 0:  # it finished first: no fault happened
+                print(f"{kind}: attempt {point} at {at_s:.2f} s ended before the signal")
+                continue
+            landed += 1
             moments.append(round(at_s, 2))
             finish(command, str(distill), f"{target}={out}", *extra)  # resume to the end
             resumed += 1
@@ -144,13 +150,15 @@ def main() -> None:
             print(f"{kind}: point {point} at {at_s:.2f} s of {wall_s:.1f} s (exit {code}): "
                   f"{'identical' if same else 'DIFFERS'}", flush=True)
             shutil.rmtree(out, ignore_errors=True)
-        rows.append({"fault": kind, "uninterrupted_s": round(wall_s, 1), "tried": tried,
+        rows.append({"fault": kind, "uninterrupted_s": round(wall_s, 1), "tried": landed,
                      "resumed": resumed, "identical": identical, "moments_s": moments})
     print()
     print(f"{'fault':22s} {'run s':>6s} {'tried':>6s} {'resumed':>8s} {'identical':>10s}")
     for row in rows:
         print(f"{row['fault']:22s} {row['uninterrupted_s']:6.1f} {row['tried']:6d} "
               f"{row['resumed']:8d} {row['identical']:10d}")
+    print("(tried: runs stopped by the signal mid-run; resumed: rerun to the end; identical: "
+          "final weights, or every cache file, equal to the uninterrupted run's)")
     result = {"machine": platform.platform(), "cpus": os.cpu_count(),
               "python": platform.python_version(), "points": args.points, "seed": args.seed,
               "rows": rows}

@@ -9,16 +9,20 @@ Everything is generated under --work (default /tmp/kd_jax_token_store), never in
    paragraphs), 10 MiB and 1 GiB (--quick: 50 MiB); the smaller is a prefix of the larger. A
    byte-level BPE tokenizer.json (`tokenizers`, vocabulary 8,192) is trained on the first 20 MiB.
 1. Prepare: `kd-jax prepare` of each corpus with each tokenizer (rows of 256 tokens), timed as a
-   subprocess; then again on the same store, which must answer "already prepared". A byte store
-   of rows of 4,096 tokens of the large corpus too, for part 3.
+   subprocess, with its peak resident memory (ru_maxrss, which counts the pages of the
+   memory-mapped shards read back for hashing) and its peak anonymous memory (RssAnon, polled);
+   then again on the same store, which must answer "already prepared". A byte store of rows of
+   4,096 tokens of the large corpus too, for part 3.
 2. Start-up: `kd-jax distill` with train.steps=1 (a tiny teacher trained first with `kd-jax
    train` on the small store, 3 steps; a small student; batch 16; 16 held-out rows evaluated at
    the end; one checkpoint) on the small and on the large store, alternating, --repeats times
    each (5; --quick: 2). Measured per run: the wall time from launch to the first step's line in
    metrics.jsonl (polled every 10 ms: imports, build, compile, the first step and its host
    sync), the wall time to exit (the rest adds the evaluation and the checkpoint), and the
-   child's peak resident memory (ru_maxrss from os.wait4 on that child alone). The best of the
-   repeats is kept, and the median.
+   child's peak resident memory (ru_maxrss from os.wait4 on that child alone; and RssAnon,
+   polled). The best of the repeats is kept, and the median. Then the part of start-up that
+   depends on the data, alone in a fresh process per store: the store opened, the first batch
+   (the epoch's permutation), one held-out batch, and the memory they add.
 3. Reader: `StoreRows.take` of 16 random rows a batch, in this process, warm page cache (the
    stores were just written), against the tokens a second the distill step consumes at the same
    sizes: the demo's teacher (d128 x 4 layers) and student (d48 x 2 layers), batch 16, byte
@@ -214,20 +218,35 @@ KD_JAX = ([str(Path(sys.executable).with_name("kd-jax"))]
           else [sys.executable, "-m", "kd_jax.cli"])
 
 
+def resident_mib(pid: int | str = "self") -> dict[str, float]:
+    """VmRSS, RssAnon (the process's own memory) and RssFile (mapped files' pages, which the
+    kernel can drop) of a process, MiB; {} where /proc does not say."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)
+    return {key: int(fields[key].split()[0]) / 1024 for key in ("VmRSS", "RssAnon", "RssFile")
+            if key in fields}
+
+
 def kd_jax(args: list[str], log: Path, first_file: Path | None = None) -> dict:
-    """`kd-jax ARGS` as a child process: wall time, the time `first_file` first exists (polled
-    every 10 ms), and the child's own peak resident memory (os.wait4's rusage of that pid)."""
+    """`kd-jax ARGS` as a child process: wall time, the time `first_file` first exists, and the
+    child's own peak resident memory (os.wait4's rusage of that pid: ru_maxrss, which counts the
+    pages of memory-mapped files too), and the peak of its anonymous memory (RssAnon), both
+    polled every 10 ms."""
     started = time.perf_counter()
     with open(log, "w") as out:
         child = subprocess.Popen([*KD_JAX, *args], stdout=out, stderr=subprocess.STDOUT,
                                  cwd=log.parent)
-    first, load = None, os.getloadavg()[0]
+    first, load, anon = None, os.getloadavg()[0], 0.0
     while True:
         pid, status, usage = os.wait4(child.pid, os.WNOHANG)
         if pid:
             break
         if first is None and first_file is not None and first_file.exists():
             first = time.perf_counter() - started
+        anon = max(anon, resident_mib(child.pid).get("RssAnon", 0.0))
         time.sleep(0.01)
     wall = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
@@ -235,7 +254,8 @@ def kd_jax(args: list[str], log: Path, first_file: Path | None = None) -> dict:
         tail = "\n".join(log.read_text().splitlines()[-15:])
         raise RuntimeError(f"kd-jax {' '.join(args)} exited {child.returncode}:\n{tail}")
     return {"wall_s": wall, "first_step_s": first, "peak_rss_mib": usage.ru_maxrss / 1024,
-            "load_average_1min": [load, os.getloadavg()[0]], "output": log.read_text()}
+            "peak_anon_mib": anon, "load_average_1min": [load, os.getloadavg()[0]],
+            "output": log.read_text()}
 
 
 def yaml_config(path: Path, sections: dict) -> Path:
@@ -284,7 +304,8 @@ def prepare(work: Path, name: str, corpus: Path, tokenizer: str, seq_len: int,
     return {"store": name, "path": str(store), "seq_len": seq_len,
             "prepared_now": "already prepared" not in first["output"],
             "wall_s": first["wall_s"], "prepare_s": float(reported.group(1)) if reported else None,
-            "peak_rss_mib": first["peak_rss_mib"], "store_bytes": directory_bytes(store),
+            "peak_rss_mib": first["peak_rss_mib"], "peak_anon_mib": first["peak_anon_mib"],
+            "store_bytes": directory_bytes(store),
             "documents": manifest["documents"], "tokens": manifest["tokens"],
             "train_rows": manifest["splits"]["train"]["rows"],
             "tokens_per_second": manifest["tokens"] / first["wall_s"],
@@ -295,19 +316,21 @@ def prepare(work: Path, name: str, corpus: Path, tokenizer: str, seq_len: int,
 
 def prepare_table(rows: list[dict]) -> str:
     lines = ["| store | seq | documents | tokens | prepare s (wall) | tokens/s | store MB | "
-             "B/token | peak RSS MiB | again s | again says |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "B/token | peak RSS MiB | peak anon MiB | again s | again says |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['store']} | {r['seq_len']} | {r['documents']:,} | {r['tokens']:,} | "
             f"{r['wall_s']:.1f} | {r['tokens_per_second']:,.0f} | {r['store_bytes'] / 1e6:,.1f} | "
             f"{r['store_bytes'] / r['tokens']:.3f} | {r['peak_rss_mib']:,.0f} | "
-            f"{r['again_wall_s']:.2f} | "
+            f"{r['peak_anon_mib']:,.0f} | {r['again_wall_s']:.2f} | "
             f"{'already prepared' if r['again_already_prepared'] else 'PREPARED AGAIN'} |")
     return "\n".join(lines)
 
 
 # --- 2. start-up ------------------------------------------------------------------------------
+
+STARTUP_MEASURES = ("first_step_s", "wall_s", "peak_rss_mib", "peak_anon_mib")
 
 def train_teacher(work: Path, name: str, data: dict, model_section: dict, steps: int,
                   batch: int) -> Path:
@@ -356,19 +379,20 @@ def startup(work: Path, tokenizers: dict, corpora: dict, repeats: int) -> list[d
                 runs.setdefault((tok, size), []).append(result)
                 print(f"  start-up {tok} {size} #{repeat + 1}: first step "
                       f"{result['first_step_s']:.2f} s, exit {result['wall_s']:.2f} s, "
-                      f"peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+                      f"peak RSS {result['peak_rss_mib']:.0f} MiB (anonymous "
+                      f"{result['peak_anon_mib']:.0f})", flush=True)
     rows = []
     for tok in tokenizers:
         best = {}
         for size in ("small", "large"):
             done = runs[(tok, size)]
             best[size] = {key: min(run[key] for run in done)
-                          for key in ("first_step_s", "wall_s", "peak_rss_mib")}
+                          for key in STARTUP_MEASURES}
             best[size]["median"] = {key: float(np.median([run[key] for run in done]))
-                                    for key in ("first_step_s", "wall_s", "peak_rss_mib")}
+                                    for key in STARTUP_MEASURES}
             best[size]["runs"] = done
         row = {"tokenizer": tok, "small": best["small"], "large": best["large"]}
-        for key in ("first_step_s", "wall_s", "peak_rss_mib"):
+        for key in STARTUP_MEASURES:
             row[f"{key}_ratio"] = best["large"][key] / best["small"][key]
             row[f"{key}_difference"] = best["large"][key] - best["small"][key]
             row[f"{key}_median_ratio"] = (best["large"]["median"][key]
@@ -377,8 +401,58 @@ def startup(work: Path, tokenizers: dict, corpora: dict, repeats: int) -> list[d
             row[f"{key}_ratio"] <= 1.10 and row[f"{key}_difference"] <= limit
             for key, limit in (("first_step_s", float("inf")), ("wall_s", float("inf")),
                                ("peak_rss_mib", 200.0)))
+        row["parts"] = {size: startup_parts(work / "configs" / f"startup_{tok}_{size}.yaml")
+                        for size in ("small", "large")}
         rows.append(row)
     return rows
+
+
+def startup_parts(config: Path) -> dict:
+    """What of a run's start-up depends on the data, timed alone in a fresh process."""
+    done = subprocess.run([sys.executable, __file__, "--probe-startup", str(config)],
+                          capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def probe_startup(config: str) -> dict:
+    """The data's part of start-up, as `kd_jax.train.loop.run` meets it: the store opened
+    (`builder.load_data`), the first batch (the epoch's permutation and its rows, read), one
+    held-out batch; the resident memory they add."""
+    from kd_jax import config as config_lib
+    from kd_jax.data.batches import Batches, heldout_batches
+    from kd_jax.train import builder
+    from kd_jax.train.resolve import resolve
+
+    cfg = resolve(config_lib.load(config))
+    before, out = resident_mib(), {}
+    started = time.perf_counter()
+    data = builder.load_data(cfg)
+    out["open_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    batches = Batches(data.train, cfg.train.batch_size, cfg.train.seed)
+    batches.take(batches.rows(0, np.arange(cfg.train.batch_size)))
+    out["first_batch_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    next(heldout_batches(data.heldout, cfg.train.batch_size, cfg.train.eval_sequences))
+    out["heldout_batch_s"] = time.perf_counter() - started
+    after = resident_mib()
+    out.update({f"added_{key}_mib": after[key] - before[key] for key in after})
+    out["train_rows"] = data.train.n_rows
+    return out
+
+
+def parts_table(rows: list[dict], sizes: dict) -> str:
+    lines = ["| tokenizer | store | train rows | open ms | first batch ms | held-out batch ms | "
+             "RSS added, MiB | of it anonymous | of it mapped files |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for size, p in r["parts"].items():
+            lines.append(f"| {r['tokenizer']} | {sizes[size]} | {p['train_rows']:,} | "
+                         f"{1e3 * p['open_s']:.1f} | {1e3 * p['first_batch_s']:.1f} | "
+                         f"{1e3 * p['heldout_batch_s']:.1f} | {p.get('added_VmRSS_mib', 0):.1f} "
+                         f"| {p.get('added_RssAnon_mib', 0):.1f} | "
+                         f"{p.get('added_RssFile_mib', 0):.1f} |")
+    return "\n".join(lines)
 
 
 def startup_table(rows: list[dict], sizes: dict) -> str:
@@ -387,7 +461,8 @@ def startup_table(rows: list[dict], sizes: dict) -> str:
     for r in rows:
         for key, label, unit in (("first_step_s", "launch to first step", "s"),
                                  ("wall_s", "launch to exit (steps=1)", "s"),
-                                 ("peak_rss_mib", "peak RSS", "MiB")):
+                                 ("peak_rss_mib", "peak RSS (ru_maxrss)", "MiB"),
+                                 ("peak_anon_mib", "peak anonymous RSS", "MiB")):
             lines.append(f"| {r['tokenizer']} | {label}, {unit} | {r['small'][key]:.2f} | "
                          f"{r['large'][key]:.2f} | {r[f'{key}_ratio']:.3f} | "
                          f"{r[f'{key}_difference']:+.2f} | {r[f'{key}_median_ratio']:.3f} |")
@@ -591,9 +666,13 @@ def main() -> None:
                              "measured again)")
     parser.add_argument("--probe", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--probe-batches", type=int, default=200, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-startup", metavar="CONFIG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         print(json.dumps(probe(*args.probe, args.probe_batches)))
+        return
+    if args.probe_startup:
+        print(json.dumps(probe_startup(args.probe_startup)))
         return
 
     work = Path(args.work).resolve()
@@ -635,6 +714,9 @@ def main() -> None:
           f"(best of {repeats}; median ratio: of the medians); goal: large within 10% and "
           "200 MB of small\n")
     print(startup_table(startup_rows, size_names), flush=True)
+    print("\nthe data's part of it, alone in a fresh process (kd_jax.train.builder.load_data, "
+          "the first batch, one held-out batch):\n")
+    print(parts_table(startup_rows, size_names), flush=True)
 
     reader_rows = reader(work, corpora, steps=2 if args.quick else 5,
                          read_batches=100 if args.quick else 300)
