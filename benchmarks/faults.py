@@ -9,8 +9,8 @@ timed, and runs are stopped at moments drawn uniformly from 90% of that run's wa
 they finish (a SIGTERM run resumes from the checkpoint it saved). A run that ended before its
 signal landed is not a fault point and is drawn again, until `--points` signals have landed.
 A distill point is identical when every final student parameter equals the uninterrupted run's
-exactly; a precompute point when every file of the cache has the same bytes. Prints a table and writes
-benchmarks/results/faults.json.
+exactly; a precompute point when every file of the cache has the same bytes. Prints a table
+and writes benchmarks/results/faults.json.
 """
 
 from __future__ import annotations
