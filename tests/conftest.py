@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
-import pytest
+# XLA compiles the same small programs many times over in one run of the suite (a run and its
+# resumption, each process of a multi-process job, each test's own jit): a compilation cache
+# for this session only (subprocesses inherit it) turns the repeats into reads. Set before JAX
+# is imported, so that every process reads it from the environment.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="kd_jax_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-from tests.helpers import STUDENT, TEACHER, distill_config, write_config, write_corpus
+import pytest  # noqa: E402
+
+from tests.helpers import STUDENT, TEACHER, distill_config, write_config, write_corpus  # noqa: E402
 
 # No test may reach the network: Hugging Face libraries read only what is on disk.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from kd_jax import checkpoint, cli
@@ -55,6 +56,23 @@ teacher:
                (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in records if "loss" in record]
     assert steps == sorted(set(steps)) == sorted(expected)
+    # And the weights it ends with are the uninterrupted run's, bit for bit.
+    whole_params, killed_params = (_final_params(tmp_path / name) for name in ("whole", "killed"))
+    assert whole_params.keys() == killed_params.keys()
+    for key, value in whole_params.items():
+        np.testing.assert_array_equal(killed_params[key], value, err_msg=key)
+
+
+def _final_params(run_dir):
+    import jax
+
+    from kd_jax.models.pure import abstract_model
+    from kd_jax.run_dir import read_run
+
+    cfg, _ = read_run(run_dir)
+    params = checkpoint.restore_params(run_dir, abstract_model(cfg.model)[1])
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def _refuse(constant):

@@ -180,12 +180,15 @@ def test_a_corrupt_or_truncated_shard_is_named(setup, tmp_path, capsys):
     root, _, config = setup
     cache_dir = shutil.copytree(root / "cache", tmp_path / "damaged")
     corrupt, truncated = sorted((cache_dir / "shards").glob("*.kdc"))[2:4]
-    data = bytearray(corrupt.read_bytes())
-    data[len(data) // 2] ^= 0x10
-    corrupt.write_bytes(bytes(data))
-    capsys.readouterr()
-    assert cli.main(["cache", "verify", str(cache_dir)]) == 2
-    assert corrupt.name in capsys.readouterr().err
+    pristine = corrupt.read_bytes()
+    for offset in (0, len(pristine) // 5, len(pristine) // 2, len(pristine) - 40,
+                   len(pristine) - 1):  # header, rows, hashes, the checksum itself
+        data = bytearray(pristine)
+        data[offset] ^= 0x10
+        corrupt.write_bytes(bytes(data))
+        capsys.readouterr()
+        assert cli.main(["cache", "verify", str(cache_dir)]) == 2, offset
+        assert corrupt.name in capsys.readouterr().err, offset
     # Training checks each shard's checksum the first time it reads it: named, not trained on.
     every = shutil.copytree(root / "cache", tmp_path / "every")
     for shard in (every / "shards").glob("*.kdc"):
