@@ -121,13 +121,19 @@ def main(argv: list[str] | None = None) -> int:
                 item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    preemption = None
+    if args.command in ("train", "distill", "precompute"):
+        from kd_jax.train.preemption import Preemption
+
+        # Before JAX is imported: a SIGTERM or Ctrl-C from now on stops the run cleanly.
+        preemption = Preemption()
     try:
         if args.command in ("train", "distill"):
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.eval.report import eval_table
             from kd_jax.train.loop import run
 
-            result = run(cfg, args.command)
+            result = run(cfg, args.command, preemption)
             if "student" in result:
                 print(eval_table(result))
         elif args.command == "eval":
@@ -159,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.train.precompute import precompute
 
-            summary = precompute(cfg)
+            summary = precompute(cfg, preemption)
             print(_cache_summary(summary))
         elif args.command == "cache":
             _cache_command(args)
@@ -198,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kd-jax: error: {err}", file=sys.stderr)
             return 1
         raise
+    finally:
+        if preemption is not None:
+            preemption.close()
     return 0
 
 

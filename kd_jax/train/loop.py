@@ -35,9 +35,13 @@ class NonFiniteError(RuntimeError):
     """The loss or the gradients stopped being finite; the message names the step."""
 
 
-def run(cfg: config_lib.Config, mode: str) -> dict[str, Any]:
-    """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report."""
-    preemption = Preemption()  # first: a signal during start-up stops the run, not the process
+def run(cfg: config_lib.Config, mode: str, preemption: Preemption | None = None
+        ) -> dict[str, Any]:
+    """Train (`mode='train'`) or distill (`mode='distill'`) as `cfg` says; returns the report.
+
+    `preemption` is the caller's, made before it imported JAX; else one is made now: from here
+    on a signal during start-up stops the run, not the process."""
+    preemption = preemption or Preemption()
     try:
         return _run(cfg, mode, preemption)
     finally:

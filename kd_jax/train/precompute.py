@@ -108,9 +108,10 @@ def manifest_params(cfg: Config) -> dict[str, Any]:
     return {"temperature": 1.0}  # full: stored at T = 1, re-tempered exactly when training
 
 
-def precompute(cfg: Config) -> dict[str, Any]:
-    """Build (or finish) the cache `cfg.cache.dir` from the teacher `cfg.teacher.path`."""
-    preemption = Preemption()  # first: a signal during start-up stops the run cleanly
+def precompute(cfg: Config, preemption: Preemption | None = None) -> dict[str, Any]:
+    """Build (or finish) the cache `cfg.cache.dir` from the teacher `cfg.teacher.path`
+    (`preemption`: as `kd_jax.train.loop.run` takes it)."""
+    preemption = preemption or Preemption()
     try:
         return _precompute(cfg, preemption)
     finally:

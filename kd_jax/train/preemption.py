@@ -14,8 +14,6 @@ from __future__ import annotations
 import signal
 import threading
 
-import jax
-
 
 class Preempted(RuntimeError):
     """A signal arrived: the current step was checkpointed; rerunning resumes after it."""
@@ -28,7 +26,8 @@ class Preempted(RuntimeError):
 class Preemption:
     """`reached(step)`: whether to save after `step` and stop. `close()` restores the handlers.
 
-    Create it first thing, before JAX starts: it does not touch JAX until `reached`.
+    Create it first thing, before JAX is even imported (the command line does): it does not
+    touch JAX until `reached`.
     """
 
     def __init__(self):
@@ -48,6 +47,8 @@ class Preemption:
         self.signum = signum
 
     def reached(self, step: int) -> bool:
+        import jax  # not at the top: the handlers go in before JAX is imported
+
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
