@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from kd_jax import cli
 from kd_jax.config import ConfigError, DataConfig
 from kd_jax.data.batches import Batches
 from kd_jax.data.mixture import BLOCK, InterleavedRows, MixedRows, block_counts, components
@@ -115,7 +116,7 @@ def test_components_share_the_data_settings_and_have_their_own_stores():
     assert dataclasses.replace(first, path="a.jsonl") == first
 
 
-def test_the_prepare_command(tmp_path):
+def test_the_prepare_command(tmp_path, capsys):
     """Prepare a mixture, find it prepared, train from it, and refuse mistakes in one line."""
     for name, seed in (("a", 1), ("b", 2)):
         write_corpus(tmp_path / f"{name}.jsonl", 60, seed=seed)
@@ -147,8 +148,7 @@ train: {{run_dir: {tmp_path / 'run'}, steps: 2, batch_size: 4, progress: false,
             (["data.store="], "data.mixture needs data.store"),
             (["data.seq_len=16", "model.max_seq_len=16"], "another packing (data.seq_len: 32 "
                                                           "there, 16 now)")):
-        refused = run_cli(["prepare", str(config), *args])
-        output = refused.communicate(timeout=300)[0]
-        assert refused.returncode == 2, output
-        assert output.strip().splitlines()[-1].startswith("kd-jax: error: ")
-        assert message in output and "Traceback" not in output
+        capsys.readouterr()
+        assert cli.main(["prepare", str(config), *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("kd-jax: error: ") and message in err[0]
