@@ -2,6 +2,7 @@
 stop_at then rerun."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -103,7 +104,10 @@ def test_a_signal_during_start_up_stops_before_the_first_step(teacher_run, tmp_p
     """Ctrl-C while the step compiles: handled, nothing trained or saved, exit 130."""
     root, corpus = teacher_run
     config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
-    process = run_cli(["train", str(config)])
+    # Without the suite's compilation cache the step takes seconds to compile after run.json is
+    # written: the signal lands during start-up, not after a step.
+    process = run_cli(["train", str(config)],
+                      env={**os.environ, "JAX_ENABLE_COMPILATION_CACHE": "false"})
     deadline = time.time() + 300
     while not (tmp_path / "run" / "run.json").is_file():
         assert process.poll() is None and time.time() < deadline
