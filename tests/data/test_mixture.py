@@ -15,7 +15,6 @@ from kd_jax.data.prepare import prepare
 from kd_jax.data.store import open_store
 from kd_jax.data.tokenizers import ByteTokenizer
 from tests.data.test_store import data_config, write_corpus
-from tests.helpers import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -134,16 +133,12 @@ data:
 train: {{run_dir: {tmp_path / 'run'}, steps: 2, batch_size: 4, progress: false,
         eval_sequences: 4, log_every: 1}}
 """)
-    first = run_cli(["prepare", str(config)])
-    output = first.communicate(timeout=300)[0]
-    assert first.returncode == 0, output
-    assert output.count("prepared in") == 2, output
-    again = run_cli(["prepare", str(config)])
-    output = again.communicate(timeout=300)[0]
-    assert again.returncode == 0 and output.count("already prepared") == 2, output
-    trained = run_cli(["train", str(config)])
-    output = trained.communicate(timeout=300)[0]
-    assert trained.returncode == 0, output
+    capsys.readouterr()
+    assert cli.main(["prepare", str(config)]) == 0
+    assert capsys.readouterr().out.count("prepared in") == 2
+    assert cli.main(["prepare", str(config)]) == 0
+    assert capsys.readouterr().out.count("already prepared") == 2
+    assert cli.main(["train", str(config)]) == 0
     for args, message in (
             (["data.store="], "data.mixture needs data.store"),
             (["data.seq_len=16", "model.max_seq_len=16"], "another packing (data.seq_len: 32 "
