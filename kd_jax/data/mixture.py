@@ -67,7 +67,25 @@ def block_counts(shares: list[float]) -> np.ndarray:
     return counts
 
 
-class MixedRows:
+class _SeveralStores:
+    """What rows drawn from several stores share: their length and what they hold."""
+
+    parts: list[Rows]
+
+    @property
+    def seq_len(self) -> int:
+        return self.parts[0].seq_len
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(part.trained_tokens for part in self.parts)
+
+    @property
+    def rows_read(self) -> int:
+        return sum(part.rows_read for part in self.parts)
+
+
+class MixedRows(_SeveralStores):
     """The training rows of several stores, numbered one after another (`packing.Rows`)."""
 
     def __init__(self, parts: list[Rows], shares: list[float]):
@@ -81,18 +99,6 @@ class MixedRows:
     @property
     def n_rows(self) -> int:
         return int(self.sizes.sum())
-
-    @property
-    def seq_len(self) -> int:
-        return self.parts[0].seq_len
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(part.trained_tokens for part in self.parts)
-
-    @property
-    def rows_read(self) -> int:
-        return sum(part.rows_read for part in self.parts)
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -133,7 +139,7 @@ class MixedRows:
         return owner, rank
 
 
-class InterleavedRows:
+class InterleavedRows(_SeveralStores):
     """Held-out rows of several stores, interleaved in proportion to their sizes, so the first
     rows an evaluation scores come from every source (`packing.Rows`)."""
 
@@ -149,14 +155,6 @@ class InterleavedRows:
     @property
     def n_rows(self) -> int:
         return int(len(self.part))
-
-    @property
-    def seq_len(self) -> int:
-        return self.parts[0].seq_len
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(part.trained_tokens for part in self.parts)
 
     def take(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
