@@ -89,7 +89,8 @@ def precompute_table(out: Path, recipe: dict, teacher_model: dict, documents: in
     # The teacher forward pass alone, on device-resident batches: what precompute cannot beat.
     # It is timed before each mode and after the last, and each mode is compared with the mean
     # of the two timings around it: the machine's speed drifts by more than the effect.
-    teacher, teacher_params, _ = load_teacher(base, run_data.tokenizer)
+    loaded = load_teacher(base, run_data.tokenizer)
+    teacher, teacher_params = loaded.model, loaded.params
     forward = jax.jit(teacher.logits)
     batches = Batches(run_data.train, batch_rows, seed=0)
     device_batch = jax.device_put(batches.take(batches.rows(0, np.arange(batch_rows))))

@@ -3,9 +3,10 @@
 OUT_DIR gets config.json (the family's own layout), safetensors weights, the tokenizer files the
 run used, and a model card (README.md) recording the teacher, the data, the recipe, the
 evaluation, and the teacher's licence and provenance as the config declared them
-(`teacher.license`, `teacher.source_url`), or that none was declared. Everything is written
-into a hidden sibling directory first and renamed into place once complete, so an interrupted
-export never leaves a directory that looks like a checkpoint.
+(`teacher.license`, `teacher.source_url`), or that none was declared, and `SHA256SUMS`, the
+digest of every file (checked whenever kd_jax loads the directory; `sha256sum -c` reads it
+too). Everything is written into a hidden sibling directory first and renamed into place once
+complete, so an interrupted export never leaves a directory that looks like a checkpoint.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from kd_jax import checkpoint
 from kd_jax.config import Config, ConfigError
 from kd_jax.eval.report import eval_table
 from kd_jax.models.families import hf_config
-from kd_jax.models.pretrained import save_params
+from kd_jax.models.pretrained import save_params, write_sums
 from kd_jax.models.pure import abstract_model, count_params
 from kd_jax.run_dir import read_report, read_run
 
@@ -61,6 +62,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     (partial / "README.md").write_text(model_card(
         cfg, info, report, step, dtype, str(tokenizer) if tokenizer else None,
         count_params(abstract)))
+    write_sums(partial)  # the digests a later load checks (weight_digests)
     if out_dir.exists():
         out_dir.rmdir()
     partial.rename(out_dir)

@@ -4,6 +4,8 @@ and mismatched tokenizers as one-line errors that write nothing."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -15,9 +17,21 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from kd_jax import cli  # noqa: E402
+from kd_jax.config import ConfigError  # noqa: E402
 from kd_jax.models import load_pretrained  # noqa: E402
 from tests.helpers import write_tokenizer  # noqa: E402
 from tests.hf_checkpoints import hf_distill_config  # noqa: E402
+
+
+@contextlib.contextmanager
+def flipped(path: Path, offset: int):
+    """`path` with one bit flipped at `offset`, restored afterwards (the file is shared)."""
+    data = path.read_bytes()
+    path.write_bytes(data[:offset] + bytes([data[offset] ^ 0x10]) + data[offset + 1:])
+    try:
+        yield
+    finally:
+        path.write_bytes(data)
 
 
 def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, capsys):
@@ -40,6 +54,17 @@ def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, ca
     assert again["teacher"]["bits_per_token"] == pytest.approx(
         report["teacher"]["bits_per_token"], rel=1e-5)
 
+    # The run recorded its plain-directory teacher's digests; a flipped byte there is named.
+    weights = teacher / "model.safetensors"
+    recorded = json.loads((run_dir / "run.json").read_text())["teacher_files"]
+    assert recorded == {"model.safetensors": hashlib.sha256(weights.read_bytes()).hexdigest()}
+    with flipped(weights, weights.stat().st_size - 3):
+        capsys.readouterr()
+        assert cli.main(["eval", str(run_dir)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("kd-jax: error: teacher.path") and "\n" not in err, err
+        assert "model.safetensors is not the file this run started with" in err
+
     out = tmp_path / "exported"
     capsys.readouterr()
     assert cli.main(["export", str(run_dir), str(out)]) == 0
@@ -47,6 +72,15 @@ def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, ca
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "README.md"} <= {p.name for p in out.iterdir()}
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+    # SHA256SUMS lists every file; a damaged copy of the export is refused when loaded.
+    sums = dict(reversed(line.split("  ")) for line in
+                (out / "SHA256SUMS").read_text().splitlines())
+    assert sums == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in out.iterdir() if p.name != "SHA256SUMS"}
+    with flipped(out / "model.safetensors", (out / "model.safetensors").stat().st_size // 2):
+        with pytest.raises(ConfigError, match="do not match the SHA-256 recorded for it in "
+                                              "SHA256SUMS"):
+            load_pretrained(out)
     card = (out / "README.md").read_text()
     assert "apache-2.0" in card and "https://example.org/teacher" in card
     assert "No teacher licence" not in card and "forward_kl" in card and "bits/byte" in card

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 SHARD_BYTES = 5 * 1024**3  # the shard size transformers writes by default
+SUMS = "SHA256SUMS"  # the digest of every file of a directory kd_jax exported
 
 
 @dataclasses.dataclass
@@ -42,6 +44,7 @@ class Checkpoint:
     hf: dict  # config.json
     files: dict[str, Path]  # tensor name -> the file holding it
     headers: dict[Path, tuple[dict, int]]  # file -> (header, data start)
+    digests: dict[str, str] | None = None  # weights file name -> SHA-256, once computed
 
     def entry(self, name: str) -> tuple[Path, dict, int]:
         file = self.files[name]
@@ -158,24 +161,60 @@ def check_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict) -> list[tup
     return found
 
 
-def verify_downloads(ckpt: Checkpoint) -> None:
-    """Check each weights file that the Hugging Face cache names by its content's SHA-256.
+def weight_digests(ckpt: Checkpoint) -> dict[str, str]:
+    """{file name: SHA-256} of each weights file of `ckpt`, checked against every digest
+    recorded for it; computed once per opened checkpoint.
 
-    The hub stores a large file once, under `blobs/<sha256 of its bytes>`, and a snapshot links
-    to it: that name is a digest recorded when the file was published, so a damaged download or
-    a flipped byte is found before any weight is read. Files outside that layout have no
-    recorded digest to check (their headers and sizes are still checked when opened).
+    Two records are checked here. The Hugging Face cache stores a large file once, under
+    `blobs/<sha256 of its bytes>`, and a snapshot links to it: that name is a digest recorded
+    when the file was published. And a directory kd_jax exported lists its files' digests in
+    `SHA256SUMS` (`sha256sum -c` reads it too). A damaged download or a flipped byte is found
+    before any weight is read. A plain directory with neither has nothing to check against yet:
+    the digests returned are what a run records at its start and compares on every later read
+    (`kd_jax.teacher.loading.check_teacher_files`).
     """
-    for file in sorted(set(ckpt.files.values())):
+    if ckpt.digests is not None:
+        return ckpt.digests
+    files = sorted(set(ckpt.files.values()))
+    # hashlib releases the GIL on large reads: the files are hashed side by side.
+    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
+        actual = dict(zip(files, pool.map(_sha256, files)))
+    listed = read_sums(ckpt.path)
+    for file, digest in actual.items():
         blob = file.resolve()
-        if blob.parent.name != "blobs" or not _is_sha256(blob.name):
-            continue
-        with open(blob, "rb") as handle:
-            actual = hashlib.file_digest(handle, "sha256").hexdigest()
-        if actual != blob.name:
+        if blob.parent.name == "blobs" and _is_sha256(blob.name) and digest != blob.name:
             raise ConfigError(f"{file}: its bytes do not match the SHA-256 the Hugging Face "
                               "cache recorded for it (a damaged download); delete it and "
                               "download it again")
+        if file.name in listed and listed[file.name] != digest:
+            raise ConfigError(f"{file}: its bytes do not match the SHA-256 recorded for it in "
+                              f"{SUMS} (a damaged copy); copy or export it again")
+    ckpt.digests = {file.name: digest for file, digest in actual.items()}
+    return ckpt.digests
+
+
+def read_sums(path: Path) -> dict[str, str]:
+    """{file name: SHA-256} from the `SHA256SUMS` of directory `path` (none: {})."""
+    sums = path / SUMS
+    if not sums.is_file():
+        return {}
+    listed = {}
+    for line in sums.read_text(errors="replace").splitlines():
+        digest, _, name = line.partition("  ")
+        if _is_sha256(digest) and name:
+            listed[name.lstrip("*")] = digest
+    return listed
+
+
+def write_sums(path: Path) -> None:
+    """`SHA256SUMS` in directory `path`: the digest of every file in it, `sha256sum` format."""
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name != SUMS)
+    (path / SUMS).write_text("".join(f"{_sha256(p)}  {p.name}\n" for p in files))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _is_sha256(name: str) -> bool:
@@ -185,9 +224,9 @@ def _is_sha256(name: str) -> bool:
 def load_params(ckpt: Checkpoint, cfg: ModelConfig, abstract: dict,
                 shardings: Any = None) -> dict:
     """The parameters of `cfg` from `ckpt`, in `cfg.param_dtype`, each placed as `shardings`
-    says (a tree like `abstract`; None: the default device). Files in the Hugging Face cache
-    are checked against their recorded SHA-256 first (`verify_downloads`)."""
-    verify_downloads(ckpt)
+    says (a tree like `abstract`; None: the default device). The files are checked against
+    their recorded SHA-256 first (`weight_digests`)."""
+    weight_digests(ckpt)
     dtype = jnp.dtype(cfg.param_dtype)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     flat_shardings = dict(_flatten(shardings)) if shardings is not None else {}

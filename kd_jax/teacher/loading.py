@@ -10,6 +10,7 @@ token (`check_same_tokenizer`), before any logit is distilled.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 from kd_jax import checkpoint
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
-from kd_jax.models.pretrained import load_params, open_checkpoint
+from kd_jax.models.pretrained import load_params, open_checkpoint, weight_digests
 from kd_jax.models.pure import PureModel, abstract_model, logical_axes
 from kd_jax.parallel.mesh import param_shardings, rules_for
 from kd_jax.run_dir import read_run
@@ -53,11 +54,25 @@ def latest_checkpoint(cfg: Config) -> int:
     return step
 
 
-def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
-                 ) -> tuple[PureModel, Any, ModelConfig]:
-    """The frozen teacher `teacher.path` names: (model, params, model config)."""
+@dataclasses.dataclass
+class LoadedTeacher:
+    """A teacher's model and parameters (placed by `mesh.teacher_layout`)."""
+
+    model: PureModel
+    params: Any
+    config: ModelConfig
+    run_dir: str  # teacher.path
+    step: int | None  # the checkpoint loaded (None: a Hugging Face checkpoint directory)
+    # A Hugging Face checkpoint's weights files: name -> SHA-256 (a run records them).
+    files: dict[str, str] | None = None
+
+
+def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None,
+                 run_dir: str | None = None) -> LoadedTeacher:
+    """The frozen teacher `teacher.path` names; a Hugging Face checkpoint's files are compared
+    with those the run `run_dir` recorded (`check_teacher_files`)."""
     if is_hf_checkpoint(cfg):
-        return _load_hf_teacher(cfg, tokenizer, mesh)
+        return _load_hf_teacher(cfg, tokenizer, mesh, run_dir)
     path = Path(cfg.teacher.path)
     step = latest_checkpoint(cfg)
     teacher_cfg, info = read_run(path)
@@ -73,17 +88,46 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None
     if teacher_dtype(cfg) == "bfloat16":
         params = jax.jit(lambda tree: jax.tree.map(lambda p: p.astype(jnp.bfloat16), tree),
                          out_shardings=shardings)(params)
-    return model, params, model_cfg
+    return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, step)
 
 
-def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any
-                     ) -> tuple[PureModel, Any, ModelConfig]:
+def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any, run_dir: str | None
+                     ) -> LoadedTeacher:
     ckpt = open_checkpoint(cfg.teacher.path)
     check_same_tokenizer(Path(cfg.teacher.path), "teacher.path", tokenizer)
+    files = weight_digests(ckpt)
+    if run_dir is not None:
+        check_teacher_files(run_dir, cfg.teacher.path, files)  # before a weight is read
     dtype = teacher_dtype(cfg)
     model_cfg = ckpt.model_config(ModelConfig(dtype=dtype, param_dtype=dtype))
     model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
-    return model, load_params(ckpt, model_cfg, abstract, shardings), model_cfg
+    params = load_params(ckpt, model_cfg, abstract, shardings)
+    return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, None, ckpt.digests)
+
+
+def check_teacher_files(run_dir: str, teacher_path: str, files: dict[str, str]) -> None:
+    """A run records its Hugging Face teacher's weights digests in run.json when it starts; a
+    resumed run, or `kd-jax eval`, reads the same files or stops naming the one that changed.
+
+    This is what guards a plain checkpoint directory, which carries no digest of its own: from
+    the run's first start on, a flipped byte in the teacher is found before it is used.
+    """
+    info_path = Path(run_dir) / "run.json"
+    if not info_path.is_file():
+        return
+    try:
+        recorded = json.loads(info_path.read_text()).get("teacher_files")
+    except (OSError, ValueError, AttributeError):
+        return  # read_run reports an unreadable run.json
+    for name, digest in (recorded or {}).items():
+        if name not in files:
+            raise ConfigError(f"teacher.path '{teacher_path}' no longer has {name}, which "
+                              f"this run started with ({info_path})")
+        if files[name] != digest:
+            raise ConfigError(
+                f"teacher.path '{teacher_path}': {name} is not the file this run started "
+                f"with (its SHA-256 differs from the one in {info_path}): "
+                "damaged or replaced; restore it, or distill into a new train.run_dir")
 
 
 def teacher_model(cfg: Config, model_cfg: ModelConfig, mesh: Any

@@ -41,9 +41,8 @@ from kd_jax.parallel.hosts import (
 from kd_jax.run_dir import check_resume
 from kd_jax.teacher.cached import CachedTeacher, open_cache
 from kd_jax.teacher.loading import (
+    LoadedTeacher,
     check_same_tokenizer,
-    is_hf_checkpoint,
-    latest_checkpoint,
     load_teacher,
 )
 from kd_jax.teacher.online import OnlineTeacher
@@ -59,17 +58,6 @@ class RunData:
     train: Rows  # in memory, or read from a token store
     heldout: Rows
     fingerprint: str
-
-
-@dataclasses.dataclass
-class LoadedTeacher:
-    """A teacher run's model and parameters (placed by `mesh.teacher_layout`)."""
-
-    model: PureModel
-    params: Any
-    config: Any  # its ModelConfig
-    run_dir: str
-    step: int | None  # the checkpoint loaded (None: a Hugging Face checkpoint directory)
 
 
 @dataclasses.dataclass
@@ -112,6 +100,7 @@ class Run:
             "data_fingerprint": self.data.fingerprint,
             "student_params": count_params(self.abstract_params),
             "teacher_params": count_params(teacher.params) if teacher is not None else None,
+            "teacher_files": teacher.files if teacher is not None else None,
         }
 
     def host_batch(self, step: int) -> dict[str, Any]:
@@ -205,9 +194,9 @@ def build(cfg: Config, mode: str) -> Run:
     loaded = None
     if cfg.teacher.source in ("checkpoint", "hf") or (
             cfg.teacher.source == "cache" and cfg.teacher.path):
-        model, params, model_cfg = load_teacher(cfg, data.tokenizer, mesh)
-        step = None if is_hf_checkpoint(cfg) else latest_checkpoint(cfg)
-        loaded = LoadedTeacher(model, params, model_cfg, cfg.teacher.path, step)
+        # The files a run recorded are compared (a cache records its teacher itself).
+        loaded = load_teacher(cfg, data.tokenizer, mesh,
+                              cfg.train.run_dir if mode != "precompute" else None)
     teacher = None
     if mode == "distill" and cfg.teacher.source in ("checkpoint", "hf"):
         teacher = OnlineTeacher(loaded.model, mesh_lib.logits_sharding(

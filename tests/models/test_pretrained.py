@@ -230,7 +230,7 @@ def test_a_damaged_download_in_the_hub_cache_is_named(tmp_path):
     import shutil
 
     from kd_jax.config import ConfigError
-    from kd_jax.models.pretrained import open_checkpoint, verify_downloads
+    from kd_jax.models.pretrained import open_checkpoint, weight_digests
 
     source = make_checkpoint(tmp_path / "plain", "llama2")
     snapshot = tmp_path / "hub" / "snapshots" / "abc123"
@@ -244,10 +244,10 @@ def test_a_damaged_download_in_the_hub_cache_is_named(tmp_path):
             (snapshot / file.name).symlink_to(blobs / digest)
         else:
             shutil.copyfile(file, snapshot / file.name)
-    verify_downloads(open_checkpoint(snapshot))  # sound
+    weight_digests(open_checkpoint(snapshot))  # sound
     blob = next(blobs.iterdir())
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x01
     blob.write_bytes(bytes(data))
     with pytest.raises(ConfigError, match="do not match the SHA-256 the Hugging Face cache"):
-        verify_downloads(open_checkpoint(snapshot))
+        weight_digests(open_checkpoint(snapshot))
