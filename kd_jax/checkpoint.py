@@ -13,7 +13,8 @@ checkpoint is checked twice over. `meta` holds a digest of every array saved (`d
 computed on the devices from the state being saved, and every restore recomputes it from what was
 read. And once a save is committed, `files.sha256.json` in its directory records the SHA-256 of
 every file, checked before a restore reads any (this also catches damage to bytes a restore
-would not read, and is all there is for a save killed before it was recorded). A damaged
+would not read, and is all there is for a save killed before it was recorded). Those digests
+are taken on a thread of their own, while training goes on. A damaged
 checkpoint is named, never used (`DamagedCheckpoint`).
 """
 
@@ -23,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +163,10 @@ class Checkpointer:
         ocp = _ocp()
         self._ocp = ocp
         self._directory = checkpoint_dir(run_dir)
-        self._unrecorded: list[int] = []  # saved steps whose file digests are not written yet
+        # Records the files' digests of the save under way once it commits, off the training
+        # thread: hashing a large checkpoint takes as long as reading it.
+        self._recorder: threading.Thread | None = None
+        self._recorder_error: BaseException | None = None
         self._manager = ocp.CheckpointManager(
             self._directory,
             options=ocp.CheckpointManagerOptions(
@@ -180,7 +185,21 @@ class Checkpointer:
             params=args.StandardSave(state.params),
             opt_state=args.StandardSave(state.opt_state),
             meta=args.JsonSave(meta)))
-        self._unrecorded.append(step)
+        self._recorder = threading.Thread(target=self._record, args=(step,),
+                                          name="checkpoint-digests", daemon=True)
+        self._recorder.start()
+
+    def _record(self, step: int) -> None:
+        """Wait for the save of `step` to commit, then record its files' digests."""
+        try:
+            self._manager.wait_until_finished()
+            step_dir = self._directory / str(step)
+            # orbax commits on process 0 once every process wrote; max_to_keep may have deleted
+            # the step already.
+            if jax.process_index() == 0 and step_dir.is_dir():
+                record_file_digests(step_dir)
+        except BaseException as err:  # noqa: BLE001 - raised on the training thread by wait()
+            self._recorder_error = err
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -230,14 +249,14 @@ class Checkpointer:
         return jax.device_put(state, shardings), meta
 
     def wait(self) -> None:
-        """Wait for the save under way to commit, then record its files' digests."""
+        """Wait for the save under way to commit and its files' digests to be recorded."""
+        if self._recorder is not None:
+            self._recorder.join()
+            self._recorder = None
         self._manager.wait_until_finished()
-        if jax.process_index() == 0:  # orbax commits on process 0 once every process wrote
-            for step in self._unrecorded:
-                step_dir = self._directory / str(step)
-                if step_dir.is_dir():  # not already deleted by max_to_keep
-                    record_file_digests(step_dir)
-        self._unrecorded.clear()
+        if self._recorder_error is not None:
+            error, self._recorder_error = self._recorder_error, None
+            raise error
 
     def close(self) -> None:
         self.wait()
