@@ -204,6 +204,9 @@ class TrainConfig:
     # and the term; the last checkpoint is kept), or skip it and count it in the metrics.
     on_nonfinite: NonFinitePolicy = "stop"
     progress: bool = True
+    # TensorBoard event files in <run_dir>/tensorboard/: every metrics.jsonl record as scalars
+    # (kd_jax.train.tensorboard, written off the training thread)
+    tensorboard: bool = False
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ from kd_jax.eval.report import build_report
 from kd_jax.models import attention
 from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
-from kd_jax.train import builder
+from kd_jax.train import builder, tensorboard
 from kd_jax.train.plan import figures_line, memory_figures
 from kd_jax.train.preemption import Preemption
 from kd_jax.train.progress import StepClock, describe_compiled, log, log_record, progress_bar
@@ -71,84 +71,98 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
         f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}; "
         f"{figures_line(memory_figures(update, state, teacher_params, abstract_batch))}")
     evaluator = _evaluator(built)
+    # Scalars for TensorBoard, written by a thread of their own; what an earlier attempt wrote
+    # from this attempt's first step on is hidden.
+    board = tensorboard.Board(run_dir, start + 1) if main and train.tensorboard else None
+
+    def record_metrics(record: dict) -> None:
+        """A line of metrics.jsonl (and scalars for TensorBoard)."""
+        if main:
+            run_dir_lib.append_metrics(run_dir, record)
+            if board is not None:
+                board.add(record)
 
     def evaluate_now(step: int) -> dict[str, dict]:
         result = evaluator(state.params)
-        if main:
-            run_dir_lib.append_metrics(run_dir, {"step": step, "eval": result})
+        record_metrics({"step": step, "eval": result})
         log(f"eval step {step}: student {result['student']['bits_per_byte']:.4f} bits/byte, "
             f"accuracy {result['student']['accuracy']:.4f}")
         return result
 
-    last_step = min(train.steps, train.stop_at) if train.stop_at else train.steps
-    clock = StepClock(train.batch_size * cfg.data.seq_len)
-    pending: list[dict] = []  # metrics still on device
-    fetched: list[dict] = []  # metrics on the host, not yet logged
-    # Batches (and cached targets) are read on a background thread, a few steps ahead.
-    host_batches = Prefetcher(built.host_batch, range(start, last_step), depth=cfg.cache.prefetch)
-    bar = progress_bar(train.steps, start, train.progress, unit="step")
-    last_eval = None
-    try:
-        if preemption.requested:
-            raise preemption.stopped(f"stopped before step {start + 1}: nothing new to save; "
-                                     "rerun to continue")
-        clock.start()
-        for step in range(start + 1, last_step + 1):
-            batch = built.placement.place(next(host_batches))
-            state, metrics = update(state, teacher_params, batch)
-            pending.append(metrics)
-            bar.update(1)
-            preempted = preemption.reached(step)
-            log_now = step % train.log_every == 0 or step == last_step
-            eval_now = train.eval_every and step % train.eval_every == 0
-            save_now = step % train.checkpoint_every == 0 or step == last_step or preempted
-            if not (log_now or eval_now or save_now):
-                continue
-            fetched.extend(jax.device_get(pending))  # note: a host sync point
-            clock.stop(len(pending))
-            pending.clear()
-            if train.on_nonfinite == "stop":
-                _stop_if_nonfinite(state, checkpointer)
-            if log_now:
-                record = log_record(step, fetched, clock.tokens_per_second_since_log())
-                fetched.clear()
-                if main:
-                    run_dir_lib.append_metrics(run_dir, record)
-                shown = {"loss": record["loss"], "ce": record["ce"]}
-                if "kd" in record:
-                    shown[cfg.loss.divergence] = record["kd"]
-                bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}
-                                | {"tok/s": f"{record['tokens_per_second']:,.0f}"})
-            if eval_now:
-                last_eval = (step, evaluate_now(step))
-            if save_now:
-                checkpointer.save(step, state, {
-                    "step": step, "data_position": built.batches.position(step),
-                    "rng": np.asarray(jax.device_get(state.rng)).tolist(),
-                    "tokenizer_fingerprint": built.data.tokenizer.fingerprint})
-            if preempted:
-                checkpointer.wait()
-                raise preemption.stopped(f"preempted after step {step}: checkpoint saved in "
-                                         f"{run_dir}; rerun to resume")
+    try:  # the board is closed however the run ends
+        last_step = min(train.steps, train.stop_at) if train.stop_at else train.steps
+        clock = StepClock(train.batch_size * cfg.data.seq_len)
+        pending: list[dict] = []  # metrics still on device
+        fetched: list[dict] = []  # metrics on the host, not yet logged
+        # Batches (and cached targets) are read on a background thread, a few steps ahead.
+        host_batches = Prefetcher(built.host_batch, range(start, last_step),
+                                  depth=cfg.cache.prefetch)
+        bar = progress_bar(train.steps, start, train.progress, unit="step")
+        last_eval = None
+        try:
+            if preemption.requested:
+                raise preemption.stopped(f"stopped before step {start + 1}: nothing new to save; "
+                                         "rerun to continue")
             clock.start()
-    finally:
-        host_batches.close()
-        built.close()
-        bar.close()
-        checkpointer.close()
+            for step in range(start + 1, last_step + 1):
+                batch = built.placement.place(next(host_batches))
+                state, metrics = update(state, teacher_params, batch)
+                pending.append(metrics)
+                bar.update(1)
+                preempted = preemption.reached(step)
+                log_now = step % train.log_every == 0 or step == last_step
+                eval_now = train.eval_every and step % train.eval_every == 0
+                save_now = step % train.checkpoint_every == 0 or step == last_step or preempted
+                if not (log_now or eval_now or save_now):
+                    continue
+                fetched.extend(jax.device_get(pending))  # note: a host sync point
+                clock.stop(len(pending))
+                pending.clear()
+                if train.on_nonfinite == "stop":
+                    _stop_if_nonfinite(state, checkpointer)
+                if log_now:
+                    record = log_record(step, fetched, clock.tokens_per_second_since_log())
+                    fetched.clear()
+                    record_metrics(record)
+                    shown = {"loss": record["loss"], "ce": record["ce"]}
+                    if "kd" in record:
+                        shown[cfg.loss.divergence] = record["kd"]
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}
+                                    | {"tok/s": f"{record['tokens_per_second']:,.0f}"})
+                if eval_now:
+                    last_eval = (step, evaluate_now(step))
+                if save_now:
+                    checkpointer.save(step, state, {
+                        "step": step, "data_position": built.batches.position(step),
+                        "rng": np.asarray(jax.device_get(state.rng)).tolist(),
+                        "tokenizer_fingerprint": built.data.tokenizer.fingerprint})
+                if preempted:
+                    checkpointer.wait()
+                    raise preemption.stopped(f"preempted after step {step}: checkpoint saved in "
+                                             f"{run_dir}; rerun to resume")
+                clock.start()
+        finally:
+            host_batches.close()
+            built.close()
+            bar.close()
+            checkpointer.close()
 
-    if last_step < train.steps:
-        log(f"stopped after step {last_step} of {train.steps}; rerun to continue")
-        return {"mode": mode, "run_dir": str(run_dir), "steps": last_step}
-    final_step = max(start, train.steps)
-    result = last_eval[1] if last_eval and last_eval[0] == final_step else evaluate_now(final_step)
-    tokens_per_second = clock.overall_tokens_per_second()
-    if tokens_per_second is None:  # nothing left to train: keep what the training run measured
-        tokens_per_second = _measured_throughput(run_dir)
-    report = build_report(mode, run_dir, final_step, result, info, tokens_per_second)
-    if main:
-        run_dir_lib.write_report(run_dir, report)
-    return report
+        if last_step < train.steps:
+            log(f"stopped after step {last_step} of {train.steps}; rerun to continue")
+            return {"mode": mode, "run_dir": str(run_dir), "steps": last_step}
+        final_step = max(start, train.steps)
+        result = (last_eval[1] if last_eval and last_eval[0] == final_step
+                  else evaluate_now(final_step))
+        tokens_per_second = clock.overall_tokens_per_second()
+        if tokens_per_second is None:  # nothing left to train: keep what the training run measured
+            tokens_per_second = _measured_throughput(run_dir)
+        report = build_report(mode, run_dir, final_step, result, info, tokens_per_second)
+        if main:
+            run_dir_lib.write_report(run_dir, report)
+        return report
+    finally:
+        if board is not None:
+            board.close()
 
 
 def _stop_if_nonfinite(state, checkpointer: checkpoint.Checkpointer) -> None:
