@@ -63,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="the directory to create")
     p.add_argument("--dtype", help="weights dtype: float32, bfloat16 or float16 (default: the "
                                    "run's model.param_dtype)")
+    text = ("compare finished runs (a teacher, distilled students, hard-label baselines): "
+            "report.png with their curves, report.md with the retention table")
+    p = sub.add_parser("report", help=text, description=text)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("--out", help="where to write report.png and report.md (default: the run "
+                                 "directory; for several, the first one's parent)")
     p = sub.add_parser("demo", help="teacher, distilled and hard-label students on the "
                                     "Python standard library; no download")
     p.add_argument("--out", default="kd_jax_demo", help="run directory (default ./kd_jax_demo)")
@@ -183,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
             result = export(args.run_dir, args.out_dir, args.dtype)
             print(f"wrote {result['out_dir']}: step {result['step']}, {result['dtype']}, "
                   f"{', '.join(result['files'])}")
+        elif args.command == "report":
+            from kd_jax.eval.compare import compare_runs
+
+            png, md = compare_runs(args.run_dirs, args.out)
+            print(f"wrote {png} and {md}")
         elif args.command == "demo":
             from kd_jax import demo
 

@@ -95,6 +95,10 @@ CASES = {
                                      "teacher.path={tmp}/damaged_teacher"],
     "pickle in a token store": ["train", "{config}", "data.store={tmp}/pickled_store"],
     "eval of a damaged checkpoint": ["eval", "{tmp}/damaged_teacher"],
+    "report of a missing run directory": ["report", "{tmp}/existing", "{tmp}/nothing"],
+    "report of a directory that is no run": ["report", "{tmp}/afile_dir"],
+    "report of a run without metrics": ["report", "{tmp}/no_metrics"],
+    "report into a file": ["report", "{tmp}/existing", "--out", "{tmp}/afile"],
 }
 
 
@@ -118,6 +122,9 @@ def world(teacher_run, sampled_cache, tmp_path_factory):
     existing = tmp / "existing"
     assert cli.main(["train", str(config), f"train.run_dir={existing}", "train.steps=2",
                      "train.checkpoint_every=2"]) == 0
+    (tmp / "no_metrics").mkdir()  # a run directory whose run has not logged a step yet
+    for name in ("config.yaml", "run.json"):
+        shutil.copy(existing / name, tmp / "no_metrics" / name)
     (tmp / "pickled").mkdir()
     marker = tmp / "executed"
     (tmp / "pickled" / "config.json").write_text(json.dumps({
