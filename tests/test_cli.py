@@ -52,3 +52,21 @@ def test_demo_quick_writes_the_report(tmp_path, monkeypatch, capsys):
     assert report["distilled"]["params"] == report["baseline"]["params"]
     assert report["teacher"]["params"] > 5 * report["distilled"]["params"]
     assert "xz -9" in capsys.readouterr().out
+    # report.png and report.md beside report.json: the students' curves, the retention table.
+    import matplotlib.image
+
+    from kd_jax.eval.compare import FIGURE_DPI, FIGURE_INCHES
+
+    demo_dir = tmp_path / "kd_jax_demo"
+    width, height = (round(inches * FIGURE_DPI) for inches in FIGURE_INCHES)
+    assert matplotlib.image.imread(demo_dir / "report.png").shape == (height, width, 4)
+    table = (demo_dir / "report.md").read_text()
+    run_dirs = {name: report[name]["run_dir"] for name in ("teacher", "distilled", "baseline")}
+    for name in ("teacher", "distilled", "baseline"):
+        run = json.loads((demo_dir / name / "report.json").read_text())["student"]
+        assert (f"| {name} | `{run_dirs[name]}` | {run['params']:,} | "
+                f"{run['bits_per_byte']:.4f} |") in table
+    # The students were evaluated halfway too: their held-out curves have two points.
+    records = [json.loads(line) for line in
+               (demo_dir / "distilled" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" in r] == [3, 6]
