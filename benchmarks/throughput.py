@@ -113,10 +113,11 @@ class Workload:
 
 PRESETS = {
     "cpu": Workload(),
-    # A Llama-3-8B-shaped teacher (16 GB in bfloat16) and a Llama-3.2-1B-shaped student (1.24B
-    # parameters, tied head): about 55 GB at the fused step's peak by the CPU compiler's plan
-    # (`kd-jax plan`), well inside an H200's 141 GB. Chunks of 4,096 tokens keep one chunk's
-    # float32 logits at 2 GB (the automatic choice, 64 MB, scans 128 chunks of 128 tokens).
+    # A Llama-3-8B-shaped teacher (8.03B parameters, 16 GB in bfloat16) and a Llama-3.2-1B-shaped
+    # student (1.24B, tied head; 20 GB with its float32 AdamW state and gradients). Chunks of
+    # 4,096 tokens keep one chunk's float32 logits at 2 GB (the automatic choice, 64 MB, would
+    # scan 128 chunks of 128 tokens). XLA's CPU plan of these shapes (compiled, not run): the
+    # fused step 80 GiB, the split step 91 GiB; a GPU's plan differs by tens of percent.
     "gpu": Workload(teacher_layers=32, teacher_d=4096, teacher_heads=32, teacher_kv_heads=8,
                     teacher_ff=14336, student_layers=16, student_d=2048, student_heads=32,
                     student_kv_heads=8, student_ff=8192, student_tied=True, vocab=128256,
