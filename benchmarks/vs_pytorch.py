@@ -1,0 +1,312 @@
+"""kd_jax's distillation step against the same step written in plain PyTorch, in one run.
+
+    python benchmarks/vs_pytorch.py [--quick] [--steps N] [--repeats R] [--no-compile]
+
+The workload is `benchmarks/throughput.py`'s (by default: teacher 6 x 512, student 4 x 256,
+vocabulary 8,192, 8 x 256 tokens, 0.5 CE + 0.5 T^2 forward KL at T = 2, AdamW with global-norm
+clipping). Both sides start from the same weights: kd_jax initializes them and the PyTorch models
+are given copies, so both report the same loss at step 0 (checked: the run fails otherwise).
+
+The PyTorch step is what one writes by hand: a Llama-style decoder (RMSNorm, rotary embeddings,
+`scaled_dot_product_attention`, SwiGLU), the frozen teacher under `no_grad`, the losses with
+`log_softmax`, `clip_grad_norm_` and `torch.optim.AdamW` (foreach). It runs in float32 eager,
+then with bfloat16 autocast, then (unless `--no-compile`) with its forward and loss under
+`torch.compile` (backward through AOTAutograd). kd_jax's step is the training loop's own
+(`kd_jax.train.step.make_update`, one jit, state donated), float32. Two step kinds each: the
+fused distillation step and the student-only hard-label step.
+
+Both frameworks get the same threads (`torch.set_num_threads` to the CPUs this process may
+use; XLA:CPU uses them all). The variants are timed in turn within each repeat, so that the
+machine's drift falls on all of them alike; each figure is the median over the repeats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import throughput as tp  # noqa: E402
+
+from kd_jax.models.pure import abstract_model, init_params  # noqa: E402
+from kd_jax.teacher.online import OnlineTeacher  # noqa: E402
+from kd_jax.train import step as step_lib  # noqa: E402
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch side: the same decoder and loss, written as plain PyTorch
+# ---------------------------------------------------------------------------------------------
+
+def torch_weights(params: Any, requires_grad: bool) -> dict[str, Any]:
+    """kd_jax's parameter tree as flat PyTorch tensors (copies), layers still stacked."""
+    import torch
+
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        tensor = torch.tensor(np.asarray(leaf, np.float32))
+        flat[name] = tensor.requires_grad_(requires_grad)
+    return flat
+
+
+def torch_forward(w: dict[str, Any], cfg, tokens, cos, sin):
+    """Logits [b, t, vocab] of the decoder `cfg` with weights `w` (kd_jax's layout)."""
+    import torch
+    import torch.nn.functional as F
+
+    def rms_norm(x, scale):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + cfg.norm_eps)
+                * scale.float()).to(x.dtype)
+
+    def rotate(x):  # x [b, heads, t, head_dim]; Hugging Face's rotate_half convention
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    b, t = tokens.shape
+    n, kv, hd, d = cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim, cfg.d_model
+    x = w["embedding"][tokens]
+    for i in range(cfg.n_layers):
+        h = rms_norm(x, w["layers/attn_norm"][i])
+        q = (h @ w["layers/wq"][i].reshape(d, n * hd)).view(b, t, n, hd).transpose(1, 2)
+        k = (h @ w["layers/wk"][i].reshape(d, kv * hd)).view(b, t, kv, hd).transpose(1, 2)
+        v = (h @ w["layers/wv"][i].reshape(d, kv * hd)).view(b, t, kv, hd).transpose(1, 2)
+        attended = F.scaled_dot_product_attention(rotate(q), rotate(k), v, is_causal=True,
+                                                  enable_gqa=kv != n)
+        x = x + attended.transpose(1, 2).reshape(b, t, n * hd) @ w["layers/wo"][i].reshape(
+            n * hd, d)
+        h = rms_norm(x, w["layers/mlp_norm"][i])
+        x = x + (F.silu(h @ w["layers/w_gate"][i]) * (h @ w["layers/w_up"][i])) @ w[
+            "layers/w_down"][i]
+    head = w["embedding"] if cfg.tie_embeddings else w["head"]
+    return rms_norm(x, w["final_norm"]) @ head.T
+
+
+def torch_rotary(cfg, seq: int):
+    """cos and sin [1, 1, t, head_dim] of positions 0..seq-1, as kd_jax computes them."""
+    import torch
+
+    from kd_jax.models.transformer import rope_inv_freq
+
+    angles = torch.arange(seq, dtype=torch.float32)[:, None] * torch.tensor(rope_inv_freq(cfg))
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos()[None, None], angles.sin()[None, None]
+
+
+def torch_loss(student_logits, teacher_logits, labels, workload: tp.Workload):
+    """(kd_weight * T^2 KL(p_T || q_T) + ce_weight * CE) summed over tokens / tokens."""
+    import torch.nn.functional as F
+
+    s = student_logits.float().flatten(0, 1)
+    ce = F.cross_entropy(s, labels.flatten(), reduction="sum")
+    if teacher_logits is None:
+        return ce / labels.numel()
+    temperature = workload.temperature
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(teacher_logits.float().flatten(0, 1) / temperature, dim=-1)
+    kd = F.kl_div(log_q, log_p, reduction="sum", log_target=True) * temperature**2
+    return (workload.kd_weight * kd + workload.ce_weight * ce) / labels.numel()
+
+
+def torch_step(workload: tp.Workload, teacher_cfg, student_cfg, opt_cfg, teacher_params,
+               student_params, batch: dict[str, np.ndarray], mode: str, distill: bool
+               ) -> Callable[[], float]:
+    """One PyTorch training step as a function returning the step's loss (before the update).
+
+    `mode`: "eager" (float32), "bf16" (bfloat16 autocast) or "compile" (torch.compile)."""
+    import torch
+
+    student = torch_weights(student_params, requires_grad=True)
+    teacher = torch_weights(teacher_params, requires_grad=False) if distill else None
+    tokens = torch.tensor(batch["tokens"], dtype=torch.long)
+    labels = torch.tensor(batch["labels"], dtype=torch.long)
+    student_rotary = torch_rotary(student_cfg, workload.seq)
+    teacher_rotary = torch_rotary(teacher_cfg, workload.seq)
+
+    def loss_of(student_w, teacher_w):
+        teacher_logits = None
+        if teacher_w is not None:
+            with torch.no_grad():
+                teacher_logits = torch_forward(teacher_w, teacher_cfg, tokens, *teacher_rotary)
+        logits = torch_forward(student_w, student_cfg, tokens, *student_rotary)
+        return torch_loss(logits, teacher_logits, labels, workload)
+
+    if mode == "compile":
+        loss_of = torch.compile(loss_of)
+    # As kd_jax's optimizer: decay on matrices only, global-norm clipping, the same betas and
+    # epsilon (the learning rate is constant here; a schedule costs nothing either way).
+    decay = [p for p in student.values() if p.ndim >= 2]
+    no_decay = [p for p in student.values() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opt_cfg.weight_decay},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=opt_cfg.lr, betas=(opt_cfg.b1, opt_cfg.b2), eps=opt_cfg.eps, foreach=True)
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        if mode == "bf16":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = loss_of(student, teacher)
+        else:
+            loss = loss_of(student, teacher)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(student.values()), opt_cfg.clip_norm)
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+# ---------------------------------------------------------------------------------------------
+# The kd_jax side: the training loop's step
+# ---------------------------------------------------------------------------------------------
+
+def jax_step(workload: tp.Workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg, teacher_params,
+             total_steps: int, batch: dict[str, np.ndarray], distill: bool
+             ) -> tuple[Callable[[], float], Any]:
+    """kd_jax's compiled step as a function returning the step's loss, and the initial params."""
+    student, _ = abstract_model(student_cfg)
+    tx, schedule = step_lib.make_optimizer(opt_cfg, total_steps)
+    teacher = OnlineTeacher(abstract_model(teacher_cfg)[0]) if distill else None
+    state = step_lib.init_state_on(student_cfg, tx, 0, None)
+    initial_params = jax.device_get(state.params)
+    update = jax.jit(step_lib.make_update(student, teacher, tx, schedule, loss_cfg, 1,
+                                          workload.vocab), donate_argnums=(0,))
+    device_batch = jax.device_put(batch)
+    t_params = teacher_params if distill else None
+    compiled = update.lower(state, t_params, device_batch).compile()
+    holder = {"state": state}
+
+    def step() -> float:
+        holder["state"], metrics = compiled(holder["state"], t_params, device_batch)
+        return metrics
+
+    return step, initial_params
+
+
+def loss_of_metrics(metrics) -> float:
+    return float(metrics["loss_sum"] / metrics["tokens"])
+
+
+def time_variant(step: Callable, steps: int, sync: Callable) -> float:
+    """Seconds a step over `steps` steps between two syncs."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        out = step()
+    sync(out)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps a repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    import torch
+
+    threads = len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    workload = tp.shrink(tp.Workload()) if args.quick else tp.Workload()
+    teacher_cfg, student_cfg, loss_cfg, opt_cfg = tp.build_configs(workload)
+    batch = tp.synthetic_batch(workload.batch, workload.seq, workload.vocab)
+    teacher_params = jax.jit(lambda: init_params(teacher_cfg))()
+    total = (args.repeats + 2) * args.steps + 4
+
+    modes = ["eager", "bf16"] + ([] if args.no_compile else ["compile"])
+    variants: dict[str, tuple[Callable, Callable]] = {}
+    first_loss: dict[str, float] = {}
+    compile_seconds: dict[str, float] = {}
+    for kind, distill in (("fused", True), ("student", False)):
+        name = f"kd_jax {kind}"
+        start = time.perf_counter()
+        step, initial = jax_step(workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg,
+                                 teacher_params, total, batch, distill)
+        first_loss[name] = loss_of_metrics(step())  # step 0: the weights both sides share
+        compile_seconds[name] = time.perf_counter() - start
+        variants[name] = (step, jax.block_until_ready)
+        for mode in modes:
+            torch_name = f"torch {mode} {kind}"
+            start = time.perf_counter()
+            step = torch_step(workload, teacher_cfg, student_cfg, opt_cfg, teacher_params,
+                              initial, batch, mode, distill)
+            first_loss[torch_name] = step()
+            compile_seconds[torch_name] = time.perf_counter() - start
+            variants[torch_name] = (step, lambda out: out)
+
+    # The same weights and batch give the same loss at step 0 (bfloat16 within its precision).
+    for name, loss in first_loss.items():
+        reference = first_loss[f"kd_jax {name.split()[-1]}"]
+        tolerance = 2e-2 if "bf16" in name else 1e-4
+        if abs(loss - reference) > tolerance * abs(reference):
+            print(f"{name}: loss at step 0 is {loss:.6f}, kd_jax's {reference:.6f}",
+                  file=sys.stderr)
+            return 1
+
+    for step, sync in variants.values():  # a second warm-up step (torch.compile's recompiles)
+        sync(step())
+    timings: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, (step, sync) in variants.items():
+            timings[name].append(time_variant(step, args.steps, sync))
+    seconds = {name: statistics.median(each) for name, each in timings.items()}
+
+    peak = tp.measure_peak("float32", tp.peak_sizes(jax.devices()[0].platform, args.quick))
+    student_abstract = abstract_model(student_cfg)[1]
+    teacher_abstract = abstract_model(teacher_cfg)[1]
+    shapes = {"student": tp.model_shape(student_cfg, student_abstract),
+              "teacher": tp.model_shape(teacher_cfg, teacher_abstract)}
+    rows = []
+    for name, value in seconds.items():
+        kind = name.split()[-1]
+        flops = tp.useful_flops_per_token(workload.seq, shapes["student"],
+                                          shapes["teacher"] if kind == "fused" else None)
+        reference = seconds[f"kd_jax {kind}"]
+        rows.append({"variant": name, "kind": kind, "seconds_per_step": value,
+                     "seconds_per_step_each": timings[name],
+                     "tokens_per_second": workload.tokens / value,
+                     "kd_jax_speed_ratio": value / reference,  # > 1: kd_jax is faster
+                     "flops_per_second": flops * workload.tokens / value,
+                     "fraction_of_f32_peak": flops * workload.tokens / value / peak["best"],
+                     "loss_at_step_0": first_loss[name],
+                     "setup_seconds": compile_seconds[name]})
+    report = {"benchmark": "vs_pytorch", "quick": args.quick, "machine": tp.machine_info(),
+              "versions": dict(tp.versions(), torch=importlib.metadata.version("torch")),
+              "threads": threads, "workload": dataclasses.asdict(workload),
+              "steps": args.steps, "repeats": args.repeats, "peak": peak, "results": rows}
+    print(f"{report['machine']['device_kind']}, {threads} threads; teacher "
+          f"{workload.teacher_layers} x {workload.teacher_d}, student {workload.student_layers} x "
+          f"{workload.student_d}, vocab {workload.vocab}, {workload.batch} x {workload.seq} "
+          f"tokens; median of {args.repeats} x {args.steps} steps; float32 matmul peak "
+          f"{peak['best'] / 1e9:,.0f} GFLOP/s")
+    print(f"{'variant':24s} {'s/step':>8s} {'tokens/s':>10s} {'kd_jax x':>9s} "
+          f"{'of peak':>8s} {'loss@0':>9s} {'setup s':>8s}")
+    for row in rows:
+        print(f"{row['variant']:24s} {row['seconds_per_step']:8.4f} "
+              f"{row['tokens_per_second']:10,.0f} {row['kd_jax_speed_ratio']:9.2f} "
+              f"{row['fraction_of_f32_peak']:8.1%} {row['loss_at_step_0']:9.5f} "
+              f"{row['setup_seconds']:8.1f}")
+    print("kd_jax x: this variant's time over kd_jax's for the same kind (> 1: kd_jax faster)")
+    path = args.json or tp.RESULTS / f"vs_pytorch{'_quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+    return 0 if all(math.isfinite(row["seconds_per_step"]) for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
