@@ -267,9 +267,10 @@ def datasheet_peak(device_kind: str, dtype: str) -> tuple[float | None, str]:
 
 def time_step(step: Callable, state: Any, steps: int, repeats: int,
               sync: Callable = jax.block_until_ready) -> tuple[float, list[float], Any]:
-    """(median s/step, each repeat's s/step, last state) of `step(state) -> (state, metrics)`:
-    one warm-up step, then `repeats` times `steps` steps between two syncs (dispatch runs
-    ahead of the device, as in the training loop, which fetches metrics only to log them)."""
+    """(median s/step, each repeat's s/step, the last (state, metrics)) of
+    `step(state) -> (state, metrics)`: one warm-up step, then `repeats` times `steps` steps
+    between two syncs (dispatch runs ahead of the device, as in the training loop, which
+    fetches metrics only to log them). `sync` waits for the device."""
     state, metrics = step(state)
     sync(metrics)
     each = []
@@ -297,7 +298,10 @@ def tree_bytes(tree: Any) -> int:
 
 
 def run_kind(kind: str, workload: Workload, steps: int, repeats: int) -> dict[str, Any]:
-    """Build, compile and time one step kind; its figures (no MFU: the peak is the caller's)."""
+    """Build, compile and time one step kind; its figures (no MFU: the peak is the caller's).
+
+    "device_peak_bytes" is the GPU's peak for the whole process so far: one kind's own only
+    when it runs alone in its process (`--isolate`)."""
     teacher_cfg, student_cfg, loss_cfg, opt_cfg = build_configs(workload)
     student, student_abstract = abstract_model(student_cfg)
     tx, schedule = step_lib.make_optimizer(opt_cfg, steps * repeats + 1)
@@ -492,6 +496,10 @@ def default_json(args: argparse.Namespace) -> Path:
     return RESULTS / f"throughput{suffix}.json"
 
 
+def millions(count: int) -> str:
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.3g}M"
+
+
 def table(report: dict[str, Any]) -> str:
     w, peak = Workload(**report["workload"]), report["peak"]
     results = report["results"]
@@ -500,8 +508,8 @@ def table(report: dict[str, Any]) -> str:
     sizes = (f"teacher {w.teacher_layers} x {w.teacher_d}, student {w.student_layers} x "
              f"{w.student_d}, vocab {w.vocab}")
     if params:
-        sizes += (f" ({params['teacher']['non_embedding_params'] / 1e6:,.1f}M and "
-                  f"{params['student']['non_embedding_params'] / 1e6:,.1f}M non-embedding)")
+        sizes += (f" ({millions(params['teacher']['non_embedding_params'])} and "
+                  f"{millions(params['student']['non_embedding_params'])} non-embedding)")
     lines = [f"{report['machine'].get('device_kind', '?')} ({report['machine'].get('platform')})"
              f", {w.dtype}; {sizes}; {w.batch} x {w.seq} = {w.tokens} tokens a step, "
              f"{report['steps']} timed steps, median of {report['repeats']}"]
@@ -540,6 +548,8 @@ def main(argv: list[str] | None = None) -> int:
     for task in ["peak", *args.kinds]:
         if not args.isolate:
             results[task] = run_task(task, workload, args)
+            if "device_peak_bytes" in results[task]:  # the process's, not this kind's alone
+                results[task]["device_peak_bytes"] = None
             continue
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         if left is not None and left < 1:
