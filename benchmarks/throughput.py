@@ -21,9 +21,10 @@ matmuls at the step's precision measured in the same run (`measure_peak`); on a 
 over the datasheet peak. Memory is what the compiled executables hold at once (XLA's arguments,
 outputs and temporaries, `live_bytes`), and on a GPU run with `--isolate` the device's own peak.
 
-`--isolate` runs the peak and each step kind in a process of its own, one after another (a
-kind that runs out of memory is a row of the table, not the end of it; the device's peak
-memory is then that kind's alone); the parent process never touches the device.
+`--isolate` runs each step kind in a process of its own, one after another (a kind that runs
+out of memory is a row of the table, not the end of it; the device's peak memory is then that
+kind's alone); the parent process touches the device only once they are done, to measure the
+peak.
 
 This script imports only jax, flax, optax, numpy, the standard library and kd_jax's core
 (config, models, losses, train.step, teacher.online); `benchmarks/vs_pytorch.py` imports the
@@ -418,31 +419,22 @@ def peak_sizes(platform_name: str, quick: bool) -> tuple[int, ...]:
     return (4096, 8192, 16384) if platform_name == "gpu" else (2048, 4096)
 
 
-def run_task(task: str, workload: Workload, args: argparse.Namespace) -> dict[str, Any]:
-    """One piece of the run: "peak" (the device and its matmul peak) or a step kind."""
-    if task == "peak":
-        info = device_info()
-        return dict(info, peak=measure_peak(workload.dtype, peak_sizes(
-            info["platform"], args.quick), min_seconds=0.05 if args.quick else 0.2))
-    return safe_run_kind(task, workload, args.steps, args.repeats)
-
-
-def run_isolated(task: str, workload: Workload, args: argparse.Namespace,
+def run_isolated(kind: str, workload: Workload, args: argparse.Namespace,
                  timeout: float | None) -> dict[str, Any]:
-    """`run_task` in a child process; its failure (a crash, a timeout) is reported, not raised."""
+    """`safe_run_kind` in a child process; its failure (a crash, a timeout) is reported, not
+    raised."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "task.json"
-        command = [sys.executable, __file__, "--child", task, "--child-json", str(out),
+        out = Path(tmp) / "kind.json"
+        command = [sys.executable, __file__, "--child", kind, "--child-json", str(out),
                    "--workload", json.dumps(dataclasses.asdict(workload)),
                    "--steps", str(args.steps), "--repeats", str(args.repeats)]
-        command += ["--quick"] if args.quick else []
         try:
             code = subprocess.run(command, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            return {"kind": task, "error": f"timed out after {timeout:.0f} s"}
+            return {"kind": kind, "error": f"timed out after {timeout:.0f} s"}
         if out.is_file():
             return json.loads(out.read_text())
-        return {"kind": task, "error": f"the process ended with exit code {code}"}
+        return {"kind": kind, "error": f"the process ended with exit code {code}"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -459,7 +451,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"comma-separated, of {', '.join(KINDS)}")
     parser.add_argument("--isolate", action="store_true",
-                        help="the peak and each step kind in a process of its own")
+                        help="each step kind in a process of its own")
     parser.add_argument("--budget-s", type=float,
                         help="with --isolate: wall time for all of it; a kind left without "
                              "time is reported as not run")
@@ -526,7 +518,7 @@ def table(report: dict[str, Any]) -> str:
         if "error" in result:
             lines.append(f"{LABELS[kind]:16s} did not run: {result['error']}")
             continue
-        mib = lambda n: f"{n / 2**20:9,.0f}" if n is not None else f"{'-':>9s}"  # noqa: E731
+        mib = lambda n: f"{n / 2**20:9,.1f}" if n is not None else f"{'-':>9s}"  # noqa: E731
         ratio = f"{result['seconds_per_step'] / fused:7.2f}" if fused else f"{'-':>7s}"
         mfu = f"{result['mfu']:6.3f}" if result.get("mfu") is not None else f"{'-':>6s}"
         lines.append(
@@ -541,37 +533,41 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     workload = resolve_workload(args)
     if args.child:
-        args.child_json.write_text(json.dumps(run_task(args.child, workload, args)))
+        args.child_json.write_text(json.dumps(safe_run_kind(
+            args.child, workload, args.steps, args.repeats)))
         return 0
     started = time.monotonic()
     results = {}
-    for task in ["peak", *args.kinds]:
+    for kind in args.kinds:
         if not args.isolate:
-            results[task] = run_task(task, workload, args)
-            if "device_peak_bytes" in results[task]:  # the process's, not this kind's alone
-                results[task]["device_peak_bytes"] = None
+            results[kind] = safe_run_kind(kind, workload, args.steps, args.repeats)
+            if "device_peak_bytes" in results[kind]:  # the process's, not this kind's alone
+                results[kind]["device_peak_bytes"] = None
             continue
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         if left is not None and left < 1:
-            results[task] = {"kind": task, "error": "not run: the time budget was spent"}
+            results[kind] = {"kind": kind, "error": "not run: the time budget was spent"}
             continue
-        results[task] = run_isolated(task, workload, args, left)
-    peak = results.pop("peak")
-    # The parent never touches the device with --isolate: the peak's process named it.
-    machine = dict(host_info(), **{key: peak.get(key) for key in (
-        "platform", "device_kind", "device_count")})
-    peak_info = dict(peak.get("peak", {"error": peak.get("error")}))
-    datasheet, source = datasheet_peak(machine["device_kind"] or "", workload.dtype)
-    peak_info.update(datasheet=source, datasheet_flops_per_second=datasheet)
+        results[kind] = run_isolated(kind, workload, args, left)
+    # Only now does this process touch the device (with --isolate, the kinds' processes are done).
+    machine = dict(host_info(), **device_info())
+    try:
+        peak = measure_peak(workload.dtype, peak_sizes(machine["platform"], args.quick),
+                            min_seconds=0.05 if args.quick else 0.2)
+    except Exception as err:  # the table is still worth printing
+        traceback.print_exc()
+        peak = {"error": failure(err)}
+    datasheet, source = datasheet_peak(machine["device_kind"], workload.dtype)
+    peak.update(datasheet=source, datasheet_flops_per_second=datasheet)
     for result in results.values():
         if "flops_per_second" in result:
             achieved = result["flops_per_second"]
-            result["mfu"] = achieved / peak_info["best"] if "best" in peak_info else None
+            result["mfu"] = achieved / peak["best"] if "best" in peak else None
             result["mfu_datasheet"] = achieved / datasheet if datasheet else None
     report = {"benchmark": "throughput", "preset": args.preset, "quick": args.quick,
               "isolated": args.isolate, "machine": machine, "versions": versions(),
               "workload": dataclasses.asdict(workload), "tokens_per_step": workload.tokens,
-              "steps": args.steps, "repeats": args.repeats, "peak": peak_info,
+              "steps": args.steps, "repeats": args.repeats, "peak": peak,
               "results": results}
     print(table(report))
     path = args.json or default_json(args)
