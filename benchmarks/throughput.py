@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         left = None if args.budget_s is None else args.budget_s - (time.monotonic() - started)
         if left is not None and left < 1:
-            results[kind] = {"kind": kind, "error": "not run: the time budget was spent"}
+            results[kind] = {"kind": kind, "error": "the time budget was spent"}
             continue
         results[kind] = run_isolated(kind, workload, args, left)
     # Only now does this process touch the device (with --isolate, the kinds' processes are done).
