@@ -69,6 +69,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
     p.add_argument("--out", help="where to write report.png and report.md (default: the run "
                                  "directory; for several, the first one's parent)")
+    text = ("generate responses to a set of prompts with a run's student or its teacher, "
+            "as JSONL (generate.out)")
+    p = sub.add_parser("generate", help=text, description=text)
+    p.add_argument("config", help="experiment YAML file (the generate section)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
     p = sub.add_parser("demo", help="teacher, distilled and hard-label students on the "
                                     "Python standard library; no download")
     p.add_argument("--out", default="kd_jax_demo", help="run directory (default ./kd_jax_demo)")
@@ -194,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
 
             png, md = compare_runs(args.run_dirs, args.out)
             print(f"wrote {png} and {md}")
+        elif args.command == "generate":
+            cfg = config_lib.load(args.config, args.overrides)
+            from kd_jax.train.generate import generate
+
+            summary = generate(cfg)
+            print(f"wrote {summary['out']}: {summary['rows']} responses, "
+                  f"{summary['tokens']:,} new tokens, {summary['tokens_per_second']:,.0f} "
+                  "tokens/s")
         elif args.command == "demo":
             from kd_jax import demo
 

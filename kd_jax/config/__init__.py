@@ -48,6 +48,8 @@ AttentionKind = Literal["auto", "dense", "blockwise", "cudnn"]
 # projections' and MLP's matmul outputs and recomputes the attention scores and elementwise ops.
 RematPolicy = Literal["none", "full", "dots"]
 NonFinitePolicy = Literal["stop", "skip"]
+# Which model `kd-jax generate` runs: the student of train.run_dir, or the teacher at teacher.path.
+GenerateModel = Literal["student", "teacher"]
 
 
 def choices(literal: Any) -> tuple[str, ...]:
@@ -266,6 +268,31 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass
+class GenerateConfig:
+    """`kd-jax generate`: responses to a set of prompts, one JSON line each: prompt, response,
+    prompt_tokens, response_tokens (a prompt/response dataset for `data.prompt_column: prompt`
+    and `data.response_column: response`). Decoding is `kd_jax.models.generate`."""
+
+    # student: the latest checkpoint of train.run_dir; teacher: teacher.path (a kd-jax run or a
+    # Hugging Face checkpoint directory, as teacher.source says)
+    model: GenerateModel = "student"
+    # A .jsonl file of {"prompt": ...} objects (such as this command's output), or a text file of
+    # one prompt a line; empty: the prompts of the data section (data.prompt_column of
+    # data.source and data.path, split data.split)
+    prompts: str = ""
+    out: str = ""  # the JSONL file written (whole: a temporary name, renamed when complete)
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy, the most likely token
+    top_k: int = 0  # draw from the k most likely tokens only; 0: all
+    top_p: float = 1.0  # then from the nucleus of this probability, in (0, 1]; 1: all
+    # Tokens that end a response (kept out of it): ids, or strings that are one token each;
+    # empty: the tokenizer's end-of-sequence token, if it has one
+    stop: list[int | str] = dataclasses.field(default_factory=list)
+    batch_size: int = 16  # prompts a pass; divisible by mesh data x fsdp
+    seed: int = 0  # a prompt's draws depend on this and its row number only
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
@@ -276,6 +303,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
 
 
 def section_types(section_cls: type) -> dict[str, type]:

@@ -49,6 +49,11 @@ def coerce(value: Any, kind: type, where: str) -> Any:
                 isinstance(v, dict) and all(isinstance(k, str) for k in v) for v in value):
             return [dict(v) for v in value]
         raise ConfigError(f"{where}: expected a list of mappings, got {value!r}")
+    elif kind == list[int | str]:  # token ids or token strings (generate.stop)
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list of token ids or strings, got {value!r}")
     elif typing.get_origin(kind) is list:  # a list of integers
         if isinstance(value, (list, tuple)) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):

@@ -16,7 +16,8 @@ _NOT_NEGATIVE = ("model.head_dim", "model.init_std", "model.seed", "model.slidin
                  "data.max_documents", "data.seed", "optimizer.warmup_steps",
                  "optimizer.weight_decay", "optimizer.clip_norm", "optimizer.eps",
                  "train.seed", "train.eval_every", "train.eval_sequences", "train.stop_at",
-                 "cache.seed", "cache.batch_size", "distributed.num_processes")
+                 "cache.seed", "cache.batch_size", "distributed.num_processes",
+                 "generate.temperature", "generate.top_k", "generate.seed")
 _AT_LEAST_MINUS_ONE = ("mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.process_id",
                        "loss.chunk_tokens")
 
@@ -55,6 +56,8 @@ def check(config: Config) -> None:
         "cache.temperature": config.cache.temperature,
         "cache.rows_per_shard": config.cache.rows_per_shard,
         "cache.prefetch": config.cache.prefetch,
+        "generate.max_new_tokens": config.generate.max_new_tokens,
+        "generate.batch_size": config.generate.batch_size,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -124,6 +127,7 @@ def check(config: Config) -> None:
         raise ConfigError("data.source is 'cache' but cache.dir is empty")
     if config.cache.batch_size < 0:
         raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
+    _check_generate(config)
 
 
 def check_architecture(m: ModelConfig) -> None:
@@ -174,3 +178,14 @@ def _check_model(m: ModelConfig, config: Config) -> None:
     if any(index < 0 for index in m.init_layers):
         raise ConfigError(f"model.init_layers must be teacher layer indices >= 0, "
                           f"got {m.init_layers}")
+
+
+def _check_generate(config: Config) -> None:
+    g = config.generate
+    if not 0.0 < g.top_p <= 1.0:
+        raise ConfigError(f"generate.top_p must be in (0, 1], got {g.top_p}")
+    for token in g.stop:
+        if isinstance(token, int) and token < 0:
+            raise ConfigError(f"generate.stop: token ids are >= 0, got {token}")
+        if token == "":
+            raise ConfigError("generate.stop: an empty string is no token")

@@ -109,9 +109,10 @@ def apply_rotary(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> j
     return (x32 * cos + rotated_half * sin).astype(x_btnh.dtype)
 
 
-def _attention(h_btd, w, cos_bth, sin_bth, attend: attention.Attend, cfg: ModelConfig):
-    """Grouped-query attention of normed inputs; the heads' outputs [b, t, n, head_dim], before
-    the output projection."""
+def project_qkv(h_btd, w, cos_bth, sin_bth, cfg: ModelConfig):
+    """Queries [b, t, n, head_dim], keys and values [b, t, kv, head_dim] of normed inputs:
+    biased, normed and rotated as the family flags say. `w` holds the layer's weights in the
+    activation dtype."""
     q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, w["wq"])
     k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wk"])
     v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wv"])
@@ -122,7 +123,27 @@ def _attention(h_btd, w, cos_bth, sin_bth, attend: attention.Attend, cfg: ModelC
         k_btkh = rms_norm(k_btkh, w["k_norm"], cfg.norm_eps)
     q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
     k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
-    return attend(q_btnh, k_btkh, v_btkh)
+    return q_btnh, k_btkh, v_btkh
+
+
+def finish_layer(x_btd, attended_btnh, layer, w, cfg: ModelConfig):
+    """The rest of a layer once its attention has run: the output projection added to the
+    residual stream, then the MLP's. Returns the layer's output [b, t, d] and the MLP's
+    activations [b, t, f]."""
+    x_btd = x_btd + jnp.einsum("btnh,nhd->btd", attended_btnh, w["wo"])
+    if cfg.o_bias:
+        x_btd = x_btd + w["bo"]
+
+    h_btd = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
+    gate_btf = jnp.einsum("btd,df->btf", h_btd, w["w_gate"])
+    up_btf = jnp.einsum("btd,df->btf", h_btd, w["w_up"])
+    act_btf = jax.nn.silu(gate_btf) * up_btf
+    return x_btd + jnp.einsum("btf,fd->btd", act_btf, w["w_down"]), act_btf
+
+
+def layer_weights(layer, dtype) -> dict[str, jax.Array]:
+    """A layer's weights in the activation dtype (the norms' scales are cast where used)."""
+    return {name: value.astype(dtype) for name, value in layer.items()}
 
 
 def _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend: attention.Attend, cfg: ModelConfig,
@@ -133,18 +154,11 @@ def _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend: attention.Attend, cfg
     of each head's output [n] and the summed magnitude of each MLP activation [f], over the
     tokens (the importance scores of `kd_jax.models.surgery`).
     """
-    w = {name: value.astype(x_btd.dtype) for name, value in layer.items()}
+    w = layer_weights(layer, x_btd.dtype)
     h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-    attended_btnh = _attention(h_btd, w, cos_bth, sin_bth, attend, cfg)
-    x_btd = x_btd + jnp.einsum("btnh,nhd->btd", attended_btnh, w["wo"])
-    if cfg.o_bias:
-        x_btd = x_btd + w["bo"]
-
-    h_btd = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
-    gate_btf = jnp.einsum("btd,df->btf", h_btd, w["w_gate"])
-    up_btf = jnp.einsum("btd,df->btf", h_btd, w["w_up"])
-    act_btf = jax.nn.silu(gate_btf) * up_btf
-    x_btd = x_btd + jnp.einsum("btf,fd->btd", act_btf, w["w_down"])
+    # Grouped-query attention; the heads' outputs [b, t, n, head_dim], before the projection.
+    attended_btnh = attend(*project_qkv(h_btd, w, cos_bth, sin_bth, cfg))
+    x_btd, act_btf = finish_layer(x_btd, attended_btnh, layer, w, cfg)
     if not with_stats:
         return x_btd
     head_norms_n = jnp.linalg.norm(attended_btnh.astype(jnp.float32), axis=-1).sum((0, 1))
