@@ -138,7 +138,8 @@ def test_literal_fields_are_the_named_choices():
         ("mesh", "student_layout"): config_lib.MeshLayout,
         ("mesh", "teacher_layout"): config_lib.MeshLayout,
         ("cache", "mode"): config_lib.CacheMode, ("cache", "value_dtype"): config_lib.ValueDType,
-        ("train", "on_nonfinite"): config_lib.NonFinitePolicy}
+        ("train", "on_nonfinite"): config_lib.NonFinitePolicy,
+        ("generate", "model"): config_lib.GenerateModel}
     assert config_lib.choices(config_lib.MeshLayout) == ("replicated", "fsdp", "tensor",
                                                          "fsdp_tensor")
 
