@@ -87,6 +87,18 @@ def test_event_files_hold_the_metrics_and_a_resume_shows_each_step_once(teacher_
     assert second[("train/loss", 5)] == pytest.approx(first[("train/loss", 5)], rel=1e-6)
 
 
+def test_a_run_stopped_by_an_error_still_writes_what_it_logged(teacher_run, tmp_path):
+    """A learning rate of 1e30: step 2's gradients overflow and the run stops with an error
+    after logging step 1; the board is closed on the way out, step 1 written."""
+    root, corpus = teacher_run
+    config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
+    assert cli.main(["train", str(config), "train.tensorboard=true", "optimizer.lr=1e30",
+                     "optimizer.clip_norm=0", "optimizer.warmup_steps=0"]) == 1
+    shown = shown_scalars(tmp_path / "run" / "tensorboard")
+    assert shown == expected_scalars(tmp_path / "run")
+    assert {step for _, step in shown} == {1}
+
+
 def test_no_event_files_unless_asked(teacher_run):
     root, _ = teacher_run
     assert not (root / "teacher" / "tensorboard").exists()
