@@ -99,6 +99,11 @@ CASES = {
     "report of a directory that is no run": ["report", "{tmp}/afile_dir"],
     "report of a run without metrics": ["report", "{tmp}/no_metrics"],
     "report into a file": ["report", "{tmp}/existing", "--out", "{tmp}/afile"],
+    "generate without a prompts file": ["generate", "{config}",
+        "generate.prompts={tmp}/nowhere.jsonl", "generate.out={tmp}/out.jsonl"],
+    "generate top_p out of range": ["generate", "{config}", "generate.top_p=1.5"],
+    "generate with a negative temperature": ["generate", "{config}",
+        "generate.temperature=-0.5"],
 }
 
 

@@ -52,11 +52,13 @@ class Generator:
     rules: dict[str, str | None]  # the parameters' logical-axis table
 
     def sampler(self, max_new_tokens: int):
-        batch_axes = PartitionSpec(mesh_lib.BATCH_AXES)
+        vocab = self.tokenizer.vocab_size
+        if self.mesh.size == 1:  # nothing to place: the program of a plain make_sampler
+            return sampler_lib.make_sampler(self.config, max_new_tokens, vocab)
         return sampler_lib.make_sampler(
-            self.config, max_new_tokens, self.tokenizer.vocab_size,
+            self.config, max_new_tokens, vocab,
             cache_sharding=cache_sharding(self.mesh, self.rules, self.config.n_kv_heads),
-            activation_sharding=NamedSharding(self.mesh, batch_axes))
+            activation_sharding=NamedSharding(self.mesh, PartitionSpec(mesh_lib.BATCH_AXES)))
 
 
 def cache_sharding(mesh: Any, rules: dict, n_kv_heads: int) -> NamedSharding:
@@ -75,9 +77,9 @@ def generate(cfg: Config, log=print) -> dict[str, Any]:
         raise ConfigError("kd-jax generate runs in one process (distributed.enabled is true)")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     batch_sharding = mesh_lib.batch_sharding(mesh, g.batch_size, "generate.batch_size")
+    prompts = read_prompts(cfg)
     generator = load_generator(cfg, mesh)
     tokenizer = generator.tokenizer
-    prompts = read_prompts(cfg)
     encoded = encode_prompts(prompts, tokenizer, cfg.data.add_bos)
     width = max(len(ids) for ids in encoded)
     if width + g.max_new_tokens > generator.config.max_seq_len:
