@@ -11,7 +11,11 @@ weights (biases, query and key norms) take part.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import logging
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -19,12 +23,16 @@ import pytest
 from scipy import stats
 
 from kd_jax.models.generate import Sampling, left_pad, make_sampler, row_keys
-from kd_jax.models.pure import abstract_model
-from tests.helpers import STUDENT, VALID_VOCAB
+from tests.helpers import STUDENT, VALID_VOCAB, cli_env
+from tests.models import generate_sharded_worker as worker
+from tests.models.generate_sharded_worker import (
+    MAX_NEW,
+    NO_STOP,
+    PROMPT_LENGTHS,
+    make_prompts,
+    random_params,
+)
 
-MAX_NEW = 12
-PROMPT_LENGTHS = (5, 2, 7, 1)
-NO_STOP = np.array([-1, -1], np.int32)  # two slots, as every call here passes
 # Plain Llama-like with grouped-query attention; and Qwen-like flags with a tied head, a window
 # shorter than the generated length and Llama 3 rotary scaling.
 FAMILIES = {
@@ -35,18 +43,6 @@ FAMILIES = {
 }
 # p-values below this fail a frequency test; the draws are seeded, so the outcome is fixed.
 P_VALUE = 1e-3
-
-
-def random_params(cfg, seed: int):
-    """Every weight N(0, 0.3^2), every norm scale 1 + N(0, 0.2^2): numpy, no compilation."""
-    model, abstract = abstract_model(cfg)
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, shape_dtype):
-        noise = rng.standard_normal(shape_dtype.shape).astype(np.float32)
-        return 1 + 0.2 * noise if str(path[-1].key).endswith("norm") else 0.3 * noise
-
-    return model, jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 def full_forward_logits(model, params, sequences):
@@ -62,13 +58,17 @@ def full_forward_logits(model, params, sequences):
     return np.asarray(jax.jit(model.logits)(params, batch))[..., :VALID_VOCAB]
 
 
+@functools.cache
+def _family(name: str):
+    """(config, model, params, prompts, sampler) of a family: built once, compiled once."""
+    cfg = FAMILIES[name]
+    model, params = random_params(cfg, seed=7)
+    return cfg, model, params, make_prompts(), make_sampler(cfg, MAX_NEW, VALID_VOCAB)
+
+
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request):
-    cfg = FAMILIES[request.param]
-    model, params = random_params(cfg, seed=7)
-    rng = np.random.default_rng(0)
-    prompts = [list(rng.integers(0, VALID_VOCAB, n)) for n in PROMPT_LENGTHS]
-    return cfg, model, params, prompts, make_sampler(cfg, MAX_NEW, VALID_VOCAB)
+    return _family(request.param)
 
 
 def generate(sampler, params, prompts, sampling=Sampling(), stop_ids=NO_STOP, seed=0):
@@ -196,3 +196,19 @@ def test_one_compilation_for_every_step_and_every_call_of_the_same_shapes(family
     assert "jit(sample)" not in compilations.names
     assert sampler.compiled._cache_size() == 1
     np.testing.assert_array_equal(again.tokens_bn, first.tokens_bn)
+
+
+def test_sharded_over_eight_devices_it_decodes_as_one_device_does(tmp_path):
+    """Parameters in the fsdp_tensor layout, prompts over data x fsdp, the cache's kv heads over
+    tensor (tests/models/generate_sharded_worker.py): the same tokens as one device's."""
+    result = subprocess.run([sys.executable, worker.__file__, str(tmp_path)], env=cli_env(8),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["devices"] == 8 and report["compilations"] == 1
+    assert report["cache_spec"] == "P(None, ('data', 'fsdp'), None, 'tensor')"
+    assert report["cache_per_device"] is not None  # one row and one kv head a device
+    _, _, params, prompts, sampler = _family("llama_gqa")
+    for name, sampling in worker.SAMPLINGS.items():
+        one_device = generate(sampler, params, prompts, sampling)
+        np.testing.assert_array_equal(report[name], one_device.tokens_bn, err_msg=name)
