@@ -96,3 +96,37 @@ def test_the_output_is_a_prompt_response_dataset_trained_on_the_response_only(ge
     starts = np.cumsum([0] + [len(d.prompt.encode()) + len(d.text.encode()) for d in docs])[:-1]
     np.testing.assert_array_equal(tokenized.untrained,
                                   np.stack([starts, starts + prompt_bytes], axis=1))
+
+
+def test_prompts_come_from_a_text_file_or_the_data_section(tmp_path):
+    from kd_jax import config as config_lib
+    from kd_jax.train.generate import read_prompts
+
+    (tmp_path / "prompts.txt").write_text("first prompt\n\n  second, indented\n")
+    cfg = config_lib.load(None, [f"generate.prompts={tmp_path / 'prompts.txt'}"])
+    assert read_prompts(cfg) == ["first prompt", "  second, indented"]
+    rows = [{"q": "what?", "a": "this"}, {"q": "why?", "a": "because"}]
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = config_lib.load(None, ["data.source=json", f"data.path={tmp_path / 'qa.jsonl'}",
+                                 "data.prompt_column=q", "data.response_column=a"])
+    assert read_prompts(cfg) == ["what?", "why?"]
+
+
+def test_stop_tokens_default_to_the_tokenizer_s_end_of_sequence(teacher_run, tmp_path):
+    from kd_jax.config import ConfigError
+    from kd_jax.data.tokenizers import load_tokenizer
+    from kd_jax.train.generate import stop_token_ids
+    from tests.helpers import write_tokenizer
+
+    _, corpus = teacher_run
+    tokenizer = load_tokenizer(str(write_tokenizer(tmp_path / "tokenizer.json", corpus)))
+    assert stop_token_ids([], tokenizer).tolist() == [-1]  # no tokenizer_config.json: none
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"eos_token": {"content": "[UNK]"}}))
+    assert stop_token_ids([], tokenizer).tolist() == [tokenizer.token_id("[UNK]")]
+    assert stop_token_ids(["def", 7], tokenizer).tolist() == [tokenizer.token_id("def"), 7]
+    assert stop_token_ids(["\n"], ByteTokenizer()).tolist() == [10]
+    with pytest.raises(ConfigError, match="'def x' is not one token"):
+        stop_token_ids(["def x"], tokenizer)
+    with pytest.raises(ConfigError, match="token id 256 is not below the vocabulary size"):
+        stop_token_ids([256], ByteTokenizer())
