@@ -102,9 +102,9 @@ def generate(cfg: Config, log=print) -> dict[str, Any]:
             # The last batch is filled with copies of its first prompt: one shape, one program.
             filled = np.concatenate([rows, np.full(g.batch_size - len(rows), rows[0])])
             tokens, lengths = sampler_lib.left_pad([encoded[row] for row in filled], width)
-            result = sample(generator.params, jax.device_put(tokens, batch_sharding),
-                            jax.device_put(lengths, batch_sharding),
-                            sampler_lib.row_keys(g.seed, filled), sampling, stop_ids)
+            placed = jax.device_put((tokens, lengths, sampler_lib.row_keys(g.seed, filled)),
+                                    batch_sharding)
+            result = sample(generator.params, *placed, sampling, stop_ids)
             new_bn, count_b = np.asarray(result.tokens_bn), np.asarray(result.lengths_b)
             for index, row in enumerate(rows):
                 response = new_bn[index, :count_b[index]]
