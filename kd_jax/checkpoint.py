@@ -4,7 +4,9 @@ A run directory holds `checkpoints/<step>/` with three items:
 - `params`: the student's parameters (restorable alone: a finished run serves as a teacher);
 - `opt_state`: the optimizer state;
 - `meta`: JSON with the step, the global data position (sequences consumed), the RNG key and the
-  tokenizer's fingerprint.
+  tokenizer's fingerprint;
+- `aux`, only with white-box losses: their projections (`kd_jax.losses.whitebox`), trained with
+  the student and restored with it, never read as the student's parameters.
 Saving is asynchronous; orbax finalizes a step directory only once all of it is written, so an
 interrupted save never looks like a valid checkpoint.
 
@@ -171,19 +173,20 @@ class Checkpointer:
             self._directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=True, create=True),
-            item_names=("params", "opt_state", "meta"))
+            item_names=("params", "opt_state", "meta", "aux"))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         args = self._ocp.args
-        meta = {**meta, "digests": {"params": digests(state.params),
-                                    "opt_state": digests(state.opt_state)}}
+        items = {"params": state.params, "opt_state": state.opt_state}
+        if state.aux:  # without white-box losses, the items are as they always were
+            items["aux"] = state.aux
+        meta = {**meta, "digests": {name: digests(tree) for name, tree in items.items()}}
         self.wait()  # the previous save committed and its files recorded
         self._manager.save(step, args=args.Composite(
-            params=args.StandardSave(state.params),
-            opt_state=args.StandardSave(state.opt_state),
+            **{name: args.StandardSave(tree) for name, tree in items.items()},
             meta=args.JsonSave(meta)))
         self._recorder = threading.Thread(target=self._record, args=(step,),
                                           name="checkpoint-digests", daemon=True)
@@ -229,21 +232,24 @@ class Checkpointer:
         args = self._ocp.args
         what = f"checkpoint {step} in {self._directory}"
         check_file_digests(self._directory / str(step), what)
+        items = {"params": abstract_state.params, "opt_state": abstract_state.opt_state}
+        if abstract_state.aux:
+            items["aux"] = abstract_state.aux
         try:
             restored = self._manager.restore(step, args=args.Composite(
-                params=args.StandardRestore(abstract_state.params),
-                opt_state=args.StandardRestore(abstract_state.opt_state),
+                **{name: args.StandardRestore(tree) for name, tree in items.items()},
                 meta=args.JsonRestore()))
         except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside orbax
             raise DamagedCheckpoint(f"{what} cannot be read ({_first_line(err)})") from None
         meta = restored["meta"]
         recorded = meta.get("digests") or {}
-        check_digests(recorded.get("params"), restored["params"], what)
-        check_digests(recorded.get("opt_state"), restored["opt_state"], what)
+        for name in items:
+            check_digests(recorded.get(name), restored[name], what)
         state = abstract_state.replace(
             step=np.asarray(meta["step"], np.int32),
             params=restored["params"],
             opt_state=restored["opt_state"],
+            aux=restored["aux"] if "aux" in items else {},
             rng=np.asarray(meta["rng"], np.uint32),
             nonfinite_step=np.asarray(-1, np.int32), nonfinite_term=np.asarray(-1, np.int32))
         return jax.device_put(state, shardings), meta

@@ -63,6 +63,10 @@ def test_yaml_values_are_typed_by_field(tmp_path):
     ("loss.beta=1.5", "loss.beta must be in [0, 1]"),
     ("model.n_kv_heads=3", "model.n_heads (4) must be a multiple of model.n_kv_heads (3)"),
     ("steps=3", "not of the form section.key=value"),
+    ("loss.hidden_weight=-1", "loss.hidden_weight must be >= 0, got -1.0"),
+    ("loss.hidden_layers=[[0]]", "expected a list of [student layer, teacher layer] pairs"),
+    ("loss.attention_layers=[[0, -1]]", "loss.attention_layers: layer indices are >= 0"),
+    ("loss.hidden_layers=[[0, 1]]", "loss.hidden_layers is set but loss.hidden_weight is 0"),
 ])
 def test_bad_values_are_refused_with_the_key(override, message):
     with pytest.raises(ConfigError) as err:
@@ -134,6 +138,7 @@ def test_literal_fields_are_the_named_choices():
         ("teacher", "source"): config_lib.TeacherSource,
         ("teacher", "dtype"): config_lib.TeacherDType,
         ("data", "source"): config_lib.DataSource, ("loss", "divergence"): config_lib.Divergence,
+        ("loss", "hidden_kind"): config_lib.HiddenKind,
         ("optimizer", "schedule"): config_lib.Schedule,
         ("mesh", "student_layout"): config_lib.MeshLayout,
         ("mesh", "teacher_layout"): config_lib.MeshLayout,
@@ -177,10 +182,11 @@ def test_a_wrong_name_in_a_config_built_in_code_is_refused(section, key, kind):
 
 def test_the_implementations_read_their_choices_from_the_config():
     from kd_jax.cache import manifest
-    from kd_jax.losses import divergences
+    from kd_jax.losses import divergences, whitebox
     from kd_jax.parallel import mesh
 
     assert divergences.DIVERGENCES == config_lib.choices(config_lib.Divergence)
+    assert whitebox.HIDDEN_KINDS == config_lib.choices(config_lib.HiddenKind)
     assert tuple(mesh.LAYOUTS) == config_lib.choices(config_lib.MeshLayout)
     assert manifest.MODES == config_lib.choices(config_lib.CacheMode)
     assert manifest.VALUE_DTYPES == config_lib.choices(config_lib.ValueDType)

@@ -34,6 +34,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 # cache: the rows of `kd-jax cache import`
 DataSource = Literal["stdlib", "text", "json", "parquet", "csv", "hub", "cache"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"]
+HiddenKind = Literal["mse", "cosine"]  # loss.hidden_kind (kd_jax.losses.whitebox)
 Schedule = Literal["cosine", "constant"]
 CacheMode = Literal["topk", "sample", "full"]
 ValueDType = Literal["float16", "float32"]
@@ -174,6 +175,12 @@ class LossConfig:
     # Tokens per chunk of the fused LM-head + loss (kd_jax.losses.chunked): no [tokens, vocab]
     # array for the whole batch. 0: automatic (chunked when the vocabulary is large); -1: never.
     chunk_tokens: int = 0
+    # White-box terms (kd_jax.losses.whitebox; weight 0: off) between [student, teacher] layers
+    hidden_weight: float = 0.0  # projected layer outputs against the teacher's (TinyBERT)
+    hidden_kind: HiddenKind = "mse"
+    hidden_layers: list[list[int]] = dataclasses.field(default_factory=list)  # []: uniform
+    attention_weight: float = 0.0  # KL of attention distributions (MiniLM)
+    attention_layers: list[list[int]] = dataclasses.field(default_factory=list)  # []: last
 
 
 @dataclasses.dataclass
@@ -387,12 +394,6 @@ def dump(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
 
 
-def validate(config: Config) -> None:
-    """Check values that are wrong whatever the data; raises ConfigError naming the key."""
-    from kd_jax.config.validation import check
-
-    check(config)
-
-
-# Below the sections it converts values for (it imports them from here).
+# Below the sections they convert and check values of (they import them from here).
 from kd_jax.config.coercion import coerce  # noqa: E402
+from kd_jax.config.validation import check as validate  # noqa: E402

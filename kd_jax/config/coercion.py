@@ -54,6 +54,14 @@ def coerce(value: Any, kind: type, where: str) -> Any:
                 isinstance(v, (int, str)) and not isinstance(v, bool) for v in value):
             return list(value)
         raise ConfigError(f"{where}: expected a list of token ids or strings, got {value!r}")
+    elif kind == list[list[int]]:  # [student layer, teacher layer] pairs (loss.hidden_layers)
+        if isinstance(value, (list, tuple)) and all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in pair)
+                for pair in value):
+            return [list(pair) for pair in value]
+        raise ConfigError(f"{where}: expected a list of [student layer, teacher layer] pairs, "
+                          f"got {value!r}")
     elif typing.get_origin(kind) is list:  # a list of integers
         if isinstance(value, (list, tuple)) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):

@@ -17,7 +17,11 @@ _NOT_NEGATIVE = ("model.head_dim", "model.init_std", "model.seed", "model.slidin
                  "optimizer.weight_decay", "optimizer.clip_norm", "optimizer.eps",
                  "train.seed", "train.eval_every", "train.eval_sequences", "train.stop_at",
                  "cache.seed", "cache.batch_size", "distributed.num_processes",
-                 "generate.temperature", "generate.top_k", "generate.seed")
+                 "generate.temperature", "generate.top_k", "generate.seed",
+                 "loss.hidden_weight", "loss.attention_weight")
+# Attention transfer builds the chosen layers' [batch, heads, tokens, tokens] probabilities
+# densely (kd_jax.losses.whitebox): 2,048 tokens are 16 MiB a head and row in float32.
+ATTENTION_TRANSFER_TOKENS = 2048
 _AT_LEAST_MINUS_ONE = ("mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.process_id",
                        "loss.chunk_tokens")
 
@@ -125,6 +129,7 @@ def check(config: Config) -> None:
         raise ConfigError("teacher.source is 'cache' but cache.dir is empty")
     if config.data.source == "cache" and not config.cache.dir:
         raise ConfigError("data.source is 'cache' but cache.dir is empty")
+    _check_whitebox(config)
     if config.cache.batch_size < 0:
         raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
     _check_generate(config)
@@ -178,6 +183,26 @@ def _check_model(m: ModelConfig, config: Config) -> None:
     if any(index < 0 for index in m.init_layers):
         raise ConfigError(f"model.init_layers must be teacher layer indices >= 0, "
                           f"got {m.init_layers}")
+
+
+def _check_whitebox(config: Config) -> None:
+    """The white-box terms' layer pairs (their ranges are checked once the models are known,
+    `kd_jax.losses.whitebox.WhiteBox.of`), and what they need."""
+    loss = config.loss
+    for term in ("hidden", "attention"):
+        weight, pairs = getattr(loss, f"{term}_weight"), getattr(loss, f"{term}_layers")
+        if any(index < 0 for pair in pairs for index in pair):
+            raise ConfigError(f"loss.{term}_layers: layer indices are >= 0, got {pairs}")
+        if pairs and weight == 0:
+            raise ConfigError(f"loss.{term}_layers is set but loss.{term}_weight is 0: the "
+                              "term is off")
+        if weight > 0 and config.teacher.source == "cache":
+            raise ConfigError(f"loss.{term}_weight needs the teacher's layers, which a cache "
+                              "does not hold: use teacher.source checkpoint or hf")
+    if loss.attention_weight > 0 and config.data.seq_len > ATTENTION_TRANSFER_TOKENS:
+        raise ConfigError(f"loss.attention_weight builds dense [tokens, tokens] attention "
+                          f"probabilities: data.seq_len must be <= {ATTENTION_TRANSFER_TOKENS}, "
+                          f"got {config.data.seq_len}")
 
 
 def _check_generate(config: Config) -> None:

@@ -114,8 +114,8 @@ def for_batch(cfg: ModelConfig, segment_ids_bt: jax.Array) -> Attend:
     return functools.partial(cudnn, mask_b1ts=mask_b1ts)
 
 
-def dense(q_btnh, k_btkh, v_btkh, mask_bts) -> jax.Array:
-    """Every score, float32, masked, softmaxed; the probabilities in the activation dtype."""
+def _dense_scores(q_btnh, k_btkh, mask_bts) -> jax.Array:
+    """Every score [b, kv, group, t, s], float32, scaled and masked."""
     b, t, n, head_dim = q_btnh.shape
     n_kv = k_btkh.shape[2]
     # Query head n uses kv head n // group (Hugging Face `repeat_kv`), so split n as (kv, group).
@@ -123,10 +123,25 @@ def dense(q_btnh, k_btkh, v_btkh, mask_bts) -> jax.Array:
     scores_bkgts = jnp.einsum(
         "btkgh,bskh->bkgts", q_btkgh, k_btkh, preferred_element_type=jnp.float32)
     scores_bkgts = scores_bkgts / math.sqrt(head_dim)
-    scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED_SCORE)
+    return jnp.where(mask_bts[:, None, None], scores_bkgts, _MASKED_SCORE)
+
+
+def dense(q_btnh, k_btkh, v_btkh, mask_bts) -> jax.Array:
+    """Every score, float32, masked, softmaxed; the probabilities in the activation dtype."""
+    b, t, n, head_dim = q_btnh.shape
+    scores_bkgts = _dense_scores(q_btnh, k_btkh, mask_bts)
     probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(q_btnh.dtype)
     attended_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs_bkgts, v_btkh)
     return attended_btkgh.reshape(b, t, n, head_dim)
+
+
+def log_probs(q_btnh, k_btkh, mask_bts) -> jax.Array:
+    """The attention distributions `dense` applies, as log-probabilities [b, n, t, s], float32:
+    -inf exactly where a key is masked (its probability is 0). A query that sees no key (a
+    padding token) gets -inf everywhere. Quadratic in the sequence, like `dense`."""
+    b, t, n, _ = q_btnh.shape
+    scores_bnts = _dense_scores(q_btnh, k_btkh, mask_bts).reshape(b, n, t, t)
+    return jnp.where(mask_bts[:, None], jax.nn.log_softmax(scores_bnts, axis=-1), -jnp.inf)
 
 
 def cudnn(q_btnh, k_btkh, v_btkh, mask_b1ts) -> jax.Array:

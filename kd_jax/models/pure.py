@@ -36,6 +36,8 @@ class ModelOutputs:
     hidden_btd: jax.Array  # final-normed hidden states
     head_vd: jax.Array  # the output head as stored (the embedding when tied)
     layers_lbtd: jax.Array | None = None  # each layer's output, on request
+    # the attention log-probabilities of the requested layers [k, b, n, t, t] (-inf: masked)
+    attention_kbnts: jax.Array | None = None
 
     def logits(self) -> jax.Array:
         """[batch, tokens, vocab] logits, float32."""
@@ -57,15 +59,20 @@ class PureModel:
     template: nnx.State
 
     def apply(self, params: Params, batch: Batch, with_layers: bool = False,
-              activation_sharding: Any = None) -> ModelOutputs:
+              activation_sharding: Any = None,
+              attention_layers: tuple[int, ...] = ()) -> ModelOutputs:
         """The model's outputs; `activation_sharding` pins the residual stream between layers
-        (see `Transformer.__call__`)."""
+        (see `Transformer.__call__`); `attention_layers` asks for those layers' attention
+        distributions (`Transformer.attention_logprobs`), from the same forward pass."""
         module = bind(self.graphdef, self.template, params)
         args = batch["tokens"], batch["positions"], batch["segment_ids"]
-        if with_layers:
+        if with_layers or attention_layers:
             hidden_btd, layers_lbtd = module(*args, with_layers=True,
                                              activation_sharding=activation_sharding)
-            return ModelOutputs(hidden_btd, module.head_vd(), layers_lbtd)
+            attention_kbnts = (module.attention_logprobs(*args, layers_lbtd, attention_layers)
+                               if attention_layers else None)
+            return ModelOutputs(hidden_btd, module.head_vd(),
+                                layers_lbtd if with_layers else None, attention_kbnts)
         hidden_btd = module(*args, activation_sharding=activation_sharding)
         return ModelOutputs(hidden_btd, module.head_vd())
 

@@ -268,11 +268,42 @@ class Transformer(nnx.Module):
             x_btd, self._stacked())
         return heads_ln, mlp_lf
 
-    def _inputs(self, tokens_bt, positions_bt, segment_ids_bt):
+    def attention_logprobs(self, tokens_bt: jax.Array, positions_bt: jax.Array,
+                           segment_ids_bt: jax.Array, layers_lbtd: jax.Array,
+                           indices: tuple[int, ...]) -> jax.Array:
+        """The attention distributions of layers `indices` as log-probabilities [k, b, n, t, t],
+        float32, -inf where a key is masked (`attention.log_probs`).
+
+        Recomputed from each layer's input (the embeddings, or the output of the layer before in
+        `layers_lbtd`, which `__call__(..., with_layers=True)` returned): the same queries, keys
+        and mask as the forward pass, densely, for these layers only, whatever `model.attention`.
+        """
+        cfg = self.cfg
+        embedded_btd, cos_bth, sin_bth = self._embedded(tokens_bt, positions_bt)
+        mask_bts = attention.attention_mask(segment_ids_bt, cfg.sliding_window)
+        inputs_kbtd = jnp.stack([embedded_btd if index == 0 else layers_lbtd[index - 1]
+                                 for index in indices])
+        chosen = jnp.asarray(indices)
+        weights_k = {name: value[chosen] for name, value in self._stacked().items()}
+
+        def one(inputs):
+            x_btd, layer = inputs
+            h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
+            q_btnh, k_btkh, _ = project_qkv(h_btd, layer_weights(layer, x_btd.dtype), cos_bth,
+                                            sin_bth, cfg)
+            return attention.log_probs(q_btnh, k_btkh, mask_bts)
+
+        return jax.lax.map(one, (inputs_kbtd, weights_k))
+
+    def _embedded(self, tokens_bt, positions_bt):
         cfg = self.cfg
         x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
         cos_bth, sin_bth = rotary_angles(positions_bt, rope_inv_freq(cfg))
-        return x_btd, cos_bth, sin_bth, attention.for_batch(cfg, segment_ids_bt)
+        return x_btd, cos_bth, sin_bth
+
+    def _inputs(self, tokens_bt, positions_bt, segment_ids_bt):
+        x_btd, cos_bth, sin_bth = self._embedded(tokens_bt, positions_bt)
+        return x_btd, cos_bth, sin_bth, attention.for_batch(self.cfg, segment_ids_bt)
 
     def _stacked(self) -> dict[str, jax.Array]:
         return {name: value[...] for name, value in self.layers.items()}

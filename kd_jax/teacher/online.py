@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from kd_jax.losses.soft_targets import Projected
-from kd_jax.models.pure import PureModel
+from kd_jax.models.pure import ModelOutputs, PureModel
 from kd_jax.parallel.mesh import activation_sharding
 
 
@@ -34,6 +34,16 @@ class OnlineTeacher:
                                    activation_sharding=activation_sharding(self.logits_sharding))
         outputs = jax.lax.stop_gradient(outputs)  # the teacher is frozen
         return Projected(outputs.hidden_btd, outputs.head_vd, self.logits_sharding)
+
+    def soft_targets_and_outputs(self, params: Any, batch: dict[str, jax.Array],
+                                 request: dict) -> tuple[Projected, ModelOutputs]:
+        """`soft_targets` and, from the same forward pass, the teacher's outputs with what
+        `request` asks `PureModel.apply` for (its layers, attention distributions): what the
+        white-box losses compare the student with (`kd_jax.losses.whitebox`)."""
+        outputs = self.model.apply(params, batch, **request,
+                                   activation_sharding=activation_sharding(self.logits_sharding))
+        outputs = jax.lax.stop_gradient(outputs)  # the teacher is frozen
+        return Projected(outputs.hidden_btd, outputs.head_vd, self.logits_sharding), outputs
 
     def host_fields(self, rows: np.ndarray) -> dict[str, Any]:
         return {}

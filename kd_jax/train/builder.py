@@ -28,6 +28,7 @@ from kd_jax.data.prepare import prepare
 from kd_jax.data.sources import load_documents
 from kd_jax.data.store import is_prepared, open_store
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
+from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models import surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
 from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
@@ -79,6 +80,7 @@ class Run:
     abstract_state: Any = None
     state_shardings: Any = None
     batches: Batches | None = None  # which packed rows make each step's batch
+    whitebox: WhiteBox | None = None  # white-box terms (distill from an online teacher)
 
     @property
     def valid_vocab(self) -> int:
@@ -115,7 +117,7 @@ class Run:
         """The jitted step: `update(state, teacher_params, batch) -> (state, metrics)`."""
         update = step_lib.make_update(
             self.student, self.teacher, self.tx, self.schedule, self.cfg.loss,
-            self.cfg.train.microbatches, self.valid_vocab, self.logits_sharding)
+            self.cfg.train.microbatches, self.valid_vocab, self.logits_sharding, self.whitebox)
         teacher_params = self.teacher_params
         # The state is donated: its buffers are reused for the next state (no second copy).
         return jax.jit(update, donate_argnums=(0,), in_shardings=(
@@ -124,12 +126,16 @@ class Run:
             self.placement.sharding),
             out_shardings=(self.state_shardings, mesh_lib.replicated(self.mesh)))
 
+    def init_aux(self) -> Any:
+        """The white-box terms' projections at step 0 ({} without)."""
+        return self.whitebox.init_aux() if self.whitebox is not None else {}
+
     def fresh_state(self) -> step_lib.TrainState:
         """The state of step 0: the student initialized as `model.init` says."""
         model_cfg = self.cfg.model
         if model_cfg.init == "scratch":
             return step_lib.init_state_on(model_cfg, self.tx, self.cfg.train.seed,
-                                          self.state_shardings)
+                                          self.state_shardings, self.init_aux)
         if model_cfg.init == "hf":
             params = load_params(open_checkpoint(model_cfg.path), model_cfg,
                                  self.abstract_params, self.param_shardings)
@@ -139,7 +145,7 @@ class Run:
         return jax.jit(
             lambda params: step_lib.init_state(
                 jax.tree.map(lambda p, dtype: p.astype(dtype), params, dtypes), self.tx,
-                self.cfg.train.seed),
+                self.cfg.train.seed, self.init_aux()),
             out_shardings=self.state_shardings)(params)
 
     def _params_from_teacher(self) -> Any:
@@ -218,9 +224,13 @@ def build(cfg: Config, mode: str) -> Run:
     run.logits_sharding = mesh_lib.logits_sharding(mesh, student_rules, cfg.model.vocab_size)
     if mode == "eval":
         return run
+    if isinstance(teacher, OnlineTeacher):
+        run.whitebox = WhiteBox.of(cfg.loss, cfg.model, loaded.config, cfg.model.seed)
     run.tx, run.schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
+    # The projections, unknown to the student's table, are replicated (tree_shardings).
     run.abstract_state = jax.eval_shape(
-        lambda params: step_lib.init_state(params, run.tx, cfg.train.seed), run.abstract_params)
+        lambda params: step_lib.init_state(params, run.tx, cfg.train.seed, run.init_aux()),
+        run.abstract_params)
     run.state_shardings = mesh_lib.tree_shardings(
         run.abstract_state, run.abstract_params, run.param_shardings, mesh)
     run.batches = Batches(data.train, cfg.train.batch_size, cfg.train.seed)

@@ -26,6 +26,7 @@ from kd_jax.models import attention
 from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
 from kd_jax.train import builder, tensorboard
+from kd_jax.train import step as step_lib
 from kd_jax.train.plan import figures_line, memory_figures
 from kd_jax.train.preemption import Preemption
 from kd_jax.train.progress import StepClock, describe_compiled, log, log_record, progress_bar
@@ -173,8 +174,9 @@ def _stop_if_nonfinite(state, checkpointer: checkpoint.Checkpointer) -> None:
     if term <= 0:
         what = "loss"
     else:
-        path = jax.tree_util.tree_flatten_with_path(state.params)[0][term - 1][0]
-        what = "gradient of " + "/".join(str(getattr(key, "key", key)) for key in path)
+        trained = step_lib.trainable(state.params, state.aux)  # the gradients' tree
+        path = jax.tree_util.tree_flatten_with_path(trained)[0][term - 1][0]
+        what = "gradient of " + "/".join(str(key.key) for key in path if hasattr(key, "key"))
     checkpointer.wait()
     kept = checkpointer.latest_step()
     raise NonFiniteError(

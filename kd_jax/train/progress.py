@@ -66,7 +66,7 @@ def log_record(step: int, fetched: list[dict], tokens_per_second: float) -> dict
     totals = {k: float(np.sum([m[k] for m in fetched])) for k in fetched[0]}
     tokens = max(totals["tokens"], 1.0)
     record = {"step": step, "loss": totals["loss_sum"] / tokens}
-    for key in ("kd", "ce"):
+    for key in ("kd", "ce", "hidden", "attention"):
         if f"{key}_sum" in totals:
             record[key] = totals[f"{key}_sum"] / tokens
     if "skipped" in totals:  # steps not applied: a non-finite loss or gradient

@@ -14,6 +14,11 @@ each microbatch (never one full-batch teacher pass), and every microbatch's loss
 the number of valid tokens of the *whole* batch, so the summed gradients equal those of one big
 batch.
 
+With white-box losses (`kd_jax.losses.whitebox`) the teacher's layers come from the same teacher
+pass as its targets, and the state's `aux` holds their projections: the optimizer updates them
+with the student's parameters (`trainable`), one clipping norm over both; without, `aux` is
+empty and everything is as it was (the same optimizer state, the same checkpoints).
+
 Metrics stay on device as sums (see `losses`); the loop fetches them at log intervals only. The
 state records the first step whose loss or gradients were not finite; such an update is skipped,
 so the parameters in the state are always finite and safe to checkpoint.
@@ -33,6 +38,7 @@ from flax import struct
 from kd_jax.config import LossConfig, ModelConfig, OptimizerConfig
 from kd_jax.losses.objective import objective
 from kd_jax.losses.soft_targets import SoftTargets
+from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models.pure import Batch, Params, PureModel, init_params
 from kd_jax.parallel.mesh import activation_sharding
 
@@ -53,17 +59,31 @@ class TrainState:
     # what went non-finite at that step: 0 the loss, i + 1 the gradient of parameter i (in
     # `jax.tree.leaves` order), -1 nothing
     nonfinite_term: jax.Array
+    # the white-box losses' parameters (their projections), trained with the student and
+    # checkpointed, never exported; {} without white-box losses
+    aux: Params = struct.field(default_factory=dict)
+
+
+def trainable(params: Params, aux: Params) -> Params:
+    """What the optimizer updates: the student's parameters, or with white-box projections,
+    (student's parameters, aux)."""
+    return (params, aux) if aux else params
+
+
+def split_trainable(tree: Params, with_aux: bool) -> tuple[Params, Params]:
+    """(student's parameters, aux) of a `trainable` tree."""
+    return tree if with_aux else (tree, {})
 
 
 def init_state_on(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int,
-                  shardings: Any) -> TrainState:
+                  shardings: Any, init_aux: Callable[[], Params] = dict) -> TrainState:
     """A fresh TrainState built straight into `shardings` (one jit; no host copy of the model).
 
     Every process of a multi-host run computes the same values (the RNG does not depend on how
     the arrays are split), each keeping only its own shards.
     """
     def build() -> TrainState:
-        return init_state(init_params(cfg), tx, seed)
+        return init_state(init_params(cfg), tx, seed, init_aux())
 
     return jax.jit(build, out_shardings=shardings)()
 
@@ -88,29 +108,49 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
     return optax.chain(*parts), schedule
 
 
-def init_state(params: Params, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: Params, tx: optax.GradientTransformation, seed: int,
+               aux: Params | None = None) -> TrainState:
+    aux = aux or {}
     return TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trainable(params, aux)),
         rng=jax.random.key_data(jax.random.key(seed)),
-        nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_term=jnp.full((), -1, jnp.int32))
+        nonfinite_step=jnp.full((), -1, jnp.int32), nonfinite_term=jnp.full((), -1, jnp.int32),
+        aux=aux)
 
 
 def make_loss_fn(student: PureModel, teacher: Teacher | None, loss_cfg: LossConfig,
-                 valid_vocab: int, logits_sharding: Any = None) -> Callable:
+                 valid_vocab: int, logits_sharding: Any = None,
+                 whitebox: WhiteBox | None = None) -> Callable:
     """loss_fn(params, teacher_params, batch, num_valid_tokens) -> (loss, metric sums).
 
-    `logits_sharding` pins the student's [batch, tokens, vocab] logits to a sharding (None:
-    left to XLA's propagation); the teacher pins its own.
+    `params` is the `trainable` tree. `logits_sharding` pins the student's [batch, tokens,
+    vocab] logits to a sharding (None: left to XLA's propagation); the teacher pins its own.
+    `whitebox` adds its terms, the teacher (online) giving its layers from the same pass.
     """
 
     activations = activation_sharding(logits_sharding)
+    with_aux = whitebox is not None and bool(whitebox.hidden_pairs)
 
     def loss_fn(params, teacher_params, batch, num_valid_tokens):
-        outputs = student.apply(params, batch, activation_sharding=activations)
-        soft_targets = None if teacher is None else teacher.soft_targets(teacher_params, batch)
-        return objective(outputs, soft_targets, batch["labels"], batch["loss_mask"],
-                         config=loss_cfg, num_valid_tokens=num_valid_tokens,
-                         valid_vocab=valid_vocab, logits_sharding=logits_sharding)
+        params, aux = split_trainable(params, with_aux)
+        if whitebox is None:
+            outputs = student.apply(params, batch, activation_sharding=activations)
+            soft_targets = None if teacher is None else teacher.soft_targets(teacher_params,
+                                                                             batch)
+        else:
+            outputs = student.apply(params, batch, activation_sharding=activations,
+                                    **whitebox.request(0))
+            soft_targets, teacher_outputs = teacher.soft_targets_and_outputs(
+                teacher_params, batch, whitebox.request(1))
+        loss, metrics = objective(outputs, soft_targets, batch["labels"], batch["loss_mask"],
+                                  config=loss_cfg, num_valid_tokens=num_valid_tokens,
+                                  valid_vocab=valid_vocab, logits_sharding=logits_sharding)
+        if whitebox is None:
+            return loss, metrics
+        extra_loss, extra = whitebox.loss(aux, outputs, teacher_outputs, batch["loss_mask"],
+                                          num_valid_tokens)
+        return loss + extra_loss, {**metrics, **extra,
+                                   "loss_sum": metrics["loss_sum"] + extra["loss_sum"]}
 
     return loss_fn
 
@@ -148,16 +188,20 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
 
 def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, loss_cfg: LossConfig, microbatches: int,
-                valid_vocab: int, logits_sharding: Any = None) -> Callable:
+                valid_vocab: int, logits_sharding: Any = None,
+                whitebox: WhiteBox | None = None) -> Callable:
     """Build `update(state, teacher_params, batch) -> (state, metrics)`; jit it with donation.
 
-    `teacher` None trains on the labels alone.
+    `teacher` None trains on the labels alone; `whitebox` adds its terms (the state's `aux`
+    then holds their projections).
     """
-    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_sharding)
+    loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_sharding, whitebox)
+    with_aux = whitebox is not None and bool(whitebox.hidden_pairs)
 
     def update(state: TrainState, teacher_params: Params, batch: Batch):
+        current = trainable(state.params, state.aux)
         grads, metrics = accumulate_gradients(
-            loss_fn, state.params, teacher_params, batch, microbatches)
+            loss_fn, current, teacher_params, batch, microbatches)
         grad_norm = optax.tree.norm(grads)
         loss_finite = jnp.isfinite(metrics["loss_sum"])
         grads_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
@@ -165,8 +209,8 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
         # The loss first (a non-finite loss makes every gradient so), else the first gradient.
         term = jnp.where(loss_finite, jnp.argmin(grads_finite) + 1, 0).astype(jnp.int32)
         first_bad = (state.nonfinite_step < 0) & ~finite
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, current)
+        params, aux = split_trainable(optax.apply_updates(current, updates), with_aux)
         # A non-finite step leaves the state as it was: what gets checkpointed is always finite.
         keep = lambda new, old: jax.tree.map(  # noqa: E731
             lambda n, o: jnp.where(finite, n, o), new, old)
@@ -174,6 +218,7 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
         new_state = state.replace(
             step=step,
             params=keep(params, state.params),
+            aux=keep(aux, state.aux),
             opt_state=keep(opt_state, state.opt_state),
             rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)),
             nonfinite_step=jnp.where(first_bad, step, state.nonfinite_step),
