@@ -27,6 +27,7 @@ import numpy as np
 
 from kd_jax.checkpoint import placed
 from kd_jax.config import Config, ConfigError
+from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models.pure import abstract_model, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement
@@ -58,7 +59,7 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     student, abstract = abstract_model(cfg.model)
     param_shardings = mesh_lib.param_shardings(logical_axes(student.template), student_rules,
                                                mesh, abstract)
-    teacher, teacher_params = None, None
+    teacher, teacher_params, whitebox = None, None, None
     if cfg.teacher.source in ("checkpoint", "hf"):
         teacher_cfg = dataclasses.replace(teacher_model_config(cfg), dtype=cfg.teacher.dtype,
                                           param_dtype=cfg.teacher.dtype)
@@ -68,8 +69,10 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
                                            "mesh.teacher_rules")
         teacher = OnlineTeacher(model, mesh_lib.logits_sharding(
             mesh, teacher_rules, teacher_cfg.vocab_size))
+        whitebox = WhiteBox.of(cfg.loss, cfg.model, teacher_cfg)
     tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0), abstract)
+    aux = whitebox.init_aux if whitebox is not None else dict  # white-box projections
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0, aux()), abstract)
     state_shardings = mesh_lib.tree_shardings(abstract_state, abstract, param_shardings, mesh)
     placement = BatchPlacement.on(mesh, cfg.train.batch_size)
     local = {key: np.zeros((len(placement.positions), cfg.data.seq_len), np.int32)
@@ -77,7 +80,7 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     batch = placement.abstract(local)
     update = step_lib.make_update(
         student, teacher, tx, schedule, cfg.loss, cfg.train.microbatches, cfg.model.vocab_size,
-        mesh_lib.logits_sharding(mesh, student_rules, cfg.model.vocab_size))
+        mesh_lib.logits_sharding(mesh, student_rules, cfg.model.vocab_size), whitebox)
     jitted = jax.jit(update, donate_argnums=(0,), in_shardings=(
         state_shardings, jax.tree.map(lambda p: p.sharding, teacher_params),
         placement.sharding), out_shardings=(state_shardings, mesh_lib.replicated(mesh)))

@@ -92,8 +92,10 @@ model: {{init: hf, path: {tmp_path / 'student'}}}
 data: {{seq_len: 256}}
 train: {{batch_size: 4}}
 """)
+    # With white-box terms too: a projection between the two widths, each model's attention.
     code, output = plan(config, "--devices", "4", "mesh.data=1", "mesh.fsdp=4",
-                        "mesh.student_layout=fsdp", "mesh.teacher_layout=fsdp")
+                        "mesh.student_layout=fsdp", "mesh.teacher_layout=fsdp",
+                        "loss.hidden_weight=1", "loss.attention_weight=1")
     assert code == 0, output
     teacher_params = 1024 * 128 * 2 + 3 * (128 * 4 * 32 + 2 * 128 * 2 * 32 + 4 * 32 * 128
                                            + 3 * 128 * 128 + 2 * 128) + 128
