@@ -5,6 +5,7 @@ alone; a run without them checkpoints what it always did."""
 import json
 
 import numpy as np
+import orbax.checkpoint as ocp
 from safetensors.numpy import load_file
 
 from kd_jax import checkpoint, cli
@@ -30,8 +31,6 @@ def test_a_whitebox_run_trains_resumes_with_its_projection_and_exports_the_stude
 
     # The checkpoint holds the projections; resuming restores exactly what was saved (and
     # trained: not the initial map).
-    import orbax.checkpoint as ocp
-
     saved = ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / "2" / "aux")
     built = builder.build(config_lib.load(config, WHITEBOX), "distill")
     checkpointer = checkpoint.Checkpointer(run_dir, 2)
@@ -43,8 +42,10 @@ def test_a_whitebox_run_trains_resumes_with_its_projection_and_exports_the_stude
     np.testing.assert_array_equal(np.asarray(state.aux["projection"]), saved["projection"])
     assert not np.array_equal(saved["projection"], np.asarray(built.init_aux()["projection"]))
 
-    assert cli.main(["distill", str(config), *WHITEBOX]) == 0  # resumed: steps 3 and 4
-    assert json.loads((run_dir / "report.json").read_text())["steps"] == 4
+    # The run resumed by the loop trains on from it (step 3, checkpointed with its projection).
+    assert cli.main(["distill", str(config), *WHITEBOX, "train.stop_at=3"]) == 0
+    assert checkpoint.latest_step(run_dir) == 3
+    assert (run_dir / "checkpoints" / "3" / "aux").is_dir()
     assert cli.main(["export", str(run_dir), str(tmp_path / "out")]) == 0
     exported = [load_file(path) for path in (tmp_path / "out").glob("*.safetensors")]
     student_params = json.loads((run_dir / "run.json").read_text())["student_params"]
