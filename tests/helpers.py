@@ -150,14 +150,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cli_env(devices: int) -> dict[str, str]:
-    """The environment of a subprocess with `devices` host-platform CPU devices."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu"}
+def cli_env(devices: int, fast_compile: bool = False) -> dict[str, str]:
+    """The environment of a subprocess with `devices` host-platform CPU devices; with
+    `fast_compile`, XLA's backend optimizations off (about half the compile time), for runs
+    compared only with runs made the same way."""
+    flags = f"--xla_force_host_platform_device_count={devices}"
+    if fast_compile:
+        flags += " --xla_backend_optimization_level=0"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
 
 
-def start_two_processes(command: str, config: Path, overrides: list[str]
-                        ) -> list[subprocess.Popen]:
+def start_two_processes(command: str, config: Path, overrides: list[str],
+                        fast_compile: bool = False) -> list[subprocess.Popen]:
     """`kd-jax COMMAND CONFIG` as one job of 2 processes with 4 CPU devices each, on MESH."""
     port = free_port()
     return [
@@ -166,5 +170,6 @@ def start_two_processes(command: str, config: Path, overrides: list[str]
              "distributed.enabled=true", f"distributed.coordinator=127.0.0.1:{port}",
              "distributed.num_processes=2", f"distributed.process_id={index}",
              "distributed.timeout_s=120"],
-            env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            env=cli_env(4, fast_compile), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True)
         for index in range(2)]

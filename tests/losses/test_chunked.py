@@ -184,7 +184,7 @@ def test_a_vocabulary_split_over_tensor_2_and_4_of_8_devices(tmp_path):
 
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "chunked_sharded_worker.py"), str(tmp_path)],
-        env=cli_env(8), capture_output=True, text=True, timeout=600)
+        env=cli_env(8, fast_compile=True), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     for tensor in ("2", "4"):

@@ -27,7 +27,8 @@ def worker(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharding")
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "sharding_worker.py"), str(out)],
-        env=cli_env(8), capture_output=True, text=True, timeout=600)
+        # It compares sharded steps with one device's, both compiled in it.
+        env=cli_env(8, fast_compile=True), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
     with np.load(out / "params.npz") as params:

@@ -52,7 +52,8 @@ def communicate_all(processes: list[subprocess.Popen]) -> list[str]:
 
 def run_two_processes(config: Path, overrides: list[str]) -> list[str]:
     """Run `kd-jax distill` in 2 processes of 4 devices; returns each process's output."""
-    processes = start_two_processes("distill", config, overrides)
+    # Compared only with one process run the same way (fast_compile: half the compile time).
+    processes = start_two_processes("distill", config, overrides, fast_compile=True)
     outputs = communicate_all(processes)
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-4000:]
@@ -77,7 +78,7 @@ def runs(teacher_run, tmp_path_factory):
     one = subprocess.run(
         [sys.executable, "-m", "kd_jax.cli", "distill", str(config), *MESH,
          f"train.run_dir={root / 'one'}"],
-        env=cli_env(8), capture_output=True, text=True, timeout=TIMEOUT_S)
+        env=cli_env(8, fast_compile=True), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-4000:]
 
     multi, store = root / "multi", f"data.store={root / 'store'}"
@@ -134,13 +135,14 @@ def test_each_process_reads_only_its_rows_of_the_store(runs):
          "distributed.enabled=true", f"distributed.coordinator=127.0.0.1:{port}",
          "distributed.num_processes=2", f"distributed.process_id={index}",
          "distributed.timeout_s=120"],
-        env=cli_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=cli_env(4, fast_compile=True), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
         for index in range(2)]
     reports = [json.loads(output.strip().splitlines()[-1])
                for output in communicate_all(workers)]
     one = subprocess.run([sys.executable, str(STORE_READS_WORKER), str(config), str(steps),
-                          *overrides], env=cli_env(8), capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+                          *overrides], env=cli_env(8, fast_compile=True),
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-4000:]
     whole = json.loads(one.stdout.strip().splitlines()[-1])
 
