@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {result['out_dir']}: step {result['step']}, {result['dtype']}, "
                   f"{', '.join(result['files'])}")
         elif args.command == "report":
-            from kd_jax.eval.compare import compare_runs
+            from kd_jax.compare import compare_runs
 
             png, md = compare_runs(args.run_dirs, args.out)
             print(f"wrote {png} and {md}")

@@ -9,7 +9,7 @@ byte by byte. Three runs share the data order, the schedule and the number of st
 3. the same student trained on hard labels only (the baseline).
 
 The table compares them on held-out bytes, with `xz -9` (Python's lzma) on the same held-out
-text as a reference line; report.png and report.md (`kd_jax.eval.compare`) show the students'
+text as a reference line; report.png and report.md (`kd_jax.compare`) show the students'
 curves against the teacher and the retention table. Runs resume: rerunning the demo in the same
 directory finishes it.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax import config as config_lib
-from kd_jax.eval.compare import compare_runs
+from kd_jax.compare import compare_runs
 from kd_jax.eval.evaluate import heldout_bytes
 from kd_jax.eval.report import format_table
 from kd_jax.train.builder import load_data

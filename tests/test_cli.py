@@ -55,7 +55,7 @@ def test_demo_quick_writes_the_report(tmp_path, monkeypatch, capsys):
     # report.png and report.md beside report.json: the students' curves, the retention table.
     import matplotlib.image
 
-    from kd_jax.eval.compare import FIGURE_DPI, FIGURE_INCHES
+    from kd_jax.compare import FIGURE_DPI, FIGURE_INCHES
 
     demo_dir = tmp_path / "kd_jax_demo"
     width, height = (round(inches * FIGURE_DPI) for inches in FIGURE_INCHES)

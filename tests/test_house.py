@@ -35,8 +35,9 @@ ALLOWED = {
     "train": {"config", "checks", "data", "models", "losses", "parallel", "cache", "teacher",
               "eval", "checkpoint", "run_dir"},
     "export": {"config", "checks", "models", "eval", "checkpoint", "run_dir"},
-    "demo": {"config", "eval", "train"},
-    "cli": {"config", "cache", "data", "eval", "train", "demo", "export"},
+    "compare": {"config", "run_dir"},
+    "demo": {"config", "eval", "train", "compare"},
+    "cli": {"config", "cache", "data", "eval", "train", "demo", "export", "compare"},
 }
 # The core runs on a bare accelerator image: these import only jax, flax, optax, numpy, the
 # standard library, and other core modules.

@@ -1,4 +1,4 @@
-"""kd_jax.eval.compare (`kd-jax report`): roles, the retention table's numbers and the figure,
+"""kd_jax.compare (`kd-jax report`): roles, the retention table's numbers and the figure,
 from run directories written the way the loop writes them (run_dir's writers, build_report)."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 
 from kd_jax import config as config_lib
 from kd_jax import run_dir as run_dir_lib
-from kd_jax.eval.compare import FIGURE_DPI, FIGURE_INCHES, Run, assign_roles, compare_runs
+from kd_jax.compare import FIGURE_DPI, FIGURE_INCHES, Run, assign_roles, compare_runs
 from kd_jax.eval.report import build_report
 
 TEACHER = {"tokens": 900.0, "nll": 1.4, "bits_per_token": 2.0198, "bits_per_byte": 1.9583,

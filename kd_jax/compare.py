@@ -15,7 +15,7 @@ else, for a path relative to another working directory, the teacher size that ru
 recorded) is the teacher. Another `train` run is a hard-label baseline when it has a distilled
 student's size or names the teacher itself (the demo's does, to report agreement); any other
 run is a `model`. The numbers are each run's report.json (its final evaluation) and its
-metrics.jsonl, read here as the files they are.
+metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from kd_jax import run_dir as run_dir_lib
 from kd_jax.config import ConfigError
 
 FIGURE_INCHES, FIGURE_DPI = (8.0, 4.5), 100  # report.png: 800 x 450 pixels
@@ -81,8 +82,11 @@ def read_run(path: Path) -> Run:
 
     if not path.exists():
         raise ConfigError(f"{path}: no such run directory")
-    if not (path / "config.yaml").is_file() or not (path / "run.json").is_file():
-        raise ConfigError(f"{path} is not a kd-jax run directory (no config.yaml/run.json)")
+    try:
+        cfg, info = run_dir_lib.read_run(path)
+        report = run_dir_lib.read_report(path)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:  # a config error names itself
+        raise ConfigError(f"{path}: its run files cannot be read ({type(err).__name__})") from None
     records = []
     if (path / "metrics.jsonl").is_file():
         for line in (path / "metrics.jsonl").read_text().splitlines():
@@ -92,17 +96,9 @@ def read_run(path: Path) -> Run:
                 continue
     if not records:
         raise ConfigError(f"{path} has no metrics yet (metrics.jsonl is missing or empty)")
-    try:
-        info = json.loads((path / "run.json").read_text())
-        teacher = (yaml.safe_load((path / "config.yaml").read_text()) or {}).get("teacher") or {}
-        report = (json.loads((path / "report.json").read_text())
-                  if (path / "report.json").is_file() else None)
-    except (ValueError, yaml.YAMLError, AttributeError) as err:
-        raise ConfigError(f"{path}: its run files cannot be read ({type(err).__name__})") from None
     return Run(path=path, mode=info.get("mode", "train"), params=info.get("student_params"),
-               teacher_path=teacher.get("path", "") if teacher.get("source") == "checkpoint"
-               else "", teacher_params=info.get("teacher_params"), records=records,
-               report=report)
+               teacher_path=cfg.teacher.path if cfg.teacher.source == "checkpoint" else "",
+               teacher_params=info.get("teacher_params"), records=records, report=report)
 
 
 def assign_roles(runs: Sequence[Run]) -> None:
