@@ -108,6 +108,17 @@ CASES = {
     "generate top_p out of range": ["generate", "{config}", "generate.top_p=1.5"],
     "generate with a negative temperature": ["generate", "{config}",
         "generate.temperature=-0.5"],
+    "on-policy in a train run": ["train", "{config}", "teacher.source=checkpoint",
+        "teacher.path={teacher}", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=16"],
+    "on-policy from a cache": ["distill", "{config}", "teacher.source=cache",
+        "cache.dir={cache}", "onpolicy.fraction=0.5"],
+    "on-policy answers as long as a row": ["distill", "{config}", "teacher.source=checkpoint",
+        "teacher.path={teacher}", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=32"],
+    "on-policy fraction of no row": ["distill", "{config}", "teacher.source=checkpoint",
+        "teacher.path={teacher}", "onpolicy.fraction=0.05", "onpolicy.max_new_tokens=16"],
+    "on-policy stop that is no token": ["distill", "{config}", "teacher.source=checkpoint",
+        "teacher.path={teacher}", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=16",
+        "onpolicy.stop=[ab]"],
 }
 
 

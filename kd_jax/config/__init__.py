@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from pathlib import Path
 from typing import Any, Literal
-
-from kd_jax.checks import closest
 
 DType = Literal["float32", "bfloat16"]
 TeacherDType = Literal["auto", "float32", "bfloat16"]
@@ -300,6 +297,28 @@ class GenerateConfig:
 
 
 @dataclasses.dataclass
+class OnPolicyConfig:
+    """On-policy distillation (GKD, Agarwal et al. 2024): in every step of `kd-jax distill`, a
+    fraction of the batch's rows keep only their prompt, the student answers it by sampling
+    inside the step, and the online teacher scores the answer; the loss (loss.divergence: GKD
+    uses jsd with loss.beta) covers the student's own tokens on those rows, and the rest of the
+    batch is trained on as usual (`kd_jax.train.onpolicy`)."""
+
+    fraction: float = 0.0  # lambda: the share of each batch's rows answered by the student
+    # A row's prompt: a prompt/response row's untrained prompt, whole; a row trained from its
+    # first token (plain text) gives its first prompt_tokens tokens
+    prompt_tokens: int = 32
+    # Tokens sampled per answer; a prompt keeps at most data.seq_len - max_new_tokens tokens
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy; GKD samples at 1
+    top_k: int = 0  # 0: all
+    top_p: float = 1.0  # in (0, 1]; 1: all
+    # Tokens that end an answer (trained on, as the teacher scores them): ids or one-token
+    # strings; empty: the tokenizer's end-of-sequence token, if it has one
+    stop: list[int | str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
@@ -311,6 +330,7 @@ class Config:
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
+    onpolicy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
 
 
 def section_types(section_cls: type) -> dict[str, type]:
@@ -318,82 +338,7 @@ def section_types(section_cls: type) -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
-def _set(config: Config, section: str, key: str, value: Any) -> None:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    if section not in sections:
-        raise ConfigError(f"unknown config section '{section}'{closest(section, sections)}")
-    target = getattr(config, section)
-    types = section_types(type(target))
-    if key not in types:
-        valid = [f"{section}.{k}" for k in types]
-        raise ConfigError(
-            f"unknown config key '{section}.{key}'{closest(f'{section}.{key}', valid)}")
-    setattr(target, key, coerce(value, types[key], f"{section}.{key}"))
-
-
-def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
-    config = base if base is not None else Config()
-    if not isinstance(raw, dict):
-        raise ConfigError("a config file must be a mapping of sections")
-    for section, values in raw.items():
-        if values is None:
-            continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
-        for key, value in values.items():
-            _set(config, str(section), str(key), value)
-    return config
-
-
-def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Apply `section.key=value` strings; values are parsed as YAML scalars, then typed."""
-    import yaml  # here, not at the top: the core (step, model) imports this module's types
-
-    for item in overrides:
-        name, sep, text = item.partition("=")
-        section, dot, key = name.strip().partition(".")
-        if not sep or not dot or not key:
-            raise ConfigError(f"override '{item}' is not of the form section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        _set(config, section, key, value)
-    return config
-
-
-def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML experiment file (or start from defaults), apply overrides, and validate."""
-    import yaml
-
-    config = Config()
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a text file (not UTF-8)") from None
-        except OSError as err:
-            raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config is a mapping of sections (model:, data:, "
-                              f"...), got a {type(raw).__name__}")
-        from_dict(raw, config)
-    apply_overrides(config, overrides)
-    validate(config)
-    return config
-
-
-def dump(config: Config, path: str | Path) -> None:
-    import yaml
-
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-
-
-# Below the sections they convert and check values of (they import them from here).
-from kd_jax.config.coercion import coerce  # noqa: E402
-from kd_jax.config.validation import check as validate  # noqa: E402
+# Below the sections they convert, check and read (they import them from here).
+from kd_jax.config.coercion import coerce  # noqa: E402, F401
+from kd_jax.config.files import apply_overrides, dump, from_dict, load  # noqa: E402, F401
+from kd_jax.config.validation import check as validate  # noqa: E402, F401

@@ -18,7 +18,8 @@ _NOT_NEGATIVE = ("model.head_dim", "model.init_std", "model.seed", "model.slidin
                  "train.seed", "train.eval_every", "train.eval_sequences", "train.stop_at",
                  "cache.seed", "cache.batch_size", "distributed.num_processes",
                  "generate.temperature", "generate.top_k", "generate.seed",
-                 "loss.hidden_weight", "loss.attention_weight")
+                 "loss.hidden_weight", "loss.attention_weight", "onpolicy.temperature",
+                 "onpolicy.top_k")
 # Attention transfer builds the chosen layers' [batch, heads, tokens, tokens] probabilities
 # densely (kd_jax.losses.whitebox): 2,048 tokens are 16 MiB a head and row in float32.
 ATTENTION_TRANSFER_TOKENS = 2048
@@ -133,6 +134,7 @@ def check(config: Config) -> None:
     if config.cache.batch_size < 0:
         raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
     _check_generate(config)
+    _check_onpolicy(config)
 
 
 def check_architecture(m: ModelConfig) -> None:
@@ -206,11 +208,37 @@ def _check_whitebox(config: Config) -> None:
 
 
 def _check_generate(config: Config) -> None:
-    g = config.generate
-    if not 0.0 < g.top_p <= 1.0:
-        raise ConfigError(f"generate.top_p must be in (0, 1], got {g.top_p}")
-    for token in g.stop:
+    _check_sampling("generate", config.generate.top_p, config.generate.stop)
+
+
+def _check_sampling(section: str, top_p: float, stop: list) -> None:
+    if not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"{section}.top_p must be in (0, 1], got {top_p}")
+    for token in stop:
         if isinstance(token, int) and token < 0:
-            raise ConfigError(f"generate.stop: token ids are >= 0, got {token}")
+            raise ConfigError(f"{section}.stop: token ids are >= 0, got {token}")
         if token == "":
-            raise ConfigError("generate.stop: an empty string is no token")
+            raise ConfigError(f"{section}.stop: an empty string is no token")
+
+
+def _check_onpolicy(config: Config) -> None:
+    o = config.onpolicy
+    if not 0.0 <= o.fraction <= 1.0:
+        raise ConfigError(f"onpolicy.fraction must be in [0, 1], got {o.fraction}")
+    for name in ("prompt_tokens", "max_new_tokens"):
+        if getattr(o, name) < 1:
+            raise ConfigError(f"onpolicy.{name} must be >= 1, got {getattr(o, name)}")
+    _check_sampling("onpolicy", o.top_p, o.stop)
+    if o.fraction == 0:
+        return
+    if config.teacher.source not in ("checkpoint", "hf"):
+        raise ConfigError("onpolicy.fraction needs a teacher that scores the student's answers "
+                          "as they are sampled: teacher.source checkpoint or hf (a cache holds "
+                          "the teacher's view of fixed rows only)")
+    if o.max_new_tokens >= config.data.seq_len:
+        raise ConfigError(f"onpolicy.max_new_tokens ({o.max_new_tokens}) leaves no room for a "
+                          f"prompt in a row of data.seq_len ({config.data.seq_len}) tokens")
+    answered = round(o.fraction * config.train.batch_size)
+    if answered == 0:
+        raise ConfigError(f"onpolicy.fraction {o.fraction} of train.batch_size "
+                          f"({config.train.batch_size}) rows is no row; raise one of them")

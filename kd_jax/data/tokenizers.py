@@ -241,3 +241,38 @@ def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(
             f"data.tokenizer: '{path}' is not a valid tokenizer.json ({first_line})") from None
+
+
+def stop_token_ids(stop: list[int | str], tokenizer: Tokenizer, name: str) -> np.ndarray:
+    """int32 ids of the config key `name` (token ids or one-token strings), or the tokenizer's
+    end-of-sequence token when empty; [-1] for none."""
+    ids = []
+    for token in stop or [end_of_sequence(tokenizer)]:
+        if token is None:
+            continue
+        if isinstance(token, str):
+            token_id = tokenizer.token_id(token) if isinstance(tokenizer, HFTokenizer) else None
+            token_id = tokenizer.ids_by_bytes().get(token.encode("utf-8"), token_id) \
+                if token_id is None else token_id
+            if token_id is None:
+                raise ConfigError(f"{name}: {token!r} is not one token of "
+                                  f"{tokenizer.description}: give its id")
+            token = token_id
+        if token >= tokenizer.vocab_size:
+            raise ConfigError(f"{name}: token id {token} is not below the vocabulary "
+                              f"size ({tokenizer.vocab_size})")
+        ids.append(token)
+    return np.asarray(ids or [-1], dtype=np.int32)
+
+
+def end_of_sequence(tokenizer: Tokenizer) -> str | None:
+    """The eos_token of the tokenizer_config.json beside a tokenizer.json, if there is one."""
+    if not isinstance(tokenizer, HFTokenizer):
+        return None
+    path = tokenizer.path.parent / "tokenizer_config.json"
+    try:
+        token = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    token = token.get("content") if isinstance(token, dict) else token
+    return token if isinstance(token, str) and tokenizer.token_id(token) is not None else None

@@ -204,3 +204,11 @@ def batch_sharding(mesh: Mesh, batch_size: int | None = None,
                 f"{what} ({batch_size}) is not divisible by mesh data x fsdp "
                 f"({mesh.shape['data']} x {mesh.shape['fsdp']} = {ways})")
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def kv_cache_sharding(mesh: Mesh, rules: str | dict, n_kv_heads: int) -> NamedSharding:
+    """The key/value cache [layers, batch, slots, kv_heads, head_dim]: the batch over
+    data x fsdp like the activations, the kv heads as the parameters' table splits them."""
+    kv_spec = partition_spec(("kv_heads",), (n_kv_heads,), rules, mesh,
+                             name="the key/value cache")
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None, *kv_spec))

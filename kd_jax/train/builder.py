@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 
 from kd_jax import checkpoint
 from kd_jax.cache.api_import import load_rows
@@ -27,7 +28,7 @@ from kd_jax.data.packing import Rows, pack
 from kd_jax.data.prepare import prepare
 from kd_jax.data.sources import load_documents
 from kd_jax.data.store import is_prepared, open_store
-from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
+from kd_jax.data.tokenizers import Tokenizer, load_tokenizer, stop_token_ids
 from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models import surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
@@ -48,6 +49,7 @@ from kd_jax.teacher.loading import (
 )
 from kd_jax.teacher.online import OnlineTeacher
 from kd_jax.train import step as step_lib
+from kd_jax.train.onpolicy import OnPolicy, answered_rows
 from kd_jax.train.resolve import resolve, tokenizer_spec
 
 MODES = ("train", "distill", "eval", "precompute")
@@ -81,6 +83,7 @@ class Run:
     state_shardings: Any = None
     batches: Batches | None = None  # which packed rows make each step's batch
     whitebox: WhiteBox | None = None  # white-box terms (distill from an online teacher)
+    onpolicy: OnPolicy | None = None  # rows the student answers (distill, online teacher)
 
     @property
     def valid_vocab(self) -> int:
@@ -117,7 +120,8 @@ class Run:
         """The jitted step: `update(state, teacher_params, batch) -> (state, metrics)`."""
         update = step_lib.make_update(
             self.student, self.teacher, self.tx, self.schedule, self.cfg.loss,
-            self.cfg.train.microbatches, self.valid_vocab, self.logits_sharding, self.whitebox)
+            self.cfg.train.microbatches, self.valid_vocab, self.logits_sharding, self.whitebox,
+            self.onpolicy)
         teacher_params = self.teacher_params
         # The state is donated: its buffers are reused for the next state (no second copy).
         return jax.jit(update, donate_argnums=(0,), in_shardings=(
@@ -226,6 +230,7 @@ def build(cfg: Config, mode: str) -> Run:
         return run
     if isinstance(teacher, OnlineTeacher):
         run.whitebox = WhiteBox.of(cfg.loss, cfg.model, loaded.config, cfg.model.seed)
+        run.onpolicy = _onpolicy(cfg, mesh, student_rules, data.tokenizer)
     run.tx, run.schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     # The projections, unknown to the student's table, are replicated (tree_shardings).
     run.abstract_state = jax.eval_shape(
@@ -244,8 +249,28 @@ def _check_mode(cfg: Config, mode: str) -> None:
     if mode == "precompute" and cfg.teacher.source not in ("checkpoint", "hf"):
         raise ConfigError("kd-jax precompute needs teacher.source checkpoint or hf, and "
                           f"teacher.path (got teacher.source={cfg.teacher.source})")
+    if cfg.onpolicy.fraction > 0 and mode == "train":
+        raise ConfigError("onpolicy.fraction applies to kd-jax distill (the student answers, "
+                          "the teacher scores), not to kd-jax train")
     if mode == "precompute" and not cfg.cache.dir:
         raise ConfigError("kd-jax precompute needs cache.dir, where the cache is written")
+
+
+def _onpolicy(cfg: Config, mesh: Any, rules: dict, tokenizer: Tokenizer) -> OnPolicy | None:
+    """The step's on-policy part: its sampler placed like the training batch where the
+    answered rows split evenly over data x fsdp (otherwise left to XLA)."""
+    o = cfg.onpolicy
+    if o.fraction == 0:
+        return None
+    stop_ids = stop_token_ids(o.stop, tokenizer, "onpolicy.stop")
+    rows = len(answered_rows(cfg.train.batch_size, o.fraction))
+    placed = {}
+    if mesh.size > 1 and rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:
+        placed = {"cache_sharding": mesh_lib.kv_cache_sharding(mesh, rules,
+                                                               cfg.model.n_kv_heads),
+                  "activation_sharding": NamedSharding(mesh, PartitionSpec(mesh_lib.BATCH_AXES))}
+    return OnPolicy.of(o, cfg.model, cfg.train.batch_size, cfg.data.seq_len,
+                       tokenizer.vocab_size, stop_ids, **placed)
 
 
 def load_data(cfg: Config) -> RunData:

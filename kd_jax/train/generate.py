@@ -32,7 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from kd_jax import checkpoint
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.data.sources import iter_documents
-from kd_jax.data.tokenizers import HFTokenizer, Tokenizer, load_tokenizer
+from kd_jax.data.tokenizers import Tokenizer, load_tokenizer, stop_token_ids
 from kd_jax.models import generate as sampler_lib
 from kd_jax.models.pure import abstract_model, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
@@ -57,16 +57,9 @@ class Generator:
             return sampler_lib.make_sampler(self.config, max_new_tokens, vocab)
         return sampler_lib.make_sampler(
             self.config, max_new_tokens, vocab,
-            cache_sharding=cache_sharding(self.mesh, self.rules, self.config.n_kv_heads),
+            cache_sharding=mesh_lib.kv_cache_sharding(self.mesh, self.rules,
+                                                      self.config.n_kv_heads),
             activation_sharding=NamedSharding(self.mesh, PartitionSpec(mesh_lib.BATCH_AXES)))
-
-
-def cache_sharding(mesh: Any, rules: dict, n_kv_heads: int) -> NamedSharding:
-    """The key/value cache [layers, batch, slots, kv_heads, head_dim]: the batch over
-    data x fsdp like the activations, the kv heads as the parameters' table splits them."""
-    kv_spec = mesh_lib.partition_spec(("kv_heads",), (n_kv_heads,), rules, mesh,
-                                      name="the key/value cache")
-    return NamedSharding(mesh, PartitionSpec(None, mesh_lib.BATCH_AXES, None, *kv_spec))
 
 
 def generate(cfg: Config, log=print) -> dict[str, Any]:
@@ -87,7 +80,7 @@ def generate(cfg: Config, log=print) -> dict[str, Any]:
         raise ConfigError(f"prompt {longest} has {width} tokens: with generate.max_new_tokens "
                           f"({g.max_new_tokens}) that exceeds the model's max_seq_len "
                           f"({generator.config.max_seq_len})")
-    stop_ids = stop_token_ids(g.stop, tokenizer)
+    stop_ids = stop_token_ids(g.stop, tokenizer, "generate.stop")
     sampling = sampler_lib.Sampling(g.temperature, g.top_k, g.top_p)
     sample = generator.sampler(g.max_new_tokens)
     log(f"generating {len(prompts)} responses of up to {g.max_new_tokens} tokens with the "
@@ -238,38 +231,3 @@ def encode_prompts(prompts: list[str], tokenizer: Tokenizer, add_bos: bool
         if not len(ids):
             raise ConfigError(f"prompt {row} is empty: no token to continue from")
     return encoded
-
-
-def stop_token_ids(stop: list[int | str], tokenizer: Tokenizer) -> np.ndarray:
-    """int32 ids of `generate.stop` (token ids or one-token strings), or the tokenizer's
-    end-of-sequence token when empty; [-1] for none."""
-    ids = []
-    for token in stop or [end_of_sequence(tokenizer)]:
-        if token is None:
-            continue
-        if isinstance(token, str):
-            token_id = tokenizer.token_id(token) if isinstance(tokenizer, HFTokenizer) else None
-            token_id = tokenizer.ids_by_bytes().get(token.encode("utf-8"), token_id) \
-                if token_id is None else token_id
-            if token_id is None:
-                raise ConfigError(f"generate.stop: {token!r} is not one token of "
-                                  f"{tokenizer.description}: give its id")
-            token = token_id
-        if token >= tokenizer.vocab_size:
-            raise ConfigError(f"generate.stop: token id {token} is not below the vocabulary "
-                              f"size ({tokenizer.vocab_size})")
-        ids.append(token)
-    return np.asarray(ids or [-1], dtype=np.int32)
-
-
-def end_of_sequence(tokenizer: Tokenizer) -> str | None:
-    """The eos_token of the tokenizer_config.json beside a tokenizer.json, if there is one."""
-    if not isinstance(tokenizer, HFTokenizer):
-        return None
-    path = tokenizer.path.parent / "tokenizer_config.json"
-    try:
-        token = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
-    except (OSError, ValueError, AttributeError):
-        return None
-    token = token.get("content") if isinstance(token, dict) else token
-    return token if isinstance(token, str) and tokenizer.token_id(token) is not None else None

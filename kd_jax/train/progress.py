@@ -69,6 +69,8 @@ def log_record(step: int, fetched: list[dict], tokens_per_second: float) -> dict
     for key in ("kd", "ce", "hidden", "attention"):
         if f"{key}_sum" in totals:
             record[key] = totals[f"{key}_sum"] / tokens
+    if "answers" in totals:  # on-policy: the student's answers' mean length, in tokens
+        record["answer_tokens"] = totals["answer_tokens"] / max(totals["answers"], 1.0)
     if "skipped" in totals:  # steps not applied: a non-finite loss or gradient
         record["skipped"] = int(totals["skipped"])
     record["grad_norm"] = float(fetched[-1]["grad_norm"])

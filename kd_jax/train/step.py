@@ -14,6 +14,10 @@ each microbatch (never one full-batch teacher pass), and every microbatch's loss
 the number of valid tokens of the *whole* batch, so the summed gradients equal those of one big
 batch.
 
+With on-policy distillation (`kd_jax.train.onpolicy`) some rows of the batch are first replaced
+by the student's own answers to their prompts, sampled with the state's parameters and key;
+everything after sees the mixed batch.
+
 With white-box losses (`kd_jax.losses.whitebox`) the teacher's layers come from the same teacher
 pass as its targets, and the state's `aux` holds their projections: the optimizer updates them
 with the student's parameters (`trainable`), one clipping norm over both; without, `aux` is
@@ -41,6 +45,7 @@ from kd_jax.losses.soft_targets import SoftTargets
 from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models.pure import Batch, Params, PureModel, init_params
 from kd_jax.parallel.mesh import activation_sharding
+from kd_jax.train.onpolicy import OnPolicy
 
 
 class Teacher(Protocol):
@@ -189,16 +194,20 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
 def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientTransformation,
                 schedule: optax.Schedule, loss_cfg: LossConfig, microbatches: int,
                 valid_vocab: int, logits_sharding: Any = None,
-                whitebox: WhiteBox | None = None) -> Callable:
+                whitebox: WhiteBox | None = None, onpolicy: OnPolicy | None = None) -> Callable:
     """Build `update(state, teacher_params, batch) -> (state, metrics)`; jit it with donation.
 
     `teacher` None trains on the labels alone; `whitebox` adds its terms (the state's `aux`
-    then holds their projections).
+    then holds their projections); `onpolicy` has the student answer some of the batch's rows
+    first, with the state's parameters and key (`kd_jax.train.onpolicy`).
     """
     loss_fn = make_loss_fn(student, teacher, loss_cfg, valid_vocab, logits_sharding, whitebox)
     with_aux = whitebox is not None and bool(whitebox.hidden_pairs)
 
     def update(state: TrainState, teacher_params: Params, batch: Batch):
+        answers = {}
+        if onpolicy is not None:
+            batch, answers = onpolicy.answer(state.params, batch, state.rng)
         current = trainable(state.params, state.aux)
         grads, metrics = accumulate_gradients(
             loss_fn, current, teacher_params, batch, microbatches)
@@ -223,7 +232,7 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
             rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)),
             nonfinite_step=jnp.where(first_bad, step, state.nonfinite_step),
             nonfinite_term=jnp.where(first_bad, term, state.nonfinite_term))
-        metrics = dict(metrics, grad_norm=grad_norm, lr=schedule(state.step),
+        metrics = dict(metrics, **answers, grad_norm=grad_norm, lr=schedule(state.step),
                        skipped=(~finite).astype(jnp.float32))
         return new_state, metrics
 

@@ -24,7 +24,7 @@ from kd_jax.config import MeshConfig  # noqa: E402
 from kd_jax.models.generate import Sampling, left_pad, make_sampler, row_keys  # noqa: E402
 from kd_jax.models.pure import abstract_model, logical_axes  # noqa: E402
 from kd_jax.parallel import mesh as mesh_lib  # noqa: E402
-from kd_jax.train.generate import cache_sharding  # noqa: E402
+from kd_jax.parallel.mesh import kv_cache_sharding  # noqa: E402
 from tests.helpers import STUDENT, VALID_VOCAB  # noqa: E402
 
 MAX_NEW = 12
@@ -56,7 +56,7 @@ def main(out: Path) -> None:
     rules = mesh_lib.rules_for("fsdp_tensor")
     shardings = mesh_lib.param_shardings(logical_axes(model.template), rules, mesh, params)
     batch = mesh_lib.batch_sharding(mesh, len(PROMPT_LENGTHS))
-    placed_cache = cache_sharding(mesh, rules, STUDENT.n_kv_heads)
+    placed_cache = kv_cache_sharding(mesh, rules, STUDENT.n_kv_heads)
     sample = make_sampler(STUDENT, MAX_NEW, VALID_VOCAB, cache_sharding=placed_cache,
                           activation_sharding=NamedSharding(mesh, PartitionSpec(
                               mesh_lib.BATCH_AXES)))

@@ -114,19 +114,19 @@ def test_prompts_come_from_a_text_file_or_the_data_section(tmp_path):
 
 def test_stop_tokens_default_to_the_tokenizer_s_end_of_sequence(teacher_run, tmp_path):
     from kd_jax.config import ConfigError
-    from kd_jax.data.tokenizers import load_tokenizer
-    from kd_jax.train.generate import stop_token_ids
+    from kd_jax.data.tokenizers import load_tokenizer, stop_token_ids
     from tests.helpers import write_tokenizer
 
     _, corpus = teacher_run
     tokenizer = load_tokenizer(str(write_tokenizer(tmp_path / "tokenizer.json", corpus)))
-    assert stop_token_ids([], tokenizer).tolist() == [-1]  # no tokenizer_config.json: none
+    stop = "generate.stop"
+    assert stop_token_ids([], tokenizer, stop).tolist() == [-1]  # no tokenizer_config.json: none
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"eos_token": {"content": "[UNK]"}}))
-    assert stop_token_ids([], tokenizer).tolist() == [tokenizer.token_id("[UNK]")]
-    assert stop_token_ids(["def", 7], tokenizer).tolist() == [tokenizer.token_id("def"), 7]
-    assert stop_token_ids(["\n"], ByteTokenizer()).tolist() == [10]
+    assert stop_token_ids([], tokenizer, stop).tolist() == [tokenizer.token_id("[UNK]")]
+    assert stop_token_ids(["def", 7], tokenizer, stop).tolist() == [tokenizer.token_id("def"), 7]
+    assert stop_token_ids(["\n"], ByteTokenizer(), stop).tolist() == [10]
     with pytest.raises(ConfigError, match="'def x' is not one token"):
-        stop_token_ids(["def x"], tokenizer)
+        stop_token_ids(["def x"], tokenizer, stop)
     with pytest.raises(ConfigError, match="token id 256 is not below the vocabulary size"):
-        stop_token_ids([256], ByteTokenizer())
+        stop_token_ids([256], ByteTokenizer(), stop)
