@@ -200,7 +200,8 @@ def test_one_compilation_for_every_step_and_every_call_of_the_same_shapes(family
 
 def test_sharded_over_eight_devices_it_decodes_as_one_device_does(tmp_path):
     """Parameters in the fsdp_tensor layout, prompts over data x fsdp, the cache's kv heads over
-    tensor (tests/models/generate_sharded_worker.py): the same tokens as one device's."""
+    tensor (tests/models/generate_sharded_worker.py): the same tokens as one device's, and an
+    on-policy step there takes the step one device takes."""
     # The worker compares the mesh with one device, both compiled in it.
     result = subprocess.run([sys.executable, worker.__file__, str(tmp_path)],
                             env=cli_env(8, fast_compile=True),
@@ -214,3 +215,8 @@ def test_sharded_over_eight_devices_it_decodes_as_one_device_does(tmp_path):
     for name, sampling in worker.SAMPLINGS.items():
         one_device = generate(sampler, params, prompts, sampling)
         np.testing.assert_array_equal(report[name], one_device.tokens_bn, err_msg=name)
+    # An on-policy step on the mesh: the same answers (their lengths) and loss as one device's.
+    mesh, one = report["onpolicy_mesh"], report["onpolicy_one"]
+    assert mesh["answers"] == one["answers"] == 4 and mesh["answer_tokens"] == one["answer_tokens"]
+    for key in ("loss_sum", "kd_sum", "tokens", "grad_norm"):
+        np.testing.assert_allclose(mesh[key], one[key], rtol=1e-5, err_msg=key)
