@@ -22,9 +22,11 @@ every step, the argmax of a full forward pass over the sequence so far
 Drawing a token: float32 logits (embedding rows past the tokenizer's vocabulary never drawn)
 divided by the temperature; the k most likely kept; of those, renormalized, the nucleus: the
 most likely tokens until their probability reaches top_p (the first always kept); one token
-drawn from what is left, renormalized. This is transformers' order (temperature, then TopK, then
-TopP). Temperature 0 is greedy. Ties in rank are broken by the lower id. Each row draws with
-its own key (`row_keys`), so a prompt's response does not depend on what it was batched with.
+drawn from what is left, renormalized, by the inverse of its cumulative distribution: in the
+order of the ranking when top-k or top-p cut it, in id order (no sort) when neither does. This
+is transformers' order (temperature, then TopK, then TopP). Temperature 0 is greedy. Ties in
+rank are broken by the lower id. Each row draws with its own key (`row_keys`), so a prompt's
+response does not depend on what it was batched with.
 """
 
 from __future__ import annotations
@@ -97,7 +99,22 @@ def draw(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling) -> jax.Arr
     def greedy():
         return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
 
-    def sample():
+    def inverse_cdf(kept_bv):
+        # One uniform a row against the cumulative mass (compiles far faster than a Gumbel draw
+        # over the vocabulary). A token of mass 0 is never chosen: where its cumulative mass is
+        # <= u, so is its predecessor's, and u * total may round up to the total only at the
+        # end, where the choice is held to the last token of positive mass.
+        cdf_bv = jnp.cumsum(kept_bv, axis=-1)
+        uniform_b = jax.vmap(jax.random.uniform)(keys_b) * cdf_bv[:, -1]
+        choice_b = (cdf_bv <= uniform_b[:, None]).sum(-1)
+        last_b = kept_bv.shape[-1] - 1 - jnp.argmax((kept_bv > 0)[:, ::-1], axis=-1)
+        return jnp.minimum(choice_b, last_b)
+
+    def sample_all():  # no top-k, no nucleus: every token in id order, no sort
+        probs_bv = jax.nn.softmax(logits_bv / sampling.temperature, axis=-1)
+        return inverse_cdf(probs_bv).astype(jnp.int32)
+
+    def sample_ranked():
         scaled_bv = logits_bv / sampling.temperature
         order_bv = jnp.argsort(-scaled_bv, axis=-1, stable=True)  # most likely first
         sorted_bv = jnp.take_along_axis(scaled_bv, order_bv, axis=-1)
@@ -108,15 +125,13 @@ def draw(logits_bv: jax.Array, keys_b: jax.Array, sampling: Sampling) -> jax.Arr
         more_likely_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv  # mass ranked before each
         # top_p = 1 keeps every token outright: float32 sums may reach 1 before the last one.
         in_nucleus = (sampling.top_p >= 1.0) | (more_likely_bv < sampling.top_p)
-        kept_bv = jnp.where(in_nucleus, probs_bv, 0.0)
-        # Inverse CDF over the kept tokens, which are a prefix of the ranking: one uniform a
-        # row (compiles far faster than a Gumbel draw over the vocabulary).
-        cdf_bv = jnp.cumsum(kept_bv, axis=-1)
-        uniform_b = jax.vmap(jax.random.uniform)(keys_b) * cdf_bv[:, -1]
-        choice_b = (cdf_bv <= uniform_b[:, None]).sum(-1)
-        # u * total may round up to the total: never past the last kept token.
-        choice_b = jnp.minimum(choice_b, (kept_bv > 0).sum(-1) - 1)
+        choice_b = inverse_cdf(jnp.where(in_nucleus, probs_bv, 0.0))
         return jnp.take_along_axis(order_bv, choice_b[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+    def sample():
+        # Sorting the vocabulary is most of a decoding step's time: only a cut needs the ranking.
+        return jax.lax.cond((sampling.top_k <= 0) & (sampling.top_p >= 1.0), sample_all,
+                            sample_ranked)
 
     return jax.lax.cond(sampling.temperature > 0, sample, greedy)
 
