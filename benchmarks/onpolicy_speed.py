@@ -3,7 +3,7 @@
     python benchmarks/onpolicy_speed.py [--quick] [--rounds R] [--steps S]
 
 The workload is the throughput benchmark's (`benchmarks/throughput.py` `Workload`: a teacher of
-d 512 x 8 layers and a student of d 256 x 4 layers, vocabulary 8,192, 8 rows of 256 tokens,
+6 layers x 512 and a student of 4 layers x 256, vocabulary 8,192, 8 rows of 256 tokens,
 float32, 0.5 CE + 0.5 forward KL at T = 2), every step built with the engine's own
 `make_update`, the state donated:
 
