@@ -84,7 +84,8 @@ def sequence_level(out: Path, teacher_dir: Path, base: config_lib.Config, quick:
     prompts = out / "seqkd_prompts.jsonl"
     with open(prompts, "w", encoding="utf-8") as file:
         for row in tokens:
-            text = bytes(row.astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+            # A character cut at the end is dropped (a replacement character would add bytes).
+            text = bytes(row.astype(np.uint8).tolist()).decode("utf-8", errors="ignore")
             file.write(json.dumps({"prompt": text}) + "\n")
     gen = copy.deepcopy(base)
     gen.generate = config_lib.GenerateConfig(

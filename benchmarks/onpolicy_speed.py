@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"on-policy lambda={fraction:g} ({answered} of {workload.batch} rows)")
         variants[name], states[name] = step, fresh()
         compile_s[name] = time.perf_counter() - start
-        if fraction == 0.5 and policy:  # the sampling alone, from the same state's parameters and key
+        if fraction == 0.5 and policy:  # the sampling alone, same parameters and key
             answer = jax.jit(policy.answer)
             state = fresh()
             start = time.perf_counter()

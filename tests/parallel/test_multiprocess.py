@@ -163,7 +163,7 @@ def test_sigterm_on_one_host_saves_the_same_step_everywhere(tmp_path):
     config = write_config(tmp_path / "t.yaml", corpus, tmp_path / "run")
     processes = start_two_processes(
         "train", config, ["train.steps=400", "train.checkpoint_every=1000",
-                          "train.microbatches=1"])
+                          "train.microbatches=1"], fast_compile=True)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + TIMEOUT_S
     while time.time() < deadline and processes[0].poll() is None:

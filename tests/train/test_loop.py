@@ -134,7 +134,7 @@ def test_distill_on_an_8_device_mesh_matches_one_device_and_resumes_on_another(
     # finish on this process's one device.
     result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "distill", str(config), *MESH,
                              f"train.run_dir={tmp_path / 'mesh'}", "train.stop_at=3"],
-                            env=cli_env(8), capture_output=True, text=True)
+                            env=cli_env(8, fast_compile=True), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     # `kd-jax eval` of the 8-device checkpoint here: the run's mesh does not fit one device, so
     # it is evaluated data-parallel over this one.

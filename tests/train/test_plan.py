@@ -24,7 +24,8 @@ train: {batch_size: 8, microbatches: 2}
 
 def plan(config: Path, *args: str) -> tuple[int, str]:
     result = subprocess.run([sys.executable, "-m", "kd_jax.cli", "plan", str(config), *args],
-                            env=cli_env(1), capture_output=True, text=True, timeout=600)
+                            env=cli_env(1, fast_compile=True), capture_output=True, text=True,
+                            timeout=600)
     return result.returncode, result.stdout + result.stderr
 
 

@@ -123,9 +123,10 @@ def test_two_processes_precompute_the_same_cache(setup, tmp_path):
     one = subprocess.run(
         [sys.executable, "-m", "kd_jax.cli", "precompute", str(config), *MESH,
          f"cache.dir={tmp_path / 'one'}"],
-        env=cli_env(8), capture_output=True, text=True, timeout=TIMEOUT_S)
+        env=cli_env(8, fast_compile=True), capture_output=True, text=True, timeout=TIMEOUT_S)
     assert one.returncode == 0, one.stderr[-4000:]
-    processes = start_two_processes("precompute", config, [f"cache.dir={tmp_path / 'two'}"])
+    processes = start_two_processes("precompute", config, [f"cache.dir={tmp_path / 'two'}"],
+                                    fast_compile=True)
     outputs = []
     for process in processes:
         try:
