@@ -25,6 +25,8 @@ def _digest(directory: Path) -> dict[str, str]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+# The session's teacher run, distilled from online.
+ONLINE = ["teacher.source=checkpoint", "teacher.path={teacher}"]
 # name -> the command line, with {config}, {tmp}, {teacher}, {cache}, {cache_config} filled in.
 # The message each must print is in docs/errors.md.
 CASES = {
@@ -108,17 +110,16 @@ CASES = {
     "generate top_p out of range": ["generate", "{config}", "generate.top_p=1.5"],
     "generate with a negative temperature": ["generate", "{config}",
         "generate.temperature=-0.5"],
-    "on-policy in a train run": ["train", "{config}", "teacher.source=checkpoint",
-        "teacher.path={teacher}", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=16"],
+    "on-policy in a train run": ["train", "{config}", *ONLINE, "onpolicy.fraction=0.5",
+        "onpolicy.max_new_tokens=16"],
     "on-policy from a cache": ["distill", "{config}", "teacher.source=cache",
         "cache.dir={cache}", "onpolicy.fraction=0.5"],
-    "on-policy answers as long as a row": ["distill", "{config}", "teacher.source=checkpoint",
-        "teacher.path={teacher}", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=32"],
-    "on-policy fraction of no row": ["distill", "{config}", "teacher.source=checkpoint",
-        "teacher.path={teacher}", "onpolicy.fraction=0.05", "onpolicy.max_new_tokens=16"],
-    "on-policy stop that is no token": ["distill", "{config}", "teacher.source=checkpoint",
-        "teacher.path={teacher}", "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=16",
-        "onpolicy.stop=[ab]"],
+    "on-policy answers as long as a row": ["distill", "{config}", *ONLINE,
+        "onpolicy.fraction=0.5", "onpolicy.max_new_tokens=32"],
+    "on-policy fraction of no row": ["distill", "{config}", *ONLINE, "onpolicy.fraction=0.05",
+        "onpolicy.max_new_tokens=16"],
+    "on-policy stop that is no token": ["distill", "{config}", *ONLINE, "onpolicy.fraction=0.5",
+        "onpolicy.max_new_tokens=16", "onpolicy.stop=[ab]"],
 }
 
 

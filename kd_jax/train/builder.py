@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec
 
 from kd_jax import checkpoint
 from kd_jax.cache.api_import import load_rows
@@ -268,7 +267,7 @@ def _onpolicy(cfg: Config, mesh: Any, rules: dict, tokenizer: Tokenizer) -> OnPo
     if mesh.size > 1 and rows % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0:
         placed = {"cache_sharding": mesh_lib.kv_cache_sharding(mesh, rules,
                                                                cfg.model.n_kv_heads),
-                  "activation_sharding": NamedSharding(mesh, PartitionSpec(mesh_lib.BATCH_AXES))}
+                  "activation_sharding": mesh_lib.batch_sharding(mesh)}
     return OnPolicy.of(o, cfg.model, cfg.train.batch_size, cfg.data.seq_len,
                        tokenizer.vocab_size, stop_ids, **placed)
 

@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from kd_jax import checkpoint
 from kd_jax.config import Config, ConfigError, ModelConfig
@@ -59,7 +58,7 @@ class Generator:
             self.config, max_new_tokens, vocab,
             cache_sharding=mesh_lib.kv_cache_sharding(self.mesh, self.rules,
                                                       self.config.n_kv_heads),
-            activation_sharding=NamedSharding(self.mesh, PartitionSpec(mesh_lib.BATCH_AXES)))
+            activation_sharding=mesh_lib.batch_sharding(self.mesh))
 
 
 def generate(cfg: Config, log=print) -> dict[str, Any]:
