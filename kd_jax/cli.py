@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
+from kd_jax.parallel.host_memory import keep_cpu_step_memory
 
 USAGE_ERROR = 2
 
@@ -132,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                 item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    # Before JAX starts its CPU client: each step's temporaries stay mapped between steps.
+    keep_cpu_step_memory()
     preemption = None
     if args.command in ("train", "distill", "precompute"):
         from kd_jax.train.preemption import Preemption

@@ -14,6 +14,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
+from kd_jax.parallel.host_memory import keep_cpu_step_memory  # noqa: E402
+
+# As the CLI does, before JAX starts: the suite's steps keep their memory mapped between steps.
+keep_cpu_step_memory()
+
 from tests.helpers import STUDENT, TEACHER, distill_config, write_config, write_corpus  # noqa: E402
 
 # No test may reach the network: Hugging Face libraries read only what is on disk.

@@ -133,7 +133,7 @@ def test_literal_fields_are_the_named_choices():
         ("model", "dtype"): config_lib.DType, ("model", "param_dtype"): config_lib.DType,
         ("model", "init"): config_lib.ModelInit, ("model", "family"): config_lib.ModelFamily,
         ("model", "rope_scaling"): config_lib.RopeScaling,
-        ("model", "remat"): config_lib.RematPolicy,
+        ("model", "remat"): config_lib.RematPolicy, ("model", "layer_loop"): config_lib.LayerLoop,
         ("model", "attention"): config_lib.AttentionKind,
         ("teacher", "source"): config_lib.TeacherSource,
         ("teacher", "dtype"): config_lib.TeacherDType,

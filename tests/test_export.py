@@ -46,6 +46,9 @@ def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, ca
                      "teacher.source_url=https://example.org/teacher"]) == 0
     saved = (run_dir / "config.yaml").read_text()
     assert "family: qwen2" in saved and "qkv_bias: true" in saved
+    # teacher.dtype auto, on this CPU: float32, and the start-up line says so and why.
+    assert "dtype: float32" in saved.split("teacher:")[1]
+    assert "teacher float32: auto on a CPU" in capsys.readouterr().out
     assert f"tokenizer: {student / 'tokenizer.json'}" in saved
     report = json.loads((run_dir / "report.json").read_text())
     assert report["teacher"]["params"] > report["student"]["params"]

@@ -37,7 +37,7 @@ ALLOWED = {
     "export": {"config", "checks", "models", "eval", "checkpoint", "run_dir"},
     "compare": {"config", "run_dir"},
     "demo": {"config", "eval", "train", "compare"},
-    "cli": {"config", "cache", "data", "eval", "train", "demo", "export", "compare"},
+    "cli": {"config", "cache", "data", "parallel", "eval", "train", "demo", "export", "compare"},
 }
 # The core runs on a bare accelerator image: these import only jax, flax, optax, numpy, the
 # standard library, and other core modules.

@@ -45,6 +45,11 @@ AttentionKind = Literal["auto", "dense", "blockwise", "cudnn"]
 # activation; full keeps only the layer's input and recomputes the rest; dots keeps the
 # projections' and MLP's matmul outputs and recomputes the attention scores and elementwise ops.
 RematPolicy = Literal["none", "full", "dots"]
+# How the forward pass runs over the layers (`kd_jax.models.transformer`): scan traces one layer
+# and loops over the stacked weights (compile time independent of depth); unroll writes every
+# layer out (faster steps on a CPU, compile time growing with depth); auto picks by platform and
+# depth.
+LayerLoop = Literal["auto", "scan", "unroll"]
 NonFinitePolicy = Literal["stop", "skip"]
 # Which model `kd-jax generate` runs: the student of train.run_dir, or the teacher at teacher.path.
 GenerateModel = Literal["student", "teacher"]
@@ -87,6 +92,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False  # output head shares the embedding matrix, [vocab, d]
     remat: RematPolicy = "none"  # was a boolean: true reads as full, false as none
+    layer_loop: LayerLoop = "auto"
     attention: AttentionKind = "auto"
     attention_block: int = 512  # blockwise: tokens per query and key block
     dtype: DType = "float32"  # activations
@@ -117,8 +123,9 @@ class TeacherConfig:
     # checked against the cache, and evaluated beside the student.
     source: TeacherSource = "none"
     path: str = ""
-    # The frozen teacher's precision (parameters and forward pass). auto: bfloat16 for a Hugging
-    # Face checkpoint (what real teachers are published in), float32 for a kd-jax run.
+    # The frozen teacher's precision (parameters and forward pass). auto: for a Hugging Face
+    # checkpoint, bfloat16 on an accelerator (what real teachers are published in) and float32
+    # on a CPU (faster there, and exact); float32 for a kd-jax run. The start-up line says which.
     dtype: TeacherDType = "auto"
     # The teacher's terms, recorded in an exported model card: a distilled model's user must be
     # able to show that the teacher's licence allows distillation.

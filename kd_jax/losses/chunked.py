@@ -31,24 +31,34 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.config import LossConfig
-from kd_jax.losses.soft_targets import Projected, SoftTargets
+from kd_jax.losses.soft_targets import Projected, SoftTargets, vocabulary_logits
 
 # The automatic chunk keeps one chunk's float32 logits near this many bytes. A chunk's working
 # set is about 8 such arrays (the student's and the teacher's logits, their softmaxes, the
 # divergence's intermediates, the logits' gradient: measured from the compiled step), ~0.5 GB.
 CHUNK_BYTES = 64 * 1024**2
+# On a CPU the chunk is smaller, and used whatever the batch: a chunk's passes over its logits
+# then run from the caches rather than from memory. 16 MiB (512 tokens at a vocabulary of 8,192)
+# was the fastest of 4 to 64 MiB in benchmarks/vs_pytorch.py's steps on a 2-core CPU with 32 MiB
+# of L3 cache.
+CPU_CHUNK_BYTES = 16 * 1024**2
 
 
-def chunk_positions(chunk_tokens: int, batch: int, seq: int, vocab: int) -> int:
+def chunk_positions(chunk_tokens: int, batch: int, seq: int, vocab: int,
+                    platform: str | None = None) -> int:
     """Positions per chunk for `loss.chunk_tokens` (tokens per chunk over the batch's rows);
-    0 means one chunk, the unchunked path. `chunk_tokens` 0 chooses: unchunked while the whole
-    batch's float32 logits fit in CHUNK_BYTES, else chunks of about CHUNK_BYTES; -1: never."""
+    0 means one chunk, the unchunked path. `chunk_tokens` 0 chooses: on an accelerator,
+    unchunked while the whole batch's float32 logits fit in CHUNK_BYTES, else chunks of about
+    CHUNK_BYTES; on a CPU (`platform`, by default JAX's), chunks of about CPU_CHUNK_BYTES.
+    -1: never."""
     if chunk_tokens < 0:
         return 0
     if chunk_tokens == 0:
-        if batch * seq * vocab * 4 <= CHUNK_BYTES:
+        platform = platform or jax.default_backend()
+        budget = CPU_CHUNK_BYTES if platform == "cpu" else CHUNK_BYTES
+        if batch * seq * vocab * 4 <= budget:
             return 0
-        chunk_tokens = max(1, CHUNK_BYTES // (vocab * 4))
+        chunk_tokens = max(1, budget // (vocab * 4))
     positions = max(1, chunk_tokens // batch)
     return 0 if positions >= seq else positions
 
@@ -88,9 +98,7 @@ def chunked_objective(on_logits: Callable, hidden_btd, head_vd, soft_targets: So
         "mask": to_chunks(loss_mask_bt, fill_edge=False),
     }
 
-    def chunk_loss(hidden_c, head, targets_c, labels_c, mask_c):
-        logits_bcv = jnp.einsum("bcd,vd->bcv", hidden_c, head.astype(hidden_c.dtype),
-                                preferred_element_type=jnp.float32)
+    def chunk_loss(logits_bcv, targets_c, labels_c, mask_c):
         if logits_sharding is not None:
             logits_bcv = jax.lax.with_sharding_constraint(logits_bcv, logits_sharding)
         if head_shared is not None:
@@ -100,23 +108,40 @@ def chunked_objective(on_logits: Callable, hidden_btd, head_vd, soft_targets: So
 
     def forward_and_gradients(head_vd, chunks):
         def body(carry, chunk):
-            grad_head, metrics = carry
+            grad_head_dv, metrics = carry
+            hidden_bcd = chunk["hidden"]
             loss_c, vjp_fn, metrics_c = jax.vjp(
-                lambda h, w: chunk_loss(h, w, chunk["targets"], chunk["labels"], chunk["mask"]),
-                chunk["hidden"], head_vd, has_aux=True)
-            grad_hidden_c, grad_head_c = vjp_fn(jnp.ones_like(loss_c))
+                lambda logits: chunk_loss(logits, chunk["targets"], chunk["labels"],
+                                          chunk["mask"]),
+                vocabulary_logits(hidden_bcd, head_vd), has_aux=True)
+            (grad_logits_bcv,) = vjp_fn(jnp.ones_like(loss_c))
+            # float32 gradients against the weights as stored, as autodiff of the projection
+            # would have it
+            grad_hidden_bcd = jnp.einsum("bcv,vd->bcd", grad_logits_bcv,
+                                         head_vd.astype(hidden_bcd.dtype),
+                                         preferred_element_type=jnp.float32
+                                         ).astype(hidden_bcd.dtype)
+            # The head's gradient is accumulated transposed, [d, vocab]: its matmul then reads
+            # the chunk's [tokens, vocab] gradient as it lies, and only the small hidden states
+            # are transposed (XLA:CPU's matmuls copy a transposed operand first, and a
+            # [tokens, vocab] copy costs as much as the matmul). One [d, vocab] transpose at the
+            # end puts it back.
+            grad_head_dv = grad_head_dv + jnp.einsum(
+                "bcd,bcv->dv", hidden_bcd, grad_logits_bcv, preferred_element_type=jnp.float32)
             metrics = jax.tree.map(jnp.add, metrics, metrics_c)
-            return (grad_head + grad_head_c.astype(jnp.float32), metrics), (
-                loss_c, grad_hidden_c)
+            return (grad_head_dv, metrics), (loss_c, grad_hidden_bcd)
+
+        def logits_shape(hidden_bcd):
+            return jax.ShapeDtypeStruct((*hidden_bcd.shape[:-1], head_vd.shape[0]), jnp.float32)
 
         metrics_shape = jax.eval_shape(
-            lambda: chunk_loss(chunks["hidden"][0], head_vd,
-                               jax.tree.map(lambda x: x[0], chunks["targets"]),
-                               chunks["labels"][0], chunks["mask"][0])[1])
+            lambda logits: chunk_loss(logits, jax.tree.map(lambda x: x[0], chunks["targets"]),
+                                      chunks["labels"][0], chunks["mask"][0])[1],
+            logits_shape(chunks["hidden"][0]))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
-        init = (jnp.zeros(head_vd.shape, jnp.float32), zeros)
-        (grad_head, metrics), (losses, grad_hidden) = jax.lax.scan(body, init, chunks)
-        return jnp.sum(losses), metrics, from_chunks(grad_hidden), grad_head
+        init = (jnp.zeros(head_vd.shape[::-1], jnp.float32), zeros)
+        (grad_head_dv, metrics), (losses, grad_hidden) = jax.lax.scan(body, init, chunks)
+        return jnp.sum(losses), metrics, from_chunks(grad_hidden), grad_head_dv.T
 
     @jax.custom_vjp
     def fused(hidden_btd, head_vd):

@@ -16,6 +16,7 @@ devices and steps, and divided once at log time (mean divergence = kd_sum / toke
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from kd_jax.config import LossConfig
 from kd_jax.losses.chunked import chunk_positions, chunked_objective
 from kd_jax.losses.divergences import check_leading_shapes, cross_entropy_bt, validate_loss_args
-from kd_jax.losses.soft_targets import SoftTargets, check_supported
+from kd_jax.losses.soft_targets import SoftTargets, check_supported, vocabulary_logits
 
 
 def objective(student, soft_targets: SoftTargets | None, labels_bt, loss_mask_bt, *,
@@ -38,25 +39,34 @@ def objective(student, soft_targets: SoftTargets | None, labels_bt, loss_mask_bt
     gradients without the whole batch's logits.
     """
     b, t = labels_bt.shape
+    check_leading_shapes(student=student.hidden_btd.shape[:-1], labels=labels_bt.shape,
+                         mask=loss_mask_bt.shape)
+    mask_bt = loss_mask_bt.astype(bool)
+    # Masked positions are cleared before the vocabulary projection, where it is cheapest: a
+    # zero hidden state gives exactly zero (uniform, finite) logits, what `objective_on_logits`
+    # would otherwise write over the [tokens, vocab] logits in a pass of their own. An online
+    # teacher's targets are cleared the same way (`Projected.where`).
+    hidden_btd = jnp.where(mask_bt[..., None], student.hidden_btd, 0)
+    if soft_targets is not None:
+        soft_targets = soft_targets.where(mask_bt)
+    on_logits = functools.partial(objective_on_logits, inputs_masked=True)
     positions = chunk_positions(config.chunk_tokens, b, t, student.head_vd.shape[0])
     if positions:
-        return chunked_objective(objective_on_logits, student.hidden_btd, student.head_vd,
-                                 soft_targets, labels_bt,
+        return chunked_objective(on_logits, hidden_btd, student.head_vd, soft_targets, labels_bt,
                                  loss_mask_bt, positions=positions, config=config,
                                  num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab,
                                  logits_sharding=logits_sharding)
-    student_logits_btv = student.logits()
+    student_logits_btv = vocabulary_logits(hidden_btd, student.head_vd)
     if logits_sharding is not None:
         student_logits_btv = jax.lax.with_sharding_constraint(student_logits_btv,
                                                               logits_sharding)
-    return objective_on_logits(student_logits_btv, soft_targets, labels_bt, loss_mask_bt,
-                               config=config, num_valid_tokens=num_valid_tokens,
-                               valid_vocab=valid_vocab)
+    return on_logits(student_logits_btv, soft_targets, labels_bt, loss_mask_bt, config=config,
+                     num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab)
 
 
 def objective_on_logits(student_logits_btv, soft_targets: SoftTargets | None, labels_bt,
-                        loss_mask_bt, *, config: LossConfig, num_valid_tokens, valid_vocab=None
-                        ) -> tuple[jax.Array, dict]:
+                        loss_mask_bt, *, config: LossConfig, num_valid_tokens, valid_vocab=None,
+                        inputs_masked: bool = False) -> tuple[jax.Array, dict]:
     """`objective` on the student's logits, computed for the whole batch at once.
 
     Returns (loss_sum / num_valid_tokens, metric sums). With soft targets the metrics are
@@ -64,6 +74,10 @@ def objective_on_logits(student_logits_btv, soft_targets: SoftTargets | None, la
     reported, and a term whose weight is 0 is left out of the loss (so it contributes no
     gradient, and an infinite metric cannot turn the loss into NaN). Without, they are
     {"loss_sum", "ce_sum", "tokens"} and the loss is the cross-entropy whatever the weights.
+
+    `inputs_masked`: the caller has already made the student's logits and the soft targets
+    uniform where the mask is off (as `objective` does, on the hidden states), so they are not
+    cleared again here.
     """
     check_leading_shapes(student=student_logits_btv.shape[:-1], labels=labels_bt.shape,
                          mask=loss_mask_bt.shape)
@@ -73,10 +87,11 @@ def objective_on_logits(student_logits_btv, soft_targets: SoftTargets | None, la
     # after it: the backward pass of where(mask, f(x), 0) still multiplies 0 by f'(x), and an
     # infinite f'(x) there (a cache's filler targets at prompt positions, a label out of range)
     # would make every gradient NaN. Uniform logits and targets are finite for every divergence.
-    student_logits_btv = jnp.where(mask_bt[..., None], student_logits_btv, 0.0)
+    if not inputs_masked:
+        student_logits_btv = jnp.where(mask_bt[..., None], student_logits_btv, 0.0)
+        if soft_targets is not None:
+            soft_targets = soft_targets.where(mask_bt)
     labels_bt = jnp.where(mask_bt, labels_bt, 0)
-    if soft_targets is not None:
-        soft_targets = soft_targets.where(mask_bt)
     if soft_targets is None:
         ce_sum = _masked_sum(
             cross_entropy_bt(student_logits_btv, labels_bt, valid_vocab=valid_vocab), mask_bt)

@@ -40,6 +40,13 @@ from kd_jax.losses.divergences import (
 )
 
 
+def vocabulary_logits(hidden_bxd: jax.Array, head_vd: jax.Array) -> jax.Array:
+    """Logits [..., vocab] of hidden states [..., d] through an output head [vocab, d], float32
+    (accumulated in float32 whatever the dtype)."""
+    return jnp.einsum("...d,vd->...v", hidden_bxd, head_vd.astype(hidden_bxd.dtype),
+                      preferred_element_type=jnp.float32)
+
+
 @struct.dataclass
 class Dense:
     """The teacher's logits (or log-probabilities) over the vocabulary [batch, tokens, vocab]."""
@@ -79,8 +86,7 @@ class Projected:
 
     def dense(self) -> Dense:
         """The teacher's logits, float32 (accumulated in float32 whatever the dtype)."""
-        logits_btv = jnp.einsum("btd,vd->btv", self.hidden, self.head.astype(self.hidden.dtype),
-                                preferred_element_type=jnp.float32)
+        logits_btv = vocabulary_logits(self.hidden, self.head)
         if self.logits_sharding is not None:
             logits_btv = jax.lax.with_sharding_constraint(logits_btv, self.logits_sharding)
         return Dense(logits_btv)

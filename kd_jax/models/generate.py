@@ -151,14 +151,14 @@ def _forward(cfg: ModelConfig, params: Params, tokens_bt, start, pad_b, cache, p
         seen_bts &= (slots_t[:, None] - key_slots_s[None, :] < cfg.sliding_window)[None]
     dtype = jnp.dtype(cfg.dtype)
     x_btd = jnp.take(params["embedding"], tokens_bt, axis=0).astype(dtype)
-    cos_bth, sin_bth = rotary_angles(positions_bt, rope_inv_freq(cfg))
+    cos_btf, sin_btf = rotary_angles(positions_bt, rope_inv_freq(cfg))
 
     def layer_step(carry, layer_and_index):
         x_btd, cache_k, cache_v = carry
         layer, index = layer_and_index
         w = layer_weights(layer, x_btd.dtype)
         h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-        q_btnh, k_btkh, v_btkh = project_qkv(h_btd, w, cos_bth, sin_bth, cfg)
+        q_btnh, k_btkh, v_btkh = project_qkv(h_btd, w, cos_btf, sin_btf, cfg)
         # In place: the cache is the loop's carry, only t columns of one layer are written.
         cache_k = jax.lax.dynamic_update_slice(cache_k, k_btkh[None].astype(cache_k.dtype),
                                                (index, 0, start, 0, 0))

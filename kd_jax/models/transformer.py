@@ -41,6 +41,27 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# The parameters weight decay leaves alone: the norms' scales (decay would pull them toward 0,
+# away from their identity at 1) and the biases. Named here, beside the parameters, because with
+# stacked layers a norm's scale is 2-D [layers, d] and no rank rule tells it from a matrix.
+NOT_DECAYED = frozenset({"attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm",
+                         "bq", "bk", "bv", "bo"})
+
+
+# model.layer_loop auto unrolls the layers on a CPU up to this depth and scans them otherwise.
+# Unrolled, XLA:CPU lays out each layer's backward pass on its own (no stacked residuals to
+# slice): the student step of benchmarks/vs_pytorch.py (4 layers) ran 0.66 s against 0.72 s
+# scanned. Compile time grows with depth: TODO measured figures.
+AUTO_UNROLL_LAYERS = 8
+
+
+def layer_loop(cfg: ModelConfig, platform: str) -> str:
+    """How `cfg`'s forward pass runs over its layers on `platform`: scan or unroll."""
+    if cfg.layer_loop != "auto":
+        return cfg.layer_loop
+    return "unroll" if platform == "cpu" and cfg.n_layers <= AUTO_UNROLL_LAYERS else "scan"
+
+
 def _param(key: jax.Array, shape: tuple[int, ...], std: float, dtype: Any,
            axes: tuple[str, ...]) -> nnx.Param:
     # Drawn flat, then reshaped: eager init compiles one draw per shape, and XLA compiles a 1-D
@@ -91,38 +112,60 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
 
 
 def rotary_angles(positions_bt: jax.Array, inv_freq_f: np.ndarray):
-    """cos and sin of the rotary angles, [b, t, head_dim] in float32, halves repeated.
+    """cos and sin of the rotary angles, [b, t, head_dim / 2] in float32.
 
     Built from each token's explicit position, so a packed document starts again at angle 0.
+    Half the head dimension: the two halves of a head share their angles, and on a CPU XLA
+    recomputes the cosine and sine inside every fusion that uses them.
     """
     angles_btf = positions_bt.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_f)
-    angles_bth = jnp.concatenate([angles_btf, angles_btf], axis=-1)
-    return jnp.cos(angles_bth), jnp.sin(angles_bth)
+    return jnp.cos(angles_btf), jnp.sin(angles_btf)
 
 
-def apply_rotary(x_btnh: jax.Array, cos_bth: jax.Array, sin_bth: jax.Array) -> jax.Array:
-    """Rotate (x1, x2) halves of each head, non-interleaved, as Hugging Face LlamaModel does."""
+def apply_rotary(x_btnh: jax.Array, cos_btf: jax.Array, sin_btf: jax.Array) -> jax.Array:
+    """Rotate (x1, x2) halves of each head, non-interleaved, as Hugging Face LlamaModel does:
+    x * cos + rotate_half(x) * sin with the angles repeated over both halves, written per half
+    (the same products and sums)."""
     x32 = x_btnh.astype(jnp.float32)
     half = x32.shape[-1] // 2
-    rotated_half = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-    cos, sin = cos_bth[:, :, None, :], sin_bth[:, :, None, :]
-    return (x32 * cos + rotated_half * sin).astype(x_btnh.dtype)
+    x1, x2 = x32[..., :half], x32[..., half:]
+    cos, sin = cos_btf[:, :, None, :], sin_btf[:, :, None, :]
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_btnh.dtype)
 
 
-def project_qkv(h_btd, w, cos_bth, sin_bth, cfg: ModelConfig):
+def project(x: jax.Array, w: jax.Array, contract: int = 1) -> jax.Array:
+    """x [..., *w.shape[:contract]] contracted with w [*w.shape[:contract], *out] -> [..., *out]
+    (`btd,dnh->btnh` for the queries, `btnh,nhd->btd` for the attention output), computed as one
+    [tokens, in] @ [in, out] matmul over the tokens flattened.
+
+    Written as the einsum of the 3-D activations, autodiff gives the weight's gradient as a
+    contraction over two dimensions (batch and sequence) at once, and XLA:CPU lays its operands
+    out by copying them transposed, fused with the elementwise ops that produced them (SwiGLU's
+    backward), at a fraction of memory speed; flattened, it is one plain matmul. The student
+    step of benchmarks/vs_pytorch.py (2-core CPU) took 0.55-0.56 s against 0.62-0.64 s with the
+    3-D einsums. On a GPU the reshapes are bitcasts and the matmuls the same.
+    """
+    lead, inner, outer = x.shape[:x.ndim - contract], w.shape[:contract], w.shape[contract:]
+    x_mk = x.reshape(math.prod(lead), math.prod(inner))
+    w_kn = w.reshape(math.prod(inner), math.prod(outer))
+    return jnp.einsum("mk,kn->mn", x_mk, w_kn).reshape(*lead, *outer)
+
+
+def project_qkv(h_btd, w, cos_btf, sin_btf, cfg: ModelConfig):
     """Queries [b, t, n, head_dim], keys and values [b, t, kv, head_dim] of normed inputs:
     biased, normed and rotated as the family flags say. `w` holds the layer's weights in the
     activation dtype."""
-    q_btnh = jnp.einsum("btd,dnh->btnh", h_btd, w["wq"])
-    k_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wk"])
-    v_btkh = jnp.einsum("btd,dkh->btkh", h_btd, w["wv"])
+    q_btnh = project(h_btd, w["wq"])
+    k_btkh = project(h_btd, w["wk"])
+    v_btkh = project(h_btd, w["wv"])
     if cfg.qkv_bias:
         q_btnh, k_btkh, v_btkh = q_btnh + w["bq"], k_btkh + w["bk"], v_btkh + w["bv"]
     if cfg.qk_norm:
         q_btnh = rms_norm(q_btnh, w["q_norm"], cfg.norm_eps)
         k_btkh = rms_norm(k_btkh, w["k_norm"], cfg.norm_eps)
-    q_btnh = apply_rotary(q_btnh, cos_bth, sin_bth)
-    k_btkh = apply_rotary(k_btkh, cos_bth, sin_bth)
+    q_btnh = apply_rotary(q_btnh, cos_btf, sin_btf)
+    k_btkh = apply_rotary(k_btkh, cos_btf, sin_btf)
     return q_btnh, k_btkh, v_btkh
 
 
@@ -130,15 +173,15 @@ def finish_layer(x_btd, attended_btnh, layer, w, cfg: ModelConfig):
     """The rest of a layer once its attention has run: the output projection added to the
     residual stream, then the MLP's. Returns the layer's output [b, t, d] and the MLP's
     activations [b, t, f]."""
-    x_btd = x_btd + jnp.einsum("btnh,nhd->btd", attended_btnh, w["wo"])
+    x_btd = x_btd + project(attended_btnh, w["wo"], contract=2)
     if cfg.o_bias:
         x_btd = x_btd + w["bo"]
 
     h_btd = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
-    gate_btf = jnp.einsum("btd,df->btf", h_btd, w["w_gate"])
-    up_btf = jnp.einsum("btd,df->btf", h_btd, w["w_up"])
+    gate_btf = project(h_btd, w["w_gate"])
+    up_btf = project(h_btd, w["w_up"])
     act_btf = jax.nn.silu(gate_btf) * up_btf
-    return x_btd + jnp.einsum("btf,fd->btd", act_btf, w["w_down"]), act_btf
+    return x_btd + project(act_btf, w["w_down"]), act_btf
 
 
 def layer_weights(layer, dtype) -> dict[str, jax.Array]:
@@ -146,7 +189,7 @@ def layer_weights(layer, dtype) -> dict[str, jax.Array]:
     return {name: value.astype(dtype) for name, value in layer.items()}
 
 
-def _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend: attention.Attend, cfg: ModelConfig,
+def _decoder_layer(x_btd, layer, cos_btf, sin_btf, attend: attention.Attend, cfg: ModelConfig,
                    with_stats: bool = False):
     """One pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); `layer` holds its weights.
 
@@ -157,7 +200,7 @@ def _decoder_layer(x_btd, layer, cos_bth, sin_bth, attend: attention.Attend, cfg
     w = layer_weights(layer, x_btd.dtype)
     h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
     # Grouped-query attention; the heads' outputs [b, t, n, head_dim], before the projection.
-    attended_btnh = attend(*project_qkv(h_btd, w, cos_bth, sin_bth, cfg))
+    attended_btnh = attend(*project_qkv(h_btd, w, cos_btf, sin_btf, cfg))
     x_btd, act_btf = finish_layer(x_btd, attended_btnh, layer, w, cfg)
     if not with_stats:
         return x_btd
@@ -245,15 +288,17 @@ class Transformer(nnx.Module):
             return jax.lax.with_sharding_constraint(x_btd, activation_sharding)
 
         def layer_step(x_btd, layer):
-            x_btd = pin(_decoder_layer(x_btd, layer, cos_bth, sin_bth, attend, cfg))
+            x_btd = pin(_decoder_layer(x_btd, layer, cos_btf, sin_btf, attend, cfg))
             return x_btd, (x_btd if with_layers else None)
 
         # A config built in code may still say remat=True: coerce reads it as it reads YAML.
         policy = REMAT_POLICIES[coerce(cfg.remat, RematPolicy, "model.remat")]
         if policy is not None:
             layer_step = jax.checkpoint(layer_step, policy=policy)
-        x_btd, cos_bth, sin_bth, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
-        x_btd, layers_lbtd = jax.lax.scan(layer_step, pin(x_btd), self._stacked())
+        x_btd, cos_btf, sin_btf, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
+        x_btd, layers_lbtd = jax.lax.scan(
+            layer_step, pin(x_btd), self._stacked(),
+            unroll=layer_loop(cfg, jax.default_backend()) == "unroll")
         hidden_btd = rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
         return (hidden_btd, layers_lbtd) if with_layers else hidden_btd
 
@@ -262,9 +307,9 @@ class Transformer(nnx.Module):
         """Per layer, the summed output norm of each attention head [layers, n_heads] and the
         summed magnitude of each MLP unit [layers, d_ff], over the tokens (padding included)."""
         cfg = self.cfg
-        x_btd, cos_bth, sin_bth, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
+        x_btd, cos_btf, sin_btf, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
         _, (heads_ln, mlp_lf) = jax.lax.scan(
-            lambda x, layer: _decoder_layer(x, layer, cos_bth, sin_bth, attend, cfg, True),
+            lambda x, layer: _decoder_layer(x, layer, cos_btf, sin_btf, attend, cfg, True),
             x_btd, self._stacked())
         return heads_ln, mlp_lf
 
@@ -279,7 +324,7 @@ class Transformer(nnx.Module):
         and mask as the forward pass, densely, for these layers only, whatever `model.attention`.
         """
         cfg = self.cfg
-        embedded_btd, cos_bth, sin_bth = self._embedded(tokens_bt, positions_bt)
+        embedded_btd, cos_btf, sin_btf = self._embedded(tokens_bt, positions_bt)
         mask_bts = attention.attention_mask(segment_ids_bt, cfg.sliding_window)
         inputs_kbtd = jnp.stack([embedded_btd if index == 0 else layers_lbtd[index - 1]
                                  for index in indices])
@@ -289,8 +334,8 @@ class Transformer(nnx.Module):
         def one(inputs):
             x_btd, layer = inputs
             h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-            q_btnh, k_btkh, _ = project_qkv(h_btd, layer_weights(layer, x_btd.dtype), cos_bth,
-                                            sin_bth, cfg)
+            q_btnh, k_btkh, _ = project_qkv(h_btd, layer_weights(layer, x_btd.dtype), cos_btf,
+                                            sin_btf, cfg)
             return attention.log_probs(q_btnh, k_btkh, mask_bts)
 
         return jax.lax.map(one, (inputs_kbtd, weights_k))
@@ -298,12 +343,12 @@ class Transformer(nnx.Module):
     def _embedded(self, tokens_bt, positions_bt):
         cfg = self.cfg
         x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
-        cos_bth, sin_bth = rotary_angles(positions_bt, rope_inv_freq(cfg))
-        return x_btd, cos_bth, sin_bth
+        cos_btf, sin_btf = rotary_angles(positions_bt, rope_inv_freq(cfg))
+        return x_btd, cos_btf, sin_btf
 
     def _inputs(self, tokens_bt, positions_bt, segment_ids_bt):
-        x_btd, cos_bth, sin_bth = self._embedded(tokens_bt, positions_bt)
-        return x_btd, cos_bth, sin_bth, attention.for_batch(self.cfg, segment_ids_bt)
+        x_btd, cos_btf, sin_btf = self._embedded(tokens_bt, positions_bt)
+        return x_btd, cos_btf, sin_btf, attention.for_batch(self.cfg, segment_ids_bt)
 
     def _stacked(self) -> dict[str, jax.Array]:
         return {name: value[...] for name, value in self.layers.items()}

@@ -45,6 +45,7 @@ from kd_jax.teacher.loading import (
     LoadedTeacher,
     check_same_tokenizer,
     load_teacher,
+    teacher_dtype_choice,
 )
 from kd_jax.teacher.online import OnlineTeacher
 from kd_jax.train import step as step_lib
@@ -83,6 +84,7 @@ class Run:
     batches: Batches | None = None  # which packed rows make each step's batch
     whitebox: WhiteBox | None = None  # white-box terms (distill from an online teacher)
     onpolicy: OnPolicy | None = None  # rows the student answers (distill, online teacher)
+    teacher_dtype_why: str = ""  # why the teacher runs in cfg.teacher.dtype (the start-up line)
 
     @property
     def valid_vocab(self) -> int:
@@ -172,6 +174,7 @@ def build(cfg: Config, mode: str) -> Run:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     _check_mode(cfg, mode)
+    teacher_dtype_why = teacher_dtype_choice(cfg)[1]
     if mode != "eval":  # evaluation reads a run directory's config, resolved already
         cfg = resolve(cfg)
     if mode in ("train", "distill"):
@@ -214,7 +217,8 @@ def build(cfg: Config, mode: str) -> Run:
         fingerprint = (teacher_fingerprint(loaded.run_dir, loaded.step)
                        if loaded is not None else None)
         teacher = open_cache(cfg, data.tokenizer, data.train, fingerprint)
-    run = Run(cfg, mode, data, mesh, placement, eval_placement, loaded, teacher)
+    run = Run(cfg, mode, data, mesh, placement, eval_placement, loaded, teacher,
+              teacher_dtype_why=teacher_dtype_why)
     if mode == "precompute":
         if loaded.config.vocab_size < data.tokenizer.vocab_size:
             raise ConfigError(f"the teacher's vocabulary ({loaded.config.vocab_size}) is smaller "

@@ -68,6 +68,8 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
     abstract_batch = built.placement.abstract(built.host_batch(start))
     update = built.update_fn().lower(state, teacher_params, abstract_batch).compile()
     log(attention.describe(cfg.model, cfg.data.seq_len, jax.default_backend()))
+    if built.loaded_teacher is not None:
+        log(f"teacher {cfg.teacher.dtype}: {built.teacher_dtype_why}")
     log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
         f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}; "
         f"{figures_line(memory_figures(update, state, teacher_params, abstract_batch))}")

@@ -52,7 +52,7 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
         raise ConfigError("kd-jax plan compiles online distillation and hard-label training; "
                           "for a cache, plan with teacher.source=none (the cached targets add "
                           "their fields to the batch)")
-    cfg = resolve_model(cfg)
+    cfg = resolve_model(cfg, platform="accelerator")  # what is planned: a run on accelerators
     mesh = mesh_lib.make_mesh(cfg.mesh)
     student_rules = mesh_lib.rules_for(cfg.mesh.student_layout, cfg.mesh.student_rules,
                                        "mesh.student_rules")

@@ -43,7 +43,7 @@ from kd_jax.parallel.hosts import (
 from kd_jax.teacher import sparse
 from kd_jax.train import builder
 from kd_jax.train.preemption import Preemption
-from kd_jax.train.progress import progress_bar
+from kd_jax.train.progress import log, progress_bar
 
 
 def _chunks(manifest: dict[str, Any], shards: list[int], rows_per_step: int
@@ -120,6 +120,7 @@ def precompute(cfg: Config, preemption: Preemption | None = None) -> dict[str, A
 
 def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     run = builder.build(cfg, "precompute")
+    log(f"teacher {run.cfg.teacher.dtype}: {run.teacher_dtype_why}")
     tokenizer, train = run.data.tokenizer, run.data.train
     teacher = run.loaded_teacher
     placement = run.placement

@@ -28,11 +28,11 @@ def resolve(cfg: Config) -> Config:
     return cfg
 
 
-def resolve_model(cfg: Config) -> Config:
-    """A copy of `cfg` with the student's architecture and the teacher's dtype spelled out (no
-    tokenizer, no data)."""
+def resolve_model(cfg: Config, platform: str | None = None) -> Config:
+    """A copy of `cfg` with the student's architecture and the teacher's dtype (for `platform`,
+    `teacher_dtype_choice`) spelled out (no tokenizer, no data)."""
     cfg = copy.deepcopy(cfg)
-    cfg.teacher.dtype = teacher_dtype(cfg)
+    cfg.teacher.dtype = teacher_dtype(cfg, platform)
     if cfg.model.init == "hf":
         cfg.model = model_config(read_config(cfg.model.path), cfg.model)
     elif cfg.model.init == "teacher":

@@ -44,6 +44,7 @@ from kd_jax.losses.objective import objective
 from kd_jax.losses.soft_targets import SoftTargets
 from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models.pure import Batch, Params, PureModel, init_params
+from kd_jax.models.transformer import NOT_DECAYED
 from kd_jax.parallel.mesh import activation_sharding
 from kd_jax.train.onpolicy import OnPolicy
 
@@ -105,8 +106,11 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> tuple[optax.Gradie
         schedule = optax.join_schedules(
             [optax.linear_schedule(0.0, cfg.lr, warmup), optax.constant_schedule(cfg.lr)],
             [warmup])
-    # Decay matrices only: norm scales (1-d) are left alone, as is usual for transformers.
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    # Decay the weights only, not the norms' scales and the biases (`NOT_DECAYED`).
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", None) not in NOT_DECAYED, params)
+
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))

@@ -12,7 +12,7 @@ import pytest
 
 from kd_jax.config import Divergence as DivergenceName
 from kd_jax.config import ModelConfig, choices
-from kd_jax.losses.chunked import CHUNK_BYTES, chunk_positions
+from kd_jax.losses.chunked import CHUNK_BYTES, CPU_CHUNK_BYTES, chunk_positions
 from kd_jax.losses.objective import objective
 from kd_jax.losses.soft_targets import Dense, Projected, Sampled, TopK
 from kd_jax.models.pure import ModelOutputs, init_model
@@ -137,10 +137,15 @@ def test_the_step_s_gradients_for_every_student_parameter(tiny_models, tied):
 
 
 def test_the_automatic_chunk_follows_the_logits_size():
-    assert chunk_positions(0, 8, 512, 256) == 0  # 4 MB of logits: one piece
-    assert chunk_positions(-1, 8, 8192, 128256) == 0  # never
-    positions = chunk_positions(0, 2, 4096, 128256)
+    for platform in ("cpu", "gpu"):
+        assert chunk_positions(0, 8, 512, 256, platform) == 0  # 4 MB of logits: one piece
+        assert chunk_positions(-1, 8, 8192, 128256, platform) == 0  # never
+    positions = chunk_positions(0, 2, 4096, 128256, "gpu")
     assert 0 < positions < 4096 and 2 * positions * 128256 * 4 <= CHUNK_BYTES
+    # 64 MiB of logits: one piece on an accelerator, 16 MiB chunks (512 tokens) on a CPU
+    assert chunk_positions(0, 8, 256, 8192, "gpu") == 0
+    assert chunk_positions(0, 8, 256, 8192, "cpu") == 64
+    assert CPU_CHUNK_BYTES == 8 * 64 * 8192 * 4
     assert chunk_positions(64, 8, 16, 100) == 8  # 64 tokens over 8 rows
     assert chunk_positions(1024, 8, 16, 100) == 0  # a chunk as long as the sequence: unchunked
 

@@ -16,7 +16,7 @@ from flax import nnx
 
 from kd_jax.config import ModelConfig
 from kd_jax.models.pure import bind, count_params, logical_axes, logits_btv, split_params
-from kd_jax.models.transformer import Transformer
+from kd_jax.models.transformer import AUTO_UNROLL_LAYERS, Transformer, layer_loop, project
 
 # float32 on CPU: both implementations do the same arithmetic in a different order, so the
 # differences are a few ulps of values of order 1 accumulated over a few layers.
@@ -188,10 +188,11 @@ def test_padding_is_finite_and_invisible():
 # ---------------------------------------------------------------- remat, scan, dtypes
 
 
-def test_remat_matches_plain_outputs_and_gradients():
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_matches_plain_outputs_and_gradients(policy):
     cfg = tiny_config()
     plain = build(cfg)
-    remat = build(dataclasses.replace(cfg, remat="full"))
+    remat = build(dataclasses.replace(cfg, remat=policy))
     tokens = random_tokens(cfg, batch=2, length=6)
     positions, segments = single_segment(2, 6)
 
@@ -216,7 +217,7 @@ def test_scanned_layers_keep_program_size_independent_of_depth():
 
     def program(n_layers):
         graphdef, state, params = split_params(
-            build(tiny_config(n_layers=n_layers)))
+            build(tiny_config(n_layers=n_layers, layer_loop="scan")))
 
         def apply(params):
             return bind(graphdef, state, params)(tokens, positions, segments)
@@ -229,6 +230,57 @@ def test_scanned_layers_keep_program_size_independent_of_depth():
     eqns_8, hlo_8 = program(8)
     assert eqns_2 == eqns_8
     assert abs(hlo_8 - hlo_2) <= 0.1 * hlo_2
+
+
+@pytest.mark.parametrize("x_shape, w_shape, contract", [
+    ((2, 5, 8), (8, 12), 1),  # the MLP's btd,df->btf
+    ((2, 5, 8), (8, 3, 4), 1),  # the queries' btd,dnh->btnh
+    ((2, 5, 3, 4), (3, 4, 8), 2),  # the attention output's btnh,nhd->btd
+])
+def test_projections_are_the_einsum_in_value_and_gradient(x_shape, w_shape, contract):
+    """Against float64 numpy: y = x W over the flattened tokens, dx = dy W^T, dW = x^T dy."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], w_shape)
+    dy = jax.random.normal(keys[2], x_shape[:len(x_shape) - contract] + w_shape[contract:])
+    y, vjp = jax.vjp(jax.jit(functools.partial(project, contract=contract)), x, w)
+    dx, dw = vjp(dy)
+    x2 = np.asarray(x, np.float64).reshape(-1, int(np.prod(w_shape[:contract])))
+    w2 = np.asarray(w, np.float64).reshape(x2.shape[1], -1)
+    dy2 = np.asarray(dy, np.float64).reshape(x2.shape[0], -1)
+    np.testing.assert_allclose(y, (x2 @ w2).reshape(dy.shape), **F32_TOL)
+    np.testing.assert_allclose(dx, (dy2 @ w2.T).reshape(x.shape), **F32_TOL)
+    np.testing.assert_allclose(dw, (x2.T @ dy2).reshape(w.shape), **F32_TOL)
+
+
+def test_unrolled_layers_give_the_scanned_outputs_and_gradients():
+    cfg = tiny_config(n_layers=3)
+    tokens = random_tokens(cfg, batch=2, length=6)
+    positions, segments = single_segment(2, 6)
+
+    def loss_and_grads(layer_loop):
+        # The same weights (the same seed), two programs.
+        graphdef, state, params = split_params(
+            build(dataclasses.replace(cfg, layer_loop=layer_loop)))
+
+        def loss(params):
+            m = bind(graphdef, state, params)
+            return jnp.mean(logits_btv(m(tokens, positions, segments), m.head_vd()) ** 2)
+
+        program = jax.jit(jax.value_and_grad(loss))
+        return program(params), program.lower(params).as_text()
+
+    (scanned, scanned_hlo), (unrolled, unrolled_hlo) = map(loss_and_grads, ("scan", "unroll"))
+    assert "while" in scanned_hlo and "while" not in unrolled_hlo
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32_TOL), unrolled, scanned)
+
+
+def test_auto_unrolls_few_layers_on_a_cpu_only():
+    assert layer_loop(tiny_config(n_layers=AUTO_UNROLL_LAYERS), "cpu") == "unroll"
+    assert layer_loop(tiny_config(n_layers=AUTO_UNROLL_LAYERS + 1), "cpu") == "scan"
+    assert layer_loop(tiny_config(n_layers=2), "gpu") == "scan"
+    assert layer_loop(tiny_config(n_layers=2), "tpu") == "scan"
+    assert layer_loop(tiny_config(n_layers=2, layer_loop="scan"), "cpu") == "scan"
+    assert layer_loop(tiny_config(n_layers=32, layer_loop="unroll"), "gpu") == "unroll"
 
 
 def test_bfloat16_activations():

@@ -14,7 +14,8 @@ import yaml
 from kd_jax import cli
 from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
-from kd_jax.train.resolve import resolve
+from kd_jax.teacher.loading import teacher_dtype_choice
+from kd_jax.train.resolve import resolve, resolve_model
 
 
 def test_tokenizer_auto_is_the_checkpoints_or_bytes(hf_pair, tmp_path):
@@ -33,6 +34,24 @@ def test_tokenizer_auto_is_the_checkpoints_or_bytes(hf_pair, tmp_path):
     cfg = config_lib.load(None, ["model.init=hf", f"model.path={bare}", "data.seq_len=64"])
     with pytest.raises(ConfigError, match="no tokenizer.json"):
         resolve(cfg)
+
+
+def test_teacher_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_an_accelerator(hf_pair,
+                                                                               teacher_run):
+    _, _, teacher, _ = hf_pair
+    hf = config_lib.load(None, ["teacher.source=hf", f"teacher.path={teacher}"])
+    dtype, why = teacher_dtype_choice(hf, "cpu")
+    assert dtype == "float32" and "faster" in why
+    assert teacher_dtype_choice(hf, "gpu")[0] == teacher_dtype_choice(hf, "tpu")[0] == "bfloat16"
+    # Unsaid, the platform is told without starting JAX: this suite runs on the CPU alone.
+    assert resolve(hf).teacher.dtype == "float32"
+    assert resolve_model(hf, platform="gpu").teacher.dtype == "bfloat16"
+    run = config_lib.load(None, ["teacher.source=checkpoint",
+                                 f"teacher.path={teacher_run[0] / 'teacher'}"])
+    assert teacher_dtype_choice(run, "gpu")[0] == "float32"
+    chosen = config_lib.load(None, ["teacher.source=hf", f"teacher.path={teacher}",
+                                    "teacher.dtype=bfloat16"])
+    assert teacher_dtype_choice(chosen, "cpu") == ("bfloat16", "teacher.dtype")
 
 
 def test_a_pretrained_student_takes_the_checkpoints_architecture(hf_pair):

@@ -228,6 +228,22 @@ def test_schedule_warms_up_then_decays():
     assert float(constant(5)) == pytest.approx(0.5) and float(constant(90)) == pytest.approx(1.0)
 
 
+def test_weight_decay_spares_the_norms_and_biases_only():
+    """With a zero gradient, AdamW's update is the decay alone: -lr * weight_decay * p."""
+    cfg = dataclasses.replace(STUDENT, qkv_bias=True, o_bias=True, qk_norm=True)
+    params = nnx.to_pure_dict(nnx.state(Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param))
+    params = jax.tree.map(lambda p: p + 1.0, params)  # biases start at zero: make them show
+    tx, _ = make_optimizer(OptimizerConfig(lr=1.0, warmup_steps=0, schedule="constant",
+                                           weight_decay=0.5, clip_norm=0), total_steps=10)
+    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    spared = {"attn_norm", "mlp_norm", "final_norm", "q_norm", "k_norm", "bq", "bk", "bv", "bo"}
+    for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        name = path[-1].key
+        param = params["layers"][name] if name in params["layers"] else params[name]
+        expected = 0.0 if name in spared else -0.5 * np.asarray(param)
+        np.testing.assert_allclose(np.asarray(update), expected, rtol=1e-6, err_msg=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Cached targets: a stand-in teacher reads them from the batch
 # ---------------------------------------------------------------------------------------------
