@@ -39,9 +39,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import minimal_step as minimal  # noqa: E402
 import throughput as tp  # noqa: E402
 
 from kd_jax.models.pure import abstract_model, init_params  # noqa: E402
+from kd_jax.models.transformer import NOT_DECAYED  # noqa: E402
+from kd_jax.parallel.host_memory import keep_cpu_step_memory  # noqa: E402
 from kd_jax.teacher.online import OnlineTeacher  # noqa: E402
 from kd_jax.train import step as step_lib  # noqa: E402
 
@@ -145,10 +148,10 @@ def torch_step(workload: tp.Workload, teacher_cfg, student_cfg, opt_cfg, teacher
 
     if mode == "compile":
         loss_of = torch.compile(loss_of)
-    # As kd_jax's optimizer: decay on matrices only, global-norm clipping, the same betas and
-    # epsilon (the learning rate is constant here; a schedule costs nothing either way).
-    decay = [p for p in student.values() if p.ndim >= 2]
-    no_decay = [p for p in student.values() if p.ndim < 2]
+    # As kd_jax's optimizer: no decay on the norms' scales, global-norm clipping, the same betas
+    # and epsilon (the learning rate is constant here; a schedule costs nothing either way).
+    decay = [p for name, p in student.items() if name.split("/")[-1] not in NOT_DECAYED]
+    no_decay = [p for name, p in student.items() if name.split("/")[-1] in NOT_DECAYED]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": opt_cfg.weight_decay},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -170,14 +173,22 @@ def torch_step(workload: tp.Workload, teacher_cfg, student_cfg, opt_cfg, teacher
 
 
 # ---------------------------------------------------------------------------------------------
-# The kd_jax side: the training loop's step
+# The JAX sides: the training loop's step, and the minimal step of the same maths
 # ---------------------------------------------------------------------------------------------
+
+class Holder:
+    """A step's state between calls (donated each call, replaced by the step's output)."""
+
+    def __init__(self, state: Any):
+        self.state = state
+
 
 def jax_step(workload: tp.Workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg, teacher_params,
              total_steps: int, batch: dict[str, np.ndarray], distill: bool
-             ) -> tuple[Callable[[], float], Any]:
+             ) -> tuple[Callable[[], Any], Any, Holder]:
     """kd_jax's compiled step as a function returning the step's metrics (their loss_sum over
-    tokens is the loss before the update), and the student's initial parameters."""
+    tokens is the loss before the update), the student's initial parameters, and the holder of
+    its state."""
     student, _ = abstract_model(student_cfg)
     tx, schedule = step_lib.make_optimizer(opt_cfg, total_steps)
     teacher = OnlineTeacher(abstract_model(teacher_cfg)[0]) if distill else None
@@ -188,13 +199,61 @@ def jax_step(workload: tp.Workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg,
     device_batch = jax.device_put(batch)
     t_params = teacher_params if distill else None
     compiled = update.lower(state, t_params, device_batch).compile()
-    holder = {"state": state}
+    holder = Holder(state)
 
-    def step() -> float:
-        holder["state"], metrics = compiled(holder["state"], t_params, device_batch)
+    def step():
+        holder.state, metrics = compiled(holder.state, t_params, device_batch)
         return metrics
 
-    return step, initial_params
+    return step, initial_params, holder
+
+
+def minimal_jax_step(workload: tp.Workload, teacher_cfg, student_cfg, opt_cfg, teacher_params,
+                     initial_params, total_steps: int, batch: dict[str, np.ndarray],
+                     distill: bool) -> tuple[Callable[[], Any], Holder]:
+    """The minimal JAX step (`minimal_step.py`) from the student's weights `initial_params`
+    (kd_jax's tree), as a function returning the step's loss; and the holder of its (params,
+    optimizer state)."""
+    tx = minimal.optimizer(lr=opt_cfg.lr, warmup_steps=opt_cfg.warmup_steps,
+                           total_steps=total_steps, min_lr_ratio=opt_cfg.min_lr_ratio,
+                           b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
+                           weight_decay=opt_cfg.weight_decay, clip_norm=opt_cfg.clip_norm)
+    update = minimal.make_step(
+        tx, student_heads=(student_cfg.n_heads, student_cfg.n_kv_heads),
+        teacher_heads=(teacher_cfg.n_heads, teacher_cfg.n_kv_heads),
+        temperature=workload.temperature, kd_weight=workload.kd_weight,
+        ce_weight=workload.ce_weight)
+    params = jax.device_put(minimal.from_kd_jax(initial_params))
+    teacher = jax.device_put(minimal.from_kd_jax(teacher_params)) if distill else None
+    device_batch = jax.device_put(batch)
+    holder = Holder((params, tx.init(params)))
+    compiled = update.lower(*holder.state, teacher, device_batch).compile()
+
+    def step():
+        params, opt_state, loss = compiled(*holder.state, teacher, device_batch)
+        holder.state = (params, opt_state)
+        return loss
+
+    return step, holder
+
+
+def check_minimal_matches(workload: tp.Workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg,
+                          teacher_params, batch, distill: bool, steps: int = 3
+                          ) -> dict[str, float]:
+    """Run kd_jax's step and the minimal step `steps` steps from the same weights; their
+    largest differences in loss (relative) and in parameters (absolute, over every weight)."""
+    kd_step, initial, kd_holder = jax_step(workload, teacher_cfg, student_cfg, loss_cfg,
+                                           opt_cfg, teacher_params, 100, batch, distill)
+    min_step, min_holder = minimal_jax_step(workload, teacher_cfg, student_cfg, opt_cfg,
+                                            teacher_params, initial, 100, batch, distill)
+    loss_gap = 0.0
+    for _ in range(steps):
+        kd_loss, min_loss = loss_of_metrics(kd_step()), float(min_step())
+        loss_gap = max(loss_gap, abs(kd_loss - min_loss) / abs(kd_loss))
+    kd_params = jax.device_get(kd_holder.state.params)
+    min_params = jax.device_get(minimal.to_kd_jax(min_holder.state[0], kd_params))
+    gaps = jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), kd_params, min_params)
+    return {"loss": loss_gap, "params": max(jax.tree.leaves(gaps))}
 
 
 def loss_of_metrics(metrics) -> float:
@@ -217,7 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="leave glibc's allocator as it is (kd_jax.parallel.host_memory)")
     args = parser.parse_args(argv)
+    # Before JAX starts its CPU client; it applies to every variant alike (one process).
+    kept_memory = False if args.malloc_default else keep_cpu_step_memory()
     import torch
 
     threads = len(os.sched_getaffinity(0))
@@ -239,11 +302,18 @@ def main(argv: list[str] | None = None) -> int:
     for kind, distill in (("fused", True), ("student", False)):
         name = f"kd_jax {kind}"
         start = time.perf_counter()
-        step, initial = jax_step(workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg,
+        step, initial, _ = jax_step(workload, teacher_cfg, student_cfg, loss_cfg, opt_cfg,
                                  teacher_params, total, batch, distill)
         first_loss[name] = loss_of_metrics(step())  # step 0: the weights both sides share
         compile_seconds[name] = time.perf_counter() - start
         variants[name] = (step, jax.block_until_ready)
+        minimal_name = f"jax minimal {kind}"
+        start = time.perf_counter()
+        step, _ = minimal_jax_step(workload, teacher_cfg, student_cfg, opt_cfg, teacher_params,
+                                   initial, total, batch, distill)
+        first_loss[minimal_name] = float(step())
+        compile_seconds[minimal_name] = time.perf_counter() - start
+        variants[minimal_name] = (step, jax.block_until_ready)
         for mode in modes:
             torch_name = f"torch {mode} {kind}"
             start = time.perf_counter()
@@ -261,6 +331,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: loss at step 0 is {loss:.6f}, kd_jax's {reference:.6f}",
                   file=sys.stderr)
             return 1
+
+    # The minimal step is the same maths: after 3 steps from the same weights, the same losses
+    # and the same parameters, within float32's rounding through AdamW (whose update is
+    # normalized, so a gradient's rounding can move a weight by a fraction of the learning
+    # rate: the bound is a tenth of what the 3 steps' learning rates could move it).
+    _, schedule = step_lib.make_optimizer(opt_cfg, 100)
+    bounds = {"loss": 1e-5, "params": 0.1 * sum(float(schedule(i)) for i in range(3))}
+    agreement = {}
+    for kind, distill in (("fused", True), ("student", False)):
+        agreement[kind] = check_minimal_matches(workload, teacher_cfg, student_cfg, loss_cfg,
+                                                opt_cfg, teacher_params, batch, distill)
+        for what, gap in agreement[kind].items():
+            if not gap <= bounds[what]:
+                print(f"jax minimal {kind}: after 3 steps its {what} differ from kd_jax's by "
+                      f"{gap:.3g} (bound {bounds[what]:.3g})", file=sys.stderr)
+                return 1
 
     for step, sync in variants.values():  # a second warm-up step (torch.compile's recompiles)
         sync(step())
@@ -293,12 +379,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"benchmark": "vs_pytorch", "quick": args.quick, "machine": tp.machine_info(),
               "versions": dict(tp.versions(), torch=importlib.metadata.version("torch")),
               "threads": threads, "workload": dataclasses.asdict(workload),
-              "steps": args.steps, "repeats": args.repeats, "peak": peak, "results": rows}
+              "steps": args.steps, "repeats": args.repeats, "peak": peak,
+              "glibc_malloc_kept_step_memory": kept_memory,
+              "minimal_step_agreement": {"after_steps": 3, "bounds": bounds, **agreement},
+              "results": rows}
     print(f"{report['machine']['device_kind']}, {threads} threads; teacher "
           f"{workload.teacher_layers} x {workload.teacher_d}, student {workload.student_layers} x "
           f"{workload.student_d}, vocab {workload.vocab}, {workload.batch} x {workload.seq} "
           f"tokens; median of {args.repeats} x {args.steps} steps; float32 matmul peak "
-          f"{peak['best'] / 1e9:,.0f} GFLOP/s")
+          f"{peak['best'] / 1e9:,.0f} GFLOP/s; step memory kept: {kept_memory}")
     print(f"{'variant':24s} {'s/step':>8s} {'tokens/s':>10s} {'kd_jax x':>9s} "
           f"{'of peak':>8s} {'loss@0':>9s} {'setup s':>8s}")
     for row in rows:
