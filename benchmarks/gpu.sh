@@ -8,6 +8,9 @@
 # Any other argument is passed to benchmarks/throughput.py, e.g. `--teacher-layers 16` to
 # shrink the teacher, `--kinds fused,split`, `--json PATH`. It prints the device and one
 # table, and writes benchmarks/results/throughput_gpu.json (--tiny: throughput_gpu_quick.json).
+# Then the engine's overhead on the device: kd_jax's step against the minimal JAX step of the
+# same maths (benchmarks/vs_pytorch.py --no-torch, the cpu workload in float32, under a
+# minute), written to benchmarks/results/vs_minimal_gpu.json (beside --json's file if given).
 # A step kind that runs out of memory (or crashes, or outlives the time budget) is a row of
 # the table saying so; the others still run, and the exit code is then 3.
 set -euo pipefail
@@ -23,12 +26,21 @@ args=(--preset gpu --dtype bfloat16 --isolate --steps 5 --repeats 3)
 # The four kinds share this wall time (seconds): start-up, compiling and timing.
 budget=420
 passthrough=()
+minimal_args=(--no-torch --steps 5 --repeats 3)
+minimal_json="benchmarks/results/vs_minimal_gpu.json"
+previous=""
 for arg in "$@"; do
     if [[ "$arg" == "--tiny" ]]; then
         args+=(--quick)
+        minimal_args=(--no-torch --quick --steps 1 --repeats 1)
+        minimal_json="benchmarks/results/vs_minimal_gpu_quick.json"
     else
         passthrough+=("$arg")
     fi
+    if [[ "$previous" == "--json" ]]; then
+        minimal_json="${arg%.json}_vs_minimal.json"
+    fi
+    previous="$arg"
 done
 
 echo "== device"
@@ -46,5 +58,13 @@ if [[ $status -eq 3 ]]; then
     echo "gpu.sh: some step kinds did not run (see the table); the others' figures stand" >&2
 elif [[ $status -ne 0 ]]; then
     echo "gpu.sh: benchmarks/throughput.py failed with exit code $status" >&2
+fi
+echo "== engine overhead: kd_jax against the minimal JAX step (float32)"
+minimal_status=0
+"$PYTHON" benchmarks/vs_pytorch.py "${minimal_args[@]}" --json "$minimal_json" \
+    || minimal_status=$?
+if [[ $minimal_status -ne 0 ]]; then
+    echo "gpu.sh: benchmarks/vs_pytorch.py --no-torch failed with exit code $minimal_status" >&2
+    [[ $status -eq 0 ]] && status=$minimal_status
 fi
 exit "$status"

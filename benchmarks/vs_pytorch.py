@@ -1,6 +1,7 @@
 """kd_jax's distillation step against the same step written in plain PyTorch, in one run.
 
     python benchmarks/vs_pytorch.py [--quick] [--steps N] [--repeats R] [--no-compile]
+        [--no-torch] [--malloc-default] [--json PATH]
 
 The workload is `benchmarks/throughput.py`'s (by default: teacher 6 x 512, student 4 x 256,
 vocabulary 8,192, 8 x 256 tokens, 0.5 CE + 0.5 T^2 forward KL at T = 2, AdamW with global-norm
@@ -12,8 +13,16 @@ The PyTorch step is what one writes by hand: a Llama-style decoder (RMSNorm, rot
 `log_softmax`, `clip_grad_norm_` and `torch.optim.AdamW` (foreach). It runs in float32 eager,
 then with bfloat16 autocast, then (unless `--no-compile`) with its forward and loss under
 `torch.compile` (backward through AOTAutograd). kd_jax's step is the training loop's own
-(`kd_jax.train.step.make_update`, one jit, state donated), float32. Two step kinds each: the
-fused distillation step and the student-only hard-label step.
+(`kd_jax.train.step.make_update`, one jit, state donated), float32. Beside them, the minimal
+JAX step of the same maths (`minimal_step.py`: plain functions, no engine), from the same
+weights; before anything is timed it must agree with kd_jax's step after 3 steps, in the losses
+and in every parameter (the run fails otherwise). Two step kinds each: the fused distillation
+step and the student-only hard-label step. `--no-torch` times kd_jax against the minimal step
+alone (a machine without PyTorch: `benchmarks/gpu.sh` runs it on the GPU).
+
+On a CPU, the process first keeps each step's memory mapped between steps
+(`kd_jax.parallel.cpu.keep_cpu_step_memory`, as `kd-jax` does): it applies to every variant
+alike, PyTorch's included; `--malloc-default` leaves glibc's allocator as it is.
 
 Both frameworks get the same threads (`torch.set_num_threads` to the CPUs this process may
 use; XLA:CPU uses them all). The variants are timed in turn within each repeat, so that the
@@ -44,7 +53,7 @@ import throughput as tp  # noqa: E402
 
 from kd_jax.models.pure import abstract_model, init_params  # noqa: E402
 from kd_jax.models.transformer import NOT_DECAYED  # noqa: E402
-from kd_jax.parallel.host_memory import keep_cpu_step_memory  # noqa: E402
+from kd_jax.parallel.cpu import keep_cpu_step_memory  # noqa: E402
 from kd_jax.teacher.online import OnlineTeacher  # noqa: E402
 from kd_jax.train import step as step_lib  # noqa: E402
 
@@ -275,16 +284,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=5, help="timed steps a repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="kd_jax against the minimal JAX step only (no PyTorch needed)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--malloc-default", action="store_true",
-                        help="leave glibc's allocator as it is (kd_jax.parallel.host_memory)")
+                        help="leave glibc's allocator as it is (kd_jax.parallel.cpu)")
     args = parser.parse_args(argv)
     # Before JAX starts its CPU client; it applies to every variant alike (one process).
     kept_memory = False if args.malloc_default else keep_cpu_step_memory()
-    import torch
-
     threads = len(os.sched_getaffinity(0))
-    torch.set_num_threads(threads)
+    if not args.no_torch:
+        import torch
+
+        torch.set_num_threads(threads)
     workload = tp.shrink(tp.Workload()) if args.quick else tp.Workload()
     teacher_cfg, student_cfg, loss_cfg, opt_cfg = tp.build_configs(workload)
     batch = tp.synthetic_batch(workload.batch, workload.seq, workload.vocab)
@@ -295,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     # drifts, and what another process takes from it only lowers the figure.
     sizes = tp.peak_sizes(jax.devices()[0].platform, args.quick)
     peaks = [tp.measure_peak("float32", sizes)]
-    modes = ["eager", "bf16"] + ([] if args.no_compile else ["compile"])
+    modes = [] if args.no_torch else ["eager", "bf16"] + ([] if args.no_compile else ["compile"])
     variants: dict[str, tuple[Callable, Callable]] = {}
     first_loss: dict[str, float] = {}
     compile_seconds: dict[str, float] = {}
@@ -377,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                      "loss_at_step_0": first_loss[name],
                      "setup_seconds": compile_seconds[name]})
     report = {"benchmark": "vs_pytorch", "quick": args.quick, "machine": tp.machine_info(),
-              "versions": dict(tp.versions(), torch=importlib.metadata.version("torch")),
+              "versions": dict(tp.versions(), **({} if args.no_torch else {
+                  "torch": importlib.metadata.version("torch")})),
               "threads": threads, "workload": dataclasses.asdict(workload),
               "steps": args.steps, "repeats": args.repeats, "peak": peak,
               "glibc_malloc_kept_step_memory": kept_memory,
@@ -396,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['fraction_of_f32_peak']:8.1%} {row['loss_at_step_0']:9.5f} "
               f"{row['setup_seconds']:8.1f}")
     print("kd_jax x: this variant's time over kd_jax's for the same kind (> 1: kd_jax faster)")
-    path = args.json or tp.RESULTS / f"vs_pytorch{'_quick' if args.quick else ''}.json"
+    name = "vs_minimal" if args.no_torch else "vs_pytorch"
+    path = args.json or tp.RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {path}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
-from kd_jax.parallel.host_memory import keep_cpu_step_memory
+from kd_jax.parallel.cpu import keep_cpu_step_memory
 
 USAGE_ERROR = 2
 

@@ -14,7 +14,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
-from kd_jax.parallel.host_memory import keep_cpu_step_memory  # noqa: E402
+from kd_jax.parallel.cpu import keep_cpu_step_memory  # noqa: E402
 
 # As the CLI does, before JAX starts: the suite's steps keep their memory mapped between steps.
 keep_cpu_step_memory()

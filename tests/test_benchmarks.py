@@ -1,4 +1,5 @@
-"""benchmarks/gpu.sh end to end at tiny sizes, on a bare image; the useful-FLOPs formula.
+"""benchmarks/gpu.sh end to end at tiny sizes, on a bare image; the useful-FLOPs formula; the
+minimal JAX step of vs_pytorch.py against kd_jax's.
 
 The bare image is simulated: a sitecustomize.py on PYTHONPATH refuses the packages a GPU
 machine without kd_jax's data stack lacks. flax itself imports yaml (flax.linen.summary) and
@@ -120,6 +121,17 @@ def test_gpu_script_tiny_on_a_bare_image(bare_env, tmp_path):
     with_teacher = report["results"]["fused"]["flops_per_token"]
     assert report["results"]["split"]["flops_per_token"] == with_teacher
     assert report["results"]["student"]["flops_per_token"] < with_teacher
+
+    # Then kd_jax's step against the minimal JAX step, without PyTorch, beside --json's file.
+    minimal = json.loads((tmp_path / "throughput_vs_minimal.json").read_text())
+    assert "torch" not in minimal["versions"]
+    assert {row["variant"] for row in minimal["results"]} == {
+        "kd_jax fused", "jax minimal fused", "kd_jax student", "jax minimal student"}
+    agreement, bounds = minimal["minimal_step_agreement"], minimal["minimal_step_agreement"][
+        "bounds"]
+    for kind in ("fused", "student"):
+        assert agreement[kind]["loss"] <= bounds["loss"] and agreement[kind]["params"] <= bounds[
+            "params"]
 
 
 def throughput_module():

@@ -18,6 +18,7 @@ pytest.importorskip("transformers")
 
 from kd_jax import cli  # noqa: E402
 from kd_jax.config import ConfigError  # noqa: E402
+from kd_jax.parallel.cpu import bfloat16_matmul_units  # noqa: E402
 from kd_jax.models import load_pretrained  # noqa: E402
 from tests.helpers import write_tokenizer  # noqa: E402
 from tests.hf_checkpoints import hf_distill_config  # noqa: E402
@@ -46,9 +47,11 @@ def test_distill_hf_to_hf_export_and_score_in_transformers(hf_pair, tmp_path, ca
                      "teacher.source_url=https://example.org/teacher"]) == 0
     saved = (run_dir / "config.yaml").read_text()
     assert "family: qwen2" in saved and "qkv_bias: true" in saved
-    # teacher.dtype auto, on this CPU: float32, and the start-up line says so and why.
-    assert "dtype: float32" in saved.split("teacher:")[1]
-    assert "teacher float32: auto on a CPU" in capsys.readouterr().out
+    # teacher.dtype auto, on this CPU: bfloat16 if it has bfloat16 matrix instructions, else
+    # float32; the run records it, and the start-up line says which and why.
+    expected = "bfloat16" if bfloat16_matmul_units() else "float32"
+    assert f"dtype: {expected}" in saved.split("teacher:")[1]
+    assert f"teacher {expected}: auto on a CPU" in capsys.readouterr().out
     assert f"tokenizer: {student / 'tokenizer.json'}" in saved
     report = json.loads((run_dir / "report.json").read_text())
     assert report["teacher"]["params"] > report["student"]["params"]

@@ -124,8 +124,9 @@ class TeacherConfig:
     source: TeacherSource = "none"
     path: str = ""
     # The frozen teacher's precision (parameters and forward pass). auto: for a Hugging Face
-    # checkpoint, bfloat16 on an accelerator (what real teachers are published in) and float32
-    # on a CPU (faster there, and exact); float32 for a kd-jax run. The start-up line says which.
+    # checkpoint bfloat16 (what real teachers are published in), except on a CPU without
+    # bfloat16 matrix instructions (float32 is faster there); float32 for a kd-jax run. The
+    # start-up line says which and why.
     dtype: TeacherDType = "auto"
     # The teacher's terms, recorded in an exported model card: a distilled model's user must be
     # able to show that the teacher's licence allows distillation.

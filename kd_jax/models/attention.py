@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.config import ModelConfig
+from kd_jax.models.matmul import matmul
 
 # Masked scores are set to this before the softmax rather than -inf, so a query that may attend
 # to nothing (a padding token) gets a uniform, finite distribution instead of NaN.
@@ -146,7 +147,7 @@ def dense(q_btnh, k_btkh, v_btkh, mask_bts) -> jax.Array:
     scores_bkgts = _dense_scores(q_bkqh, k_bksh, mask_bts)
     probs_bkqs = jax.nn.softmax(scores_bkgts, axis=-1).astype(q_btnh.dtype).reshape(
         b, k_bksh.shape[1], -1, k_bksh.shape[2])
-    attended_bkqh = jnp.einsum("bkqs,bksh->bkqh", probs_bkqs, v_bksh)
+    attended_bkqh = matmul("bkqs,bksh->bkqh", probs_bkqs, v_bksh)
     return attended_bkqh.reshape(b, k_bksh.shape[1], -1, t, head_dim).transpose(
         0, 3, 1, 2, 4).reshape(b, t, n, head_dim)
 

@@ -22,7 +22,7 @@ from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.models.pretrained import load_params, open_checkpoint, weight_digests
 from kd_jax.models.pure import PureModel, abstract_model, logical_axes
-from kd_jax.parallel.host_memory import cpu_only
+from kd_jax.parallel.cpu import bfloat16_matmul_units, cpu_only
 from kd_jax.parallel.mesh import param_shardings, rules_for
 from kd_jax.run_dir import read_run
 
@@ -35,20 +35,25 @@ def teacher_dtype(cfg: Config, platform: str | None = None) -> str:
 def teacher_dtype_choice(cfg: Config, platform: str | None = None) -> tuple[str, str]:
     """(dtype, why) of the frozen teacher's parameters and forward pass on `platform` ("cpu",
     or an accelerator's name; None: "cpu" when JAX will run on the CPU, told without starting
-    it). auto is float32 for a kd-jax run (its training precision) and for a Hugging Face
-    checkpoint on a CPU (XLA:CPU runs float32 matmuls faster than bfloat16:
-    benchmarks/precompute_speed.py), bfloat16 for a Hugging Face checkpoint on an accelerator
-    (the precision real teachers are published in, on the matrix units)."""
+    it). auto is float32 for a kd-jax run (its training precision); for a Hugging Face
+    checkpoint, bfloat16 (what real teachers are published in, multiplied with float32
+    accumulation) on an accelerator and on a CPU with bfloat16 matrix instructions, where it is
+    about twice as fast as float32 (benchmarks/precompute_speed.py), and float32 on a CPU
+    without them, where bfloat16 is emulated and slower."""
     if cfg.teacher.dtype != "auto":
         return cfg.teacher.dtype, "teacher.dtype"
     if not is_hf_checkpoint(cfg):
         return "float32", "auto: a kd-jax run's teacher keeps its training precision"
     platform = platform or ("cpu" if cpu_only() else "accelerator")
-    if platform == "cpu":
-        return "float32", ("auto on a CPU: XLA:CPU's float32 matmuls are faster than its "
-                           "bfloat16 ones, and exact")
-    return "bfloat16", (f"auto on {platform}: the checkpoint's published precision, on the "
-                        "matrix units")
+    if platform != "cpu":
+        return "bfloat16", (f"auto on {platform}: the checkpoint's published precision, on the "
+                            "matrix units")
+    units = bfloat16_matmul_units()
+    if units:
+        return "bfloat16", (f"auto on a CPU with bfloat16 matrix instructions ({units}): "
+                            "faster than float32, accumulated in float32")
+    return "float32", ("auto on a CPU without bfloat16 matrix instructions: float32 is faster "
+                       "there, and exact")
 
 
 def is_hf_checkpoint(cfg: Config) -> bool:

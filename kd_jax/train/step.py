@@ -61,7 +61,9 @@ class TrainState:
     params: Params  # the student's parameters, a pure dict
     opt_state: optax.OptState
     rng: jax.Array  # uint32[2] raw key, advanced every step (stochastic losses and sampling)
-    nonfinite_step: jax.Array  # first step (1-based) with a non-finite loss or gradient, or -1
+    # first step (1-based) with a non-finite loss or gradient (one whose sum of squares is not
+    # finite), or -1
+    nonfinite_step: jax.Array
     # what went non-finite at that step: 0 the loss, i + 1 the gradient of parameter i (in
     # `jax.tree.leaves` order), -1 nothing
     nonfinite_term: jax.Array
@@ -215,9 +217,14 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
         current = trainable(state.params, state.aux)
         grads, metrics = accumulate_gradients(
             loss_fn, current, teacher_params, batch, microbatches)
-        grad_norm = optax.tree.norm(grads)
+        # One reduction a parameter serves the norm and the check: a NaN or an infinity in a
+        # gradient makes its sum of squares non-finite (so does a gradient whose square
+        # overflows float32, which is counted as non-finite too).
+        squares = jnp.stack([jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree.leaves(grads)])
+        grad_norm = jnp.sqrt(jnp.sum(squares))
         loss_finite = jnp.isfinite(metrics["loss_sum"])
-        grads_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        grads_finite = jnp.isfinite(squares)
         finite = loss_finite & jnp.all(grads_finite)
         # The loss first (a non-finite loss makes every gradient so), else the first gradient.
         term = jnp.where(loss_finite, jnp.argmin(grads_finite) + 1, 0).astype(jnp.int32)

@@ -16,7 +16,8 @@ from flax import nnx
 
 from kd_jax.config import ModelConfig
 from kd_jax.models.pure import bind, count_params, logical_axes, logits_btv, split_params
-from kd_jax.models.transformer import AUTO_UNROLL_LAYERS, Transformer, layer_loop, project
+from kd_jax.models.matmul import project
+from kd_jax.models.transformer import AUTO_UNROLL_LAYERS, Transformer, layer_loop
 
 # float32 on CPU: both implementations do the same arithmetic in a different order, so the
 # differences are a few ulps of values of order 1 accumulated over a few layers.

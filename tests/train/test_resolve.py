@@ -36,22 +36,28 @@ def test_tokenizer_auto_is_the_checkpoints_or_bytes(hf_pair, tmp_path):
         resolve(cfg)
 
 
-def test_teacher_dtype_auto_is_float32_on_a_cpu_and_bfloat16_on_an_accelerator(hf_pair,
-                                                                               teacher_run):
+def test_teacher_dtype_auto_follows_the_platform_s_matrix_units(hf_pair, teacher_run,
+                                                                 monkeypatch):
+    from kd_jax.teacher import loading
+
     _, _, teacher, _ = hf_pair
     hf = config_lib.load(None, ["teacher.source=hf", f"teacher.path={teacher}"])
-    dtype, why = teacher_dtype_choice(hf, "cpu")
-    assert dtype == "float32" and "faster" in why
     assert teacher_dtype_choice(hf, "gpu")[0] == teacher_dtype_choice(hf, "tpu")[0] == "bfloat16"
+    monkeypatch.setattr(loading, "bfloat16_matmul_units", lambda: None)
+    dtype, why = teacher_dtype_choice(hf, "cpu")
+    assert dtype == "float32" and "without bfloat16 matrix instructions" in why
     # Unsaid, the platform is told without starting JAX: this suite runs on the CPU alone.
     assert resolve(hf).teacher.dtype == "float32"
     assert resolve_model(hf, platform="gpu").teacher.dtype == "bfloat16"
+    monkeypatch.setattr(loading, "bfloat16_matmul_units", lambda: "avx512_bf16")
+    dtype, why = teacher_dtype_choice(hf, "cpu")
+    assert dtype == "bfloat16" and "(avx512_bf16)" in why
     run = config_lib.load(None, ["teacher.source=checkpoint",
                                  f"teacher.path={teacher_run[0] / 'teacher'}"])
     assert teacher_dtype_choice(run, "gpu")[0] == "float32"
     chosen = config_lib.load(None, ["teacher.source=hf", f"teacher.path={teacher}",
-                                    "teacher.dtype=bfloat16"])
-    assert teacher_dtype_choice(chosen, "cpu") == ("bfloat16", "teacher.dtype")
+                                    "teacher.dtype=float32"])
+    assert teacher_dtype_choice(chosen, "cpu") == ("float32", "teacher.dtype")
 
 
 def test_a_pretrained_student_takes_the_checkpoints_architecture(hf_pair):

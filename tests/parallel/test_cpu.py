@@ -1,7 +1,8 @@
-"""kd_jax.parallel.host_memory: with glibc told to keep the step's memory, a CPU execution with a
-large temporary buffer stops faulting its pages in anew every call; and it is left alone where
-the process runs on an accelerator or the user has set glibc's variables. Each case runs in a
-process of its own (the setting is process-wide and must precede JAX's CPU client)."""
+"""kd_jax.parallel.cpu: the CPU's bfloat16 matrix instructions, read from its flags; and with
+glibc told to keep the step's memory, a CPU execution with a large temporary buffer stops
+faulting its pages in anew every call, and is left alone where the process runs on an
+accelerator or the user has set glibc's variables. Each of these runs in a process of its own
+(the setting is process-wide and must precede JAX's CPU client)."""
 
 import json
 import os
@@ -10,11 +11,11 @@ import sys
 
 import pytest
 
-from kd_jax.parallel.host_memory import cpu_only
+from kd_jax.parallel.cpu import bfloat16_matmul_units, cpu_only
 
 PROGRAM = """
 import json, resource, sys
-from kd_jax.parallel.host_memory import keep_cpu_step_memory
+from kd_jax.parallel.cpu import keep_cpu_step_memory
 applied = keep_cpu_step_memory() if sys.argv[1] == "keep" else False
 import jax, jax.numpy as jnp
 
@@ -63,7 +64,7 @@ def test_kept_memory_is_not_faulted_in_again():
 
 @glibc_linux
 def test_left_alone_on_an_accelerator_or_with_the_user_s_own_settings():
-    applied = ("from kd_jax.parallel.host_memory import keep_cpu_step_memory; "
+    applied = ("from kd_jax.parallel.cpu import keep_cpu_step_memory; "
                "print(keep_cpu_step_memory())")
     assert run(applied, JAX_PLATFORMS="cpu") == "True"
     assert run(applied, JAX_PLATFORMS="cpu", MALLOC_ARENA_MAX="4") == "False"
@@ -75,3 +76,13 @@ def test_cpu_only_reads_jax_platforms(monkeypatch):
     assert cpu_only()
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     assert not cpu_only()
+
+
+def test_bfloat16_matrix_instructions_are_read_from_the_flags():
+    zen4 = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n"
+    sapphire_rapids = "flags\t\t: avx512f amx_tile amx_bf16 amx_int8\n"
+    zen3 = "flags\t\t: fpu sse avx2 fma\n"
+    assert bfloat16_matmul_units(zen4) == "avx512_bf16"
+    assert bfloat16_matmul_units(sapphire_rapids) == "amx_bf16"
+    assert bfloat16_matmul_units(zen3) is None
+    assert bfloat16_matmul_units("") is None
