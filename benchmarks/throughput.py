@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kd_jax.config import LossConfig, ModelConfig, OptimizerConfig  # noqa: E402
 from kd_jax.losses.soft_targets import Dense, TopK  # noqa: E402
 from kd_jax.models.pure import abstract_model, count_params, init_params  # noqa: E402
+from kd_jax.parallel.cpu import keep_cpu_step_memory  # noqa: E402
 from kd_jax.teacher.online import OnlineTeacher  # noqa: E402
 from kd_jax.train import step as step_lib  # noqa: E402
 
@@ -531,6 +532,7 @@ def table(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    keep_cpu_step_memory()  # as `kd-jax` does, before JAX starts
     workload = resolve_workload(args)
     if args.child:
         args.child_json.write_text(json.dumps(safe_run_kind(
