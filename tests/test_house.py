@@ -23,6 +23,7 @@ ALLOWED = {
     "checks": set(),
     "config": {"checks"},
     "data": {"config", "checks"},
+    "align": {"config", "checks", "data"},
     "models": {"config", "checks"},
     "losses": {"config", "checks"},
     "parallel": {"config", "checks"},
