@@ -1,0 +1,166 @@
+"""kd_jax.losses.cross_vocab: the divergence over a vocabulary map's buckets and ULD, against
+float64 numpy references (values and gradients); one tokenizer's identity map gives
+`divergence_bt` exactly; padding columns get no gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax.losses.cross_vocab import Buckets, mapped_divergence_bt, uld_bt
+from kd_jax.losses.divergences import divergence_bt
+from tests.references import assert_close, np_kl, np_log_softmax, pad_columns, random_logits
+
+B, T = 2, 5
+V_S, V_T = 29, 37  # the student's and the teacher's valid vocabularies
+KINDS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+
+
+def student_ids(seed=0):
+    """A teacher -> student map with unmapped teacher ids, student ids nothing maps to, and
+    two teacher ids mapping to one student id (a byte piece and its ordinary token)."""
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(V_S)[:22].tolist() + [-1] * (V_T - 22)  # 7 student ids left out
+    ids[30], ids[31] = ids[3], ids[7]  # collisions
+    ids[33] = -1
+    return np.asarray(ids, dtype=np.int32)
+
+
+def np_buckets(p_w, q_v, ids_w):
+    """Both distributions on [the student ids in the map's image..., the rest], float64."""
+    image = sorted({int(s) for s in ids_w if s >= 0})
+    p = np.zeros(p_w.shape[:-1] + (len(image) + 1,))
+    for t, s in enumerate(ids_w):
+        p[..., image.index(s) if s >= 0 else -1] += p_w[..., t]
+    q = np.zeros_like(p)
+    for s in range(q_v.shape[-1]):
+        q[..., image.index(s) if s in image else -1] += q_v[..., s]
+    return p, q
+
+
+def np_divergence(kind, p, q, beta=0.5, skew=0.1):
+    if kind == "forward_kl":
+        return np_kl(p, q)
+    if kind == "reverse_kl":
+        return np_kl(q, p)
+    if kind == "jsd":
+        m = beta * p + (1 - beta) * q
+        return beta * np_kl(p, m) + (1 - beta) * np_kl(q, m)
+    if kind == "skew_kl":
+        return np_kl(p, skew * p + (1 - skew) * q)
+    if kind == "skew_reverse_kl":
+        return np_kl(q, skew * q + (1 - skew) * p)
+    return 0.5 * np.abs(p - q).sum(-1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_mapped_divergence_matches_the_float64_buckets(kind, temperature):
+    ids = student_ids()
+    student, teacher = random_logits(1, (B, T, V_S)), random_logits(2, (B, T, V_T))
+    got = mapped_divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher),
+                               Buckets.from_student_ids(ids, V_S), temperature=temperature)
+    p_w = np.exp(np_log_softmax(teacher, temperature))
+    q_v = np.exp(np_log_softmax(student, temperature))
+    p, q = np_buckets(p_w, q_v, ids)
+    assert_close(got, temperature ** 2 * np_divergence(kind, p, q))
+
+
+def test_mapped_forward_kl_gradient_matches_the_closed_form():
+    """d/dz_s of T^2 KL(P || Q) over buckets is T q_s (1 - P_c / Q_c), c the bucket of s."""
+    ids, temperature = student_ids(), 2.0
+    student, teacher = random_logits(3, (B, T, V_S)), random_logits(4, (B, T, V_T))
+    buckets = Buckets.from_student_ids(ids, V_S)
+    grad = jax.grad(lambda s: jnp.sum(mapped_divergence_bt(
+        "forward_kl", s, jnp.asarray(teacher), buckets, temperature=temperature)))(
+        jnp.asarray(student))
+    p_w = np.exp(np_log_softmax(teacher, temperature))
+    q_v = np.exp(np_log_softmax(student, temperature))
+    p, q = np_buckets(p_w, q_v, ids)
+    image = sorted({int(s) for s in ids if s >= 0})
+    bucket = np.array([image.index(s) if s in image else len(image) for s in range(V_S)])
+    expected = temperature * q_v * (1 - p[..., bucket] / q[..., bucket])
+    assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_tokenizer_s_identity_map_gives_the_dense_divergence_exactly(kind):
+    student, teacher = random_logits(5, (B, T, V_S)), random_logits(6, (B, T, V_S))
+    identity = Buckets.from_student_ids(np.arange(V_S), V_S)
+    got = mapped_divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher), identity,
+                               temperature=2.0)
+    want = divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher), temperature=2.0)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_padding_columns_get_no_mass_and_no_gradient():
+    ids = student_ids()
+    student = pad_columns(random_logits(7, (B, T, V_S)), 32, 1e4)  # garbage past the vocabulary
+    teacher = pad_columns(random_logits(8, (B, T, V_T)), 40, 1e4)
+    buckets = Buckets.from_student_ids(ids, 32)
+    for loss in (lambda s: mapped_divergence_bt(
+            "forward_kl", s, jnp.asarray(teacher), buckets, temperature=1.0, student_valid=V_S,
+            teacher_valid=V_T),
+            lambda s: uld_bt(s, jnp.asarray(teacher), temperature=1.0, student_valid=V_S,
+                             teacher_valid=V_T)):
+        value, grad = jax.value_and_grad(lambda s, f=loss: jnp.sum(f(s)))(jnp.asarray(student))
+        assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+        np.testing.assert_array_equal(np.asarray(grad)[..., V_S:], 0.0)
+    unpadded = mapped_divergence_bt("forward_kl", jnp.asarray(student[..., :V_S]),
+                                    jnp.asarray(teacher[..., :V_T]),
+                                    Buckets.from_student_ids(ids, V_S), temperature=1.0)
+    assert_close(mapped_divergence_bt("forward_kl", jnp.asarray(student), jnp.asarray(teacher),
+                                      buckets, temperature=1.0, student_valid=V_S,
+                                      teacher_valid=V_T), unpadded)
+
+
+def np_uld(p, q):
+    width = max(p.shape[-1], q.shape[-1])
+    sort = lambda x: np.pad(-np.sort(-x, axis=-1),  # noqa: E731
+                            [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+    return np.abs(sort(p) - sort(q)).sum(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_uld_value_and_gradient_match_float64(temperature):
+    student, teacher = random_logits(9, (B, T, V_S)), random_logits(10, (B, T, V_T))
+    value, grad = jax.value_and_grad(lambda s: jnp.sum(uld_bt(
+        s, jnp.asarray(teacher), temperature=temperature)))(jnp.asarray(student))
+    p = np.exp(np_log_softmax(teacher, temperature))
+    q = np.exp(np_log_softmax(student, temperature))
+    assert_close(uld_bt(jnp.asarray(student), jnp.asarray(teacher), temperature=temperature),
+                 np_uld(p, q))
+    # d|P_(i) - Q_(i)|/dQ_(i) = sign(Q_(i) - P_(i)), sorted positions back to ids, through the
+    # softmax at T: dL/dz = q (g - sum q g) / T.
+    width = max(V_S, V_T)
+    p_sorted = np.pad(-np.sort(-p, axis=-1), [(0, 0), (0, 0), (0, width - V_T)])
+    order = np.argsort(-q, axis=-1)
+    g_sorted = np.sign(np.take_along_axis(q, order, -1) - p_sorted[..., :V_S])
+    g = np.zeros_like(q)
+    np.put_along_axis(g, order, g_sorted, -1)
+    expected = q * (g - (q * g).sum(-1, keepdims=True)) / temperature
+    assert_close(grad, expected)
+    assert float(value) > 0
+
+
+def test_uld_is_zero_for_the_same_shape_and_blind_to_which_token():
+    logits = random_logits(11, (B, T, V_S))
+    shuffled = logits[..., np.random.default_rng(0).permutation(V_S)]
+    widened = pad_columns(shuffled, V_S + 8, -1e4)  # a wider vocabulary holding the same mass
+    got = uld_bt(jnp.asarray(logits), jnp.asarray(widened), temperature=1.0)
+    np.testing.assert_allclose(np.asarray(got), 0.0, atol=1e-6)
+
+
+def test_bad_arguments_are_refused():
+    ids = student_ids()
+    student, teacher = jnp.zeros((B, T, V_S)), jnp.zeros((B, T, V_T))
+    with pytest.raises(ValueError, match="mse"):
+        mapped_divergence_bt("mse", student, teacher, Buckets.from_student_ids(ids, V_S),
+                             temperature=1.0)
+    with pytest.raises(ValueError, match="made for 40 student logits"):
+        mapped_divergence_bt("forward_kl", student, teacher, Buckets.from_student_ids(ids, 40),
+                             temperature=1.0)
+    with pytest.raises(ValueError, match="past the student's 10 logits"):
+        Buckets.from_student_ids(ids, 10)
+    with pytest.raises(ValueError, match="temperature"):
+        uld_bt(student, teacher, temperature=0.0)
