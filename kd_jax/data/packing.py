@@ -262,6 +262,15 @@ def derive_rows(index: PairIndex, rows: np.ndarray, read_tokens: Callable[[np.nd
     return {key: np.where(real, value, 0).astype(np.int32) for key, value in out.items()}
 
 
+def document_starts(index: PairIndex, rows: np.ndarray) -> np.ndarray:
+    """bool [len(rows), seq_len]: where a row's pair is its document's first (a piece that
+    starts there starts the document; one that starts elsewhere continues it)."""
+    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+    pairs = rows[:, None] * index.seq_len + np.arange(index.seq_len, dtype=np.int64)
+    first = np.isin(pairs, index.pair_starts)
+    return first & (pairs < index.n_pairs)
+
+
 def derive_all(index: PairIndex, read_tokens: Callable[[np.ndarray], np.ndarray],
                untrained: Spans) -> dict[str, np.ndarray]:
     """Every row of `index`, derived a block at a time (bounded temporaries)."""

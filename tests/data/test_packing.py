@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from kd_jax.config import ConfigError
-from kd_jax.data.packing import pack
+from kd_jax.data.packing import document_starts, index_documents, pack, tokenize
 from kd_jax.data.sources import Document
 from kd_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from tests.data.test_tokenizers import TEXTS, write_byte_level_bpe
@@ -137,3 +137,18 @@ def test_documents_start_with_the_tokenizers_prefix(tmp_path):
     plain = pack(docs, tokenizer, 16, add_bos=False)
     assert not (plain.tokens == bos).any()
     assert load_tokenizer(str(write_byte_level_bpe(tmp_path / "x.json"))).document_prefix == ()
+
+
+@pytest.mark.parametrize("seq_len", [3, 8])
+def test_document_starts_are_the_pairs_that_open_a_document(tmp_path, seq_len):
+    """With a BOS before every document, a document's first pair is the one whose input is
+    the BOS; pieces that continue a document into the next row are not starts."""
+    tokenizer, bos = _bos_tokenizer(tmp_path)
+    docs = _docs()
+    packed = pack(docs, tokenizer, seq_len)
+    tokenized = tokenize(docs, tokenizer, add_bos=True)
+    index = index_documents(np.cumsum(tokenized.lengths) - tokenized.lengths, tokenized.lengths,
+                            seq_len)
+    starts = document_starts(index, np.arange(packed.n_rows))
+    np.testing.assert_array_equal(starts, (packed.tokens == bos) & (packed.segment_ids > 0))
+    assert (packed.positions[:, 0] == 0).all() and not starts[:, 0].all()
