@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.config import LossConfig
-from kd_jax.losses.soft_targets import Projected, SoftTargets, vocabulary_logits
+from kd_jax.losses.soft_targets import SoftTargets, vocabulary_logits
 
 # The automatic chunk keeps one chunk's float32 logits near this many bytes. A chunk's working
 # set is about 8 such arrays (the student's and the teacher's logits, their softmaxes, the
@@ -85,12 +85,9 @@ def chunked_objective(on_logits: Callable, hidden_btd, head_vd, soft_targets: So
         return jnp.moveaxis(x, 0, 1).reshape(b, n_chunks * positions, *x.shape[3:])[:, :t]
 
     soft_targets = jax.lax.stop_gradient(soft_targets)  # the teacher is frozen
-    head_shared = None
-    if isinstance(soft_targets, Projected):  # the teacher's head is shared by every chunk
-        head_shared = soft_targets.head
-        per_token = soft_targets.hidden
-    else:
-        per_token = soft_targets
+    # Targets computed from a teacher's hidden states (`Projected`, `CrossVocab`) are cut into
+    # chunks by their per-token part, and each chunk's rebuilt around the shared head.
+    per_token = soft_targets.per_token() if hasattr(soft_targets, "per_token") else soft_targets
     chunks = {
         "hidden": to_chunks(hidden_btd),
         "targets": jax.tree.map(to_chunks, per_token),
@@ -101,8 +98,8 @@ def chunked_objective(on_logits: Callable, hidden_btd, head_vd, soft_targets: So
     def chunk_loss(logits_bcv, targets_c, labels_c, mask_c):
         if logits_sharding is not None:
             logits_bcv = jax.lax.with_sharding_constraint(logits_bcv, logits_sharding)
-        if head_shared is not None:
-            targets_c = Projected(targets_c, head_shared, soft_targets.logits_sharding).dense()
+        if hasattr(soft_targets, "with_per_token"):
+            targets_c = soft_targets.with_per_token(targets_c)
         return on_logits(logits_bcv, targets_c, labels_c, mask_c, config=config,
                          num_valid_tokens=num_valid_tokens, valid_vocab=valid_vocab)
 

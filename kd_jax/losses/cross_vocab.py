@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from kd_jax.losses.divergences import (
     check_leading_shapes,
@@ -40,9 +41,13 @@ from kd_jax.losses.divergences import (
     student_log_probs_btv,
     validate_divergence_args,
 )
+from kd_jax.losses.soft_targets import vocabulary_logits
+
+METHODS = ("mapped", "uld")
 
 
-@dataclass(frozen=True)
+# eq=False: compared (and hashed) by identity, as a static field of a pytree must be cheaply.
+@dataclass(frozen=True, eq=False)
 class Buckets:
     """The map as the loss uses it, made once per tokenizer pair (`from_student_ids`).
 
@@ -147,3 +152,52 @@ def uld_bt(student_logits_btv, teacher_logits_btw, *, temperature, student_valid
     p_btw = jnp.pad(-jnp.sort(-p_btw, axis=-1), [(0, 0)] * (p_btw.ndim - 1)
                     + [(0, width - p_btw.shape[-1])])
     return jnp.sum(jnp.abs(p_btw - q_btv), axis=-1)
+
+
+@struct.dataclass
+class CrossVocab:
+    """Soft targets from a teacher with another vocabulary (`kd_jax.losses.soft_targets` has
+    the kinds): its final hidden states taken at each student position's aligned teacher
+    position [batch, tokens, d_teacher], its output head [teacher vocab, d_teacher], and where a
+    student position is aligned [batch, tokens]. The divergence is `method`'s ("mapped":
+    `mapped_divergence_bt` with the loss's divergence; "uld": `uld_bt`), 0 where unaligned: an
+    unaligned position is trained on its hard label alone."""
+
+    hidden: jax.Array
+    head: jax.Array
+    aligned: jax.Array
+    buckets: Buckets = struct.field(pytree_node=False)
+    method: str = struct.field(pytree_node=False, default="mapped")
+    teacher_valid: int | None = struct.field(pytree_node=False, default=None)
+
+    def refusal(self, divergence: str) -> str | None:
+        if divergence == "mse" and self.method == "mapped":
+            return ("divergence 'mse' compares logits column by column and is not defined "
+                    "across two vocabularies; use a divergence between distributions")
+        return None
+
+    def where(self, mask_bt) -> CrossVocab:
+        """These targets where `mask_bt`; elsewhere unaligned, with zero hidden states."""
+        return self.replace(hidden=jnp.where(mask_bt[..., None], self.hidden, 0),
+                            aligned=self.aligned & mask_bt)
+
+    def per_token(self):
+        """What `kd_jax.losses.chunked` cuts into chunks; the head is shared by all."""
+        return self.hidden, self.aligned
+
+    def with_per_token(self, per_token) -> CrossVocab:
+        hidden, aligned = per_token
+        return self.replace(hidden=hidden, aligned=aligned)
+
+    def divergence_bt(self, kind: str, student_logits_btv, *, temperature, beta=0.5, skew=0.1,
+                      valid_vocab=None) -> jax.Array:
+        teacher_logits_btw = vocabulary_logits(self.hidden, self.head)
+        if self.method == "uld":
+            value_bt = uld_bt(student_logits_btv, teacher_logits_btw, temperature=temperature,
+                              student_valid=valid_vocab, teacher_valid=self.teacher_valid)
+        else:
+            value_bt = mapped_divergence_bt(
+                kind, student_logits_btv, teacher_logits_btw, self.buckets,
+                temperature=temperature, beta=beta, skew=skew, student_valid=valid_vocab,
+                teacher_valid=self.teacher_valid)
+        return jnp.where(self.aligned, value_bt, 0.0)

@@ -100,7 +100,7 @@ def objective_on_logits(student_logits_btv, soft_targets: SoftTargets | None, la
 
     validate_loss_args(config.divergence, config.temperature, config.beta, config.skew,
                        config.kd_weight, config.ce_weight)
-    check_supported(type(soft_targets), config.divergence)
+    check_supported(soft_targets, config.divergence)
     soft_targets = jax.lax.stop_gradient(soft_targets)  # the teacher is frozen
     kd_bt = soft_targets.divergence_bt(
         config.divergence, student_logits_btv, temperature=config.temperature, beta=config.beta,

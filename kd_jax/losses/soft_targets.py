@@ -13,6 +13,8 @@ What a teacher gives the loss for a batch is one of:
             where they are needed, for the whole batch or a chunk of tokens at a time
             (`kd_jax.losses.chunked`), so the teacher's [tokens, vocab] logits need never exist
             whole.
+* `CrossVocab` the same from a teacher with another vocabulary, at the student's aligned
+            positions (`kd_jax.losses.cross_vocab`).
 
 Each kind is a pytree with `divergence_bt(kind, student_logits_btv, ...)`, the per-token
 divergence of the student from it, float32 [batch, tokens] and scaled by T^2 like
@@ -83,6 +85,14 @@ class Projected:
     def where(self, mask_bt) -> Projected:
         """These targets where `mask_bt`; zero hidden states (uniform logits) elsewhere."""
         return self.replace(hidden=jnp.where(mask_bt[..., None], self.hidden, 0))
+
+    def per_token(self):
+        """What `kd_jax.losses.chunked` cuts into chunks; the head is shared by all."""
+        return self.hidden
+
+    def with_per_token(self, hidden) -> Dense:
+        """A chunk's targets from its hidden states: its logits, computed in the chunk."""
+        return self.replace(hidden=hidden).dense()
 
     def dense(self) -> Dense:
         """The teacher's logits, float32 (accumulated in float32 whatever the dtype)."""
@@ -164,9 +174,10 @@ class Sampled:
 SoftTargets = Dense | TopK | Sampled
 
 
-def check_supported(targets_kind: type, divergence: str) -> None:
-    """ValueError when targets of `targets_kind` cannot serve `divergence`."""
-    reason = targets_kind.refusal(divergence)
+def check_supported(targets: Any, divergence: str) -> None:
+    """ValueError when `targets` (a kind of targets, or targets whose refusal depends on their
+    settings, as `CrossVocab`'s does) cannot serve `divergence`."""
+    reason = targets.refusal(divergence)
     if reason is not None:
         raise ValueError(reason)
 

@@ -1,0 +1,128 @@
+"""kd_jax.teacher.cross: an online teacher with another tokenizer inside the loss. Through the
+cross-tokenizer path, one tokenizer on both sides gives the online teacher's loss and gradients;
+with teacher rows of their own, a partial vocabulary map and unaligned positions, the loss and
+its gradients are the loss written out (teacher run apart, logits gathered, the divergence
+over the map's buckets or ULD, hard labels everywhere); chunked as unchunked."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax.losses.cross_vocab import Buckets, mapped_divergence_bt, uld_bt
+from kd_jax.losses.divergences import cross_entropy_bt
+from kd_jax.teacher.cross import CrossTokenizerTeacher
+from kd_jax.teacher.online import OnlineTeacher
+from kd_jax.train.step import make_loss_fn
+from tests.helpers import LOSS, STUDENT, VALID_VOCAB, assert_trees_close, make_batch
+
+CHUNKED = dataclasses.replace(LOSS, chunk_tokens=24)  # 3 positions of 8 rows a chunk
+TEACHER_SEQ = 20
+
+
+def loss_and_grads(loss_fn, student_params, teacher_params, batch):
+    num_valid = float(np.sum(batch["loss_mask"]))
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        student_params, teacher_params, batch, num_valid)
+    return float(loss), grads, metrics
+
+
+def same_rows(batch):
+    """The student's rows as the teacher's, every position aligned to itself."""
+    seq = batch["tokens"].shape[1]
+    return dict(batch, teacher_tokens=batch["tokens"], teacher_positions=batch["positions"],
+                teacher_segment_ids=batch["segment_ids"],
+                teacher_index=np.broadcast_to(np.arange(seq, dtype=np.int32),
+                                              batch["tokens"].shape).copy())
+
+
+@pytest.mark.parametrize("loss_cfg", [LOSS, CHUNKED], ids=["whole", "chunked"])
+def test_one_tokenizer_through_the_cross_path_is_the_online_teacher(tiny_models, loss_cfg):
+    student, student_params, teacher, teacher_params = tiny_models
+    batch = same_rows(make_batch(0))
+    identity = Buckets.from_student_ids(np.arange(VALID_VOCAB), STUDENT.vocab_size)
+    cross = CrossTokenizerTeacher(teacher, identity, teacher_valid=VALID_VOCAB)
+    got = loss_and_grads(make_loss_fn(student, cross, loss_cfg, VALID_VOCAB), student_params,
+                         teacher_params, batch)
+    want = loss_and_grads(make_loss_fn(student, OnlineTeacher(teacher), loss_cfg, VALID_VOCAB),
+                          student_params, teacher_params, batch)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert_trees_close(got[1], want[1])
+
+
+def cross_batch(seed):
+    """Teacher rows of TEACHER_SEQ tokens; a third of the student positions unaligned."""
+    batch = make_batch(seed)
+    rng = np.random.default_rng(seed + 100)
+    rows, seq = batch["tokens"].shape
+    index = np.sort(rng.integers(0, TEACHER_SEQ, (rows, seq)), axis=1).astype(np.int32)
+    index[rng.random((rows, seq)) < 1 / 3] = -1
+    return dict(batch, teacher_tokens=rng.integers(0, VALID_VOCAB, (rows, TEACHER_SEQ),
+                                                   dtype=np.int32),
+                teacher_positions=np.broadcast_to(np.arange(TEACHER_SEQ, dtype=np.int32),
+                                                  (rows, TEACHER_SEQ)).copy(),
+                teacher_segment_ids=np.ones((rows, TEACHER_SEQ), np.int32), teacher_index=index)
+
+
+def partial_map():
+    """Teacher ids -> student ids: some unmapped, two onto one, some student ids left out."""
+    ids = np.random.default_rng(7).permutation(VALID_VOCAB).astype(np.int32)
+    ids[::5] = -1
+    ids[3] = ids[4]
+    return ids
+
+
+def written_out(student, teacher, method, batch, ids):
+    """The loss of the module docstring, from the two models' logits, as a function of the
+    student's parameters."""
+    buckets = Buckets.from_student_ids(ids, STUDENT.vocab_size)
+
+    def loss(student_params, teacher_params):
+        student_logits = student.logits(student_params, batch)
+        teacher_logits = teacher.logits(teacher_params, {
+            "tokens": batch["teacher_tokens"], "positions": batch["teacher_positions"],
+            "segment_ids": batch["teacher_segment_ids"]})
+        index = batch["teacher_index"]
+        gathered = np.take_along_axis(np.asarray(teacher_logits),
+                                      np.maximum(index, 0)[..., None], axis=1)
+        if method == "uld":
+            kd = uld_bt(student_logits, gathered, temperature=LOSS.temperature,
+                        student_valid=VALID_VOCAB, teacher_valid=VALID_VOCAB)
+        else:
+            kd = mapped_divergence_bt(LOSS.divergence, student_logits, gathered, buckets,
+                                      temperature=LOSS.temperature, student_valid=VALID_VOCAB,
+                                      teacher_valid=VALID_VOCAB)
+        mask = batch["loss_mask"] > 0
+        kd = jnp.where(mask & (index >= 0), kd, 0.0)
+        ce = jnp.where(mask, cross_entropy_bt(student_logits, batch["labels"],
+                                              valid_vocab=VALID_VOCAB), 0.0)
+        return (LOSS.kd_weight * kd.sum() + LOSS.ce_weight * ce.sum()) / mask.sum()
+    return loss
+
+
+@pytest.mark.parametrize("method", ["mapped", "uld"])
+@pytest.mark.parametrize("loss_cfg", [LOSS, CHUNKED], ids=["whole", "chunked"])
+def test_the_cross_tokenizer_loss_is_the_loss_written_out(tiny_models, method, loss_cfg):
+    student, student_params, teacher, teacher_params = tiny_models
+    batch, ids = cross_batch(1), partial_map()
+    cross = CrossTokenizerTeacher(teacher, Buckets.from_student_ids(ids, STUDENT.vocab_size), method,
+                                  teacher_valid=VALID_VOCAB)
+    loss, grads, metrics = loss_and_grads(make_loss_fn(student, cross, loss_cfg, VALID_VOCAB),
+                                          student_params, teacher_params, batch)
+    reference = written_out(student, teacher, method, batch, ids)
+    want_loss, want_grads = jax.value_and_grad(reference)(student_params, teacher_params)
+    np.testing.assert_allclose(loss, float(want_loss), rtol=1e-5)
+    assert_trees_close(grads, want_grads)
+    assert float(metrics["kd_sum"]) > 0
+
+
+def test_the_teacher_receives_no_gradient(tiny_models):
+    student, student_params, teacher, teacher_params = tiny_models
+    batch = cross_batch(2)
+    cross = CrossTokenizerTeacher(teacher, Buckets.from_student_ids(partial_map(), STUDENT.vocab_size),
+                                  teacher_valid=VALID_VOCAB)
+    loss_fn = make_loss_fn(student, cross, LOSS, VALID_VOCAB)
+    grads = jax.grad(lambda t: loss_fn(student_params, t, batch, 10.0)[0])(teacher_params)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
