@@ -20,11 +20,12 @@ does not hold them; rendering a conversation in each side's own template is the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from kd_jax.align.positions import align, byte_ends
+from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer
 
 # The arrays `teacher_rows` returns: the teacher's row, and per student position its alignment.
@@ -111,3 +112,15 @@ def teacher_rows(batch: dict[str, np.ndarray], student: Tokenizer, teacher: Toke
         teacher_index[row, start:end] = np.where(inside, at + position, -1)
         same_next[row, start:end] = inside & next_same
     return {**out, "teacher_index": teacher_index, "same_next": same_next}
+
+
+def teacher_fields(data: Rows, student: Tokenizer, teacher: Tokenizer, teacher_seq_len: int
+                   ) -> Callable[[np.ndarray, dict], dict[str, np.ndarray]]:
+    """A teacher's `host_fields(rows, batch)`: for `batch`, rows `rows` of `data`, the teacher's
+    rows and `teacher_index` (what the step reads; `same_next` stays on the host)."""
+
+    def fields(rows: np.ndarray, batch: dict) -> dict[str, np.ndarray]:
+        out = teacher_rows(batch, student, teacher, teacher_seq_len, data.document_starts(rows))
+        return {key: out[key] for key in (*TEACHER_KEYS, "teacher_index")}
+
+    return fields

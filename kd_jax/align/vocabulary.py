@@ -1,13 +1,21 @@
-"""The map between a teacher's vocabulary and a student's: tokens that spell the same text.
+"""The map between a teacher's vocabulary and a student's, by the text their tokens spell.
 
-A teacher token maps to the student token that spells the same bytes (`token_bytes()`: byte-level
-BPE's alphabet, SentencePiece's word marker and byte-fallback pieces already read as the bytes
-they stand for, so Llama 3's "Ġthe" and Llama 2's "▁the" are both b" the"). Where the student
-has several ids for those bytes, its own `ids_by_bytes()` choice is taken (an ordinary token
-over a byte piece). Special tokens spell nothing and map to nothing. What does not map is where a
-cross-tokenizer loss must do something else (one bucket for the rest, or sorted probabilities),
-so the map says how much of the teacher's probability falls there (`unmapped_mass`): a student
-that splits digits against a teacher with multi-digit tokens shows it at once.
+What a token spells is its tokenizer's `token_bytes()` (byte-level BPE's alphabet, SentencePiece's
+word marker and byte-fallback pieces already read as the bytes they stand for, so Llama 3's
+"Ġthe" and Llama 2's "▁the" are both b" the"; special tokens spell nothing).
+
+A teacher token maps to the student token that spells the same bytes (`exact`), else to the
+longest student token its bytes start with: the teacher's "2024" to a digit-splitting student's
+"2", the student token its next text would start with. A next-token distribution then moves
+across: the student's probability of "2" is compared with the teacher's of every token that
+starts the text the way "2" does. Only where the student has no token for a teacher token's
+first byte does it map to nothing (-1); special tokens never map.
+
+`buckets` turns the map into what the loss compares (`kd_jax.losses.cross_vocab`): the student
+tokens some teacher token maps to are the buckets, and every token of either vocabulary falls in
+the bucket of the longest of them its bytes start with (the student's "2024", which the teacher
+lacks, falls in "20" if the teacher maps a token there, else "2"). Tokens of neither bucket
+(special tokens) are left out of the comparison.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ import numpy as np
 
 @dataclass(frozen=True)
 class VocabularyMap:
-    """`student_id[t]`: the student's id spelling what teacher id t spells, or -1 (int32,
-    [teacher vocabulary])."""
+    """`student_id[t]`: the student's id teacher id t maps to, or -1; `exact[t]`: whether the
+    two spell the same text (int32 and bool, [teacher vocabulary])."""
 
     student_id: np.ndarray
+    exact: np.ndarray
     student_vocab: int
 
     @property
@@ -33,24 +42,54 @@ class VocabularyMap:
     def describe(self) -> str:
         """One line for the start-up log: how much of each vocabulary the map covers."""
         teacher_vocab = len(self.student_id)
-        mapped = int(self.mapped.sum())
+        exact = int(self.exact.sum())
+        by_prefix = int(self.mapped.sum()) - exact
         reached = len(np.unique(self.student_id[self.mapped]))
-        return (f"{mapped:,} of the teacher's {teacher_vocab:,} tokens "
-                f"({mapped / max(teacher_vocab, 1):.1%}) spell a student token; they reach "
-                f"{reached:,} of the student's {self.student_vocab:,}")
+        return (f"{exact:,} of the teacher's {teacher_vocab:,} tokens spell a student token, "
+                f"{by_prefix:,} more start with one, {teacher_vocab - exact - by_prefix:,} "
+                f"(special) map to none; they reach {reached:,} of the student's "
+                f"{self.student_vocab:,}")
+
+
+def _longest_prefix(spelled: bytes, ids_by_bytes: Mapping[bytes, int], longest: int) -> int:
+    """The id of the longest key of `ids_by_bytes` that `spelled` starts with, or -1."""
+    for length in range(min(len(spelled), longest), 0, -1):
+        token_id = ids_by_bytes.get(spelled[:length])
+        if token_id is not None:
+            return token_id
+    return -1
 
 
 def map_vocabularies(teacher_bytes: Sequence[bytes], student_ids_by_bytes: Mapping[bytes, int],
                      student_vocab: int) -> VocabularyMap:
-    """The map from the teacher's `token_bytes()` and the student's `ids_by_bytes()`."""
-    student_id = np.array([student_ids_by_bytes.get(spelled, -1) if spelled else -1
+    """The map from the teacher's `token_bytes()` and the student's `ids_by_bytes()` (which
+    picks among student ids spelling the same bytes: an ordinary token over a byte piece)."""
+    longest = max((len(key) for key in student_ids_by_bytes), default=0)
+    student_id = np.array([_longest_prefix(spelled, student_ids_by_bytes, longest)
                            for spelled in teacher_bytes], dtype=np.int32)
-    return VocabularyMap(student_id, student_vocab)
+    exact = np.array([bool(spelled) and spelled in student_ids_by_bytes
+                      for spelled in teacher_bytes], dtype=bool)
+    return VocabularyMap(student_id, exact, student_vocab)
+
+
+def buckets(vocabulary: VocabularyMap, teacher_bytes: Sequence[bytes],
+            student_bytes: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, int]:
+    """(the bucket of each teacher id, of each student id, the number of buckets): int32
+    arrays, -1 for a token of no bucket (the module docstring)."""
+    image = np.unique(vocabulary.student_id[vocabulary.mapped])
+    bucket_by_bytes = {student_bytes[int(student_id)]: n for n, student_id in enumerate(image)}
+    longest = max((len(key) for key in bucket_by_bytes), default=0)
+
+    def of(spelled: Sequence[bytes]) -> np.ndarray:
+        return np.array([_longest_prefix(text, bucket_by_bytes, longest) for text in spelled],
+                        dtype=np.int32)
+
+    return of(teacher_bytes), of(student_bytes), len(image)
 
 
 def unmapped_mass(teacher_probs: np.ndarray, vocabulary: VocabularyMap) -> np.ndarray:
-    """The teacher's probability on tokens with no student counterpart, per position
-    ([..., teacher vocabulary] -> [...]); computed as 1 minus the mapped mass would lose a
-    small unmapped share to rounding, so it is summed directly."""
+    """The teacher's probability on tokens that map to no student token, per position
+    ([..., teacher vocabulary] -> [...]); summed directly, since 1 minus the mapped mass would
+    lose a small share to rounding."""
     probs = np.asarray(teacher_probs, dtype=np.float64)
     return probs[..., ~vocabulary.mapped].sum(axis=-1)

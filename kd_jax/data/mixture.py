@@ -105,6 +105,11 @@ class MixedRows(_SeveralStores):
         part = np.searchsorted(self.offsets, rows, side="right") - 1
         return _gather(self.parts, part, rows - self.offsets[part])
 
+    def document_starts(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        part = np.searchsorted(self.offsets, rows, side="right") - 1
+        return _gather(self.parts, part, rows - self.offsets[part], "document_starts")["starts"]
+
     def row_hashes(self) -> np.ndarray:
         return np.concatenate([np.asarray(part.row_hashes()) for part in self.parts])
 
@@ -160,18 +165,26 @@ class InterleavedRows(_SeveralStores):
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         return _gather(self.parts, self.part[rows], self.local[rows])
 
+    def document_starts(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        return _gather(self.parts, self.part[rows], self.local[rows],
+                       "document_starts")["starts"]
+
     def row_hashes(self) -> np.ndarray:
         hashes = np.concatenate([np.asarray(part.row_hashes()) for part in self.parts])
         sizes = np.array([part.n_rows for part in self.parts], dtype=np.int64)
         return hashes[(np.cumsum(sizes) - sizes)[self.part] + self.local]
 
 
-def _gather(parts: list[Rows], part: np.ndarray, local: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows `local[i]` of sources `part[i]`, in the order asked, each source read once."""
+def _gather(parts: list[Rows], part: np.ndarray, local: np.ndarray,
+            read: str = "take") -> dict[str, np.ndarray]:
+    """Rows `local[i]` of sources `part[i]`, in the order asked, each source read once by its
+    method `read` (`take`, or `document_starts`, whose array comes back under "starts")."""
     out: dict[str, np.ndarray] = {}
     for p in np.unique(part):
         here = part == p
-        for key, value in parts[p].take(local[here]).items():
+        got = getattr(parts[p], read)(local[here])
+        for key, value in (got if isinstance(got, dict) else {"starts": got}).items():
             if key not in out:
                 out[key] = np.zeros((len(part), value.shape[1]), dtype=value.dtype)
             out[key][here] = value

@@ -77,6 +77,9 @@ class Rows(Protocol):
     def row_hashes(self) -> np.ndarray:
         """uint64 [n_rows]: `row_hashes` of every row, what a teacher cache is checked against."""
 
+    def document_starts(self, rows: np.ndarray) -> np.ndarray:
+        """bool [len(rows), seq_len]: where a piece starts its document (`document_starts`)."""
+
 
 @dataclasses.dataclass
 class Packed:
@@ -88,6 +91,9 @@ class Packed:
     segment_ids: np.ndarray  # 1, 2, ... per document piece within a row; 0 is padding
     loss_mask: np.ndarray  # 1 where the label is trained on
     byte_count: float  # UTF-8 bytes covered by the masked-in labels, for bits per byte
+    # bool [n_rows, seq_len]: where a piece starts its document (None: not known, and then
+    # every piece but a row's first is taken to start one, as greedy packing makes them)
+    starts: np.ndarray | None = None
 
     @property
     def n_rows(self) -> int:
@@ -105,6 +111,15 @@ class Packed:
         """The arrays of `rows`, int32 [len(rows), seq_len] each."""
         rows = np.asarray(rows, dtype=np.int64)
         return {key: getattr(self, key)[rows].astype(np.int32) for key in BATCH_KEYS}
+
+    def document_starts(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.starts is not None:
+            return self.starts[rows]
+        segment_ids = self.segment_ids[rows]
+        opens = np.zeros(segment_ids.shape, dtype=bool)
+        opens[:, 1:] = (segment_ids[:, 1:] != segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+        return opens
 
     def row_hashes(self) -> np.ndarray:
         return row_hashes(self.tokens, self.segment_ids, self.loss_mask)
@@ -129,7 +144,8 @@ def pack(docs: Sequence[Document], tokenizer: Tokenizer, seq_len: int,
     spans = tokenized.untrained
     arrays = derive_all(index, lambda at: ids[at], (spans[:, 0].copy(), spans[:, 1].copy()))
     return Packed(**arrays, byte_count=covered_bytes(arrays["labels"], arrays["loss_mask"],
-                                                     tokenizer.byte_lengths()))
+                                                     tokenizer.byte_lengths()),
+                  starts=document_starts(index, np.arange(index.n_rows)))
 
 
 def check_seq_len(seq_len: int) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from kd_jax.config import ConfigError, DataConfig
-from kd_jax.data.packing import PairIndex, derive_rows, row_hashes
+from kd_jax.data.packing import PairIndex, derive_rows, document_starts, row_hashes
 from kd_jax.data.sources import data_files
 from kd_jax.data.tokenizers import Tokenizer
 
@@ -198,6 +198,9 @@ class StoreRows:
                              "damaged; delete it to prepare it again")
         self.rows_read += len(rows)
         return arrays
+
+    def document_starts(self, rows: np.ndarray) -> np.ndarray:
+        return document_starts(self.index, rows)
 
     def row_hashes(self) -> np.ndarray:
         return self.hashes

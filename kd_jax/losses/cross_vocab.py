@@ -2,17 +2,17 @@
 
 Two ways to compare next-token distributions over different vocabularies:
 
-* `mapped_divergence_bt`: both distributions coarsened onto the same buckets, then any of the
+* `mapped_divergence_bt`: both distributions gathered into the same buckets, then any of the
   divergences between distributions (`distribution_divergence_bt`, T^2-scaled like the others).
-  The buckets are the student's ids that some teacher token maps to (a teacher token maps to the
-  student token that spells the same text: `kd_jax.align.vocabulary`), and one bucket for the
-  rest: the teacher's tokens that map to nothing and the student's that nothing maps to. It is
-  the top-k loss's construction (k buckets and a tail) with the map's buckets; as there, every
-  divergence is an f-divergence, so by the data-processing inequality the coarsened value is at
-  most the value over the full distributions, and equal to it when the map is one tokenizer's
-  identity (then this is `divergence_bt` exactly). What it gives up is the rest bucket's inside:
-  a teacher that puts its mass on "12" where the student can only say "1" is matched as mass on
-  the rest, not as mass on "1".
+  A bucket is a student token that some teacher token maps to, and holds every token of either
+  vocabulary whose text starts with it and with no longer bucket (`kd_jax.align.vocabulary`):
+  the teacher's mass on "2024" and the student's on "2" meet in the bucket "2" where the
+  student splits digits. Tokens of no bucket (special tokens) are left out and both sides
+  renormalized over the buckets. As for top-k targets, every divergence here is an
+  f-divergence, so by the data-processing inequality the bucketed value is at most the value
+  the two distributions would have over one vocabulary; with one tokenizer on both sides the
+  buckets are the tokens and this is `divergence_bt` exactly. What it gives up is what a bucket
+  holds inside: "2024" and "2" are one event for it.
 * `uld_bt`: ULD, Universal Logit Distillation (Boizard et al. 2024, arXiv 2402.12030), the sum of
   |p_(i) - q_(i)| over the two distributions' probabilities sorted in decreasing order (the
   shorter padded with zeros): the Wasserstein-1 distance between them with every pair of
@@ -49,43 +49,54 @@ METHODS = ("mapped", "uld")
 # eq=False: compared (and hashed) by identity, as a static field of a pytree must be cheaply.
 @dataclass(frozen=True, eq=False)
 class Buckets:
-    """The map as the loss uses it, made once per tokenizer pair (`from_student_ids`).
+    """The bucket of each teacher id [teacher width] and of each student id [student width]
+    (int32, -1: in none), and how many there are: what `kd_jax.align.vocabulary.buckets`
+    computes, fitted to the two models' logits. numpy arrays, constants of the compiled step."""
 
-    `teacher_ids_rs[r, s]`: the r-th teacher id that maps to student id s, or -1 (several
-    teacher ids can spell one student token: a byte-fallback piece and the ordinary token for
-    the same byte); `image_s`: student ids some teacher id maps to; `mapped_w`: teacher ids that
-    map. numpy arrays, constants of the compiled step."""
-
-    teacher_ids_rs: np.ndarray
-    image_s: np.ndarray
-    mapped_w: np.ndarray
+    teacher_w: np.ndarray
+    student_v: np.ndarray
+    count: int
+    drops: bool  # whether a token of a vocabulary falls in no bucket: then both renormalized
 
     @classmethod
-    def from_student_ids(cls, student_id_w: np.ndarray, student_width: int) -> Buckets:
-        """From `student_id_w[t]`, the student id teacher id t maps to or -1 (a map from
-        `kd_jax.align.vocabulary`), for student logits `student_width` wide."""
-        student_id_w = np.asarray(student_id_w, dtype=np.int64)
-        if student_id_w.size and student_id_w.max() >= student_width:
-            raise ValueError(f"the vocabulary map names student id {student_id_w.max()}, past "
-                             f"the student's {student_width} logits")
-        mapped = np.flatnonzero(student_id_w >= 0)
-        targets = student_id_w[mapped]
-        order = np.argsort(targets, kind="stable")
-        mapped, targets = mapped[order], targets[order]
-        # The rank of each teacher id among those mapping to its student id.
-        first = np.searchsorted(targets, targets, side="left")
-        rank = np.arange(len(targets)) - first
-        ranks = int(rank.max()) + 1 if len(rank) else 1
-        teacher_ids_rs = np.full((ranks, student_width), -1, dtype=np.int32)
-        teacher_ids_rs[rank, targets] = mapped
-        return cls(teacher_ids_rs, teacher_ids_rs[0] >= 0, student_id_w >= 0)
+    def of(cls, teacher_bucket, student_bucket, count: int, teacher_width: int,
+           student_width: int) -> Buckets:
+        """From the tokenizers' buckets, extended with -1 over padded logit columns."""
+        def fit(bucket, width, side):
+            bucket = np.asarray(bucket, dtype=np.int32)
+            if len(bucket) > width:
+                raise ValueError(f"the buckets cover {len(bucket)} {side} ids, more than the "
+                                 f"{side}'s {width} logits")
+            if bucket.size and bucket.max() >= count:
+                raise ValueError(f"a {side} bucket is {bucket.max()}, past the {count} buckets")
+            return np.concatenate([bucket, np.full(width - len(bucket), -1, np.int32)])
+        drops = bool((np.asarray(teacher_bucket) < 0).any()
+                     or (np.asarray(student_bucket) < 0).any())
+        return cls(fit(teacher_bucket, teacher_width, "teacher"),
+                   fit(student_bucket, student_width, "student"), int(count), drops)
+
+    @classmethod
+    def identity(cls, vocab: int, width: int) -> Buckets:
+        """One tokenizer on both sides: each token its own bucket."""
+        return cls.of(np.arange(vocab), np.arange(vocab), vocab, width, width)
 
 
-def _gather_log_probs(log_p_btw, teacher_ids_s):
-    """log p at the given teacher ids along the last axis; -inf where the id is -1."""
-    present_s = teacher_ids_s >= 0
-    taken = jnp.take(log_p_btw, jnp.asarray(np.maximum(teacher_ids_s, 0)), axis=-1)
-    return jnp.where(jnp.asarray(present_s), taken, -jnp.inf)
+def _bucket_log_probs(log_x_btv, bucket_v: np.ndarray, count: int):
+    """log of the probability in each bucket [b, t, count], a logsumexp over its members
+    (computed shifted by their largest, which is held constant for the gradient)."""
+    if np.array_equal(bucket_v[:count], np.arange(count)) and (bucket_v[count:] < 0).all():
+        return log_x_btv[..., :count]  # the tokens are the buckets
+    lead = log_x_btv.shape[:-1]
+    segments = jnp.asarray(np.where(bucket_v >= 0, bucket_v, count))  # count: the left out
+    flat_vn = log_x_btv.reshape(-1, log_x_btv.shape[-1]).T
+    top_cn = jax.ops.segment_max(flat_vn, segments, num_segments=count + 1)
+    top_cn = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top_cn), top_cn, 0.0))
+    total_cn = jax.ops.segment_sum(jnp.exp(flat_vn - top_cn[segments]), segments,
+                                   num_segments=count + 1)
+    # A bucket whose members all have probability 0: -inf, with a zero gradient (log(1) there).
+    has_cn = total_cn > 0
+    log_cn = jnp.where(has_cn, jnp.log(jnp.where(has_cn, total_cn, 1.0)) + top_cn, -jnp.inf)
+    return log_cn[:count].T.reshape(*lead, count)
 
 
 def _teacher_log_probs_btw(teacher_logits_btw, temperature: float, teacher_valid):
@@ -96,42 +107,30 @@ def _teacher_log_probs_btw(teacher_logits_btw, temperature: float, teacher_valid
 def mapped_divergence_bt(kind: str, student_logits_btv, teacher_logits_btw, buckets: Buckets, *,
                          temperature, beta=0.5, skew=0.1, student_valid=None,
                          teacher_valid=None) -> jax.Array:
-    """Per-token divergence between the two distributions coarsened onto the map's buckets
-    (the module docstring), T^2-scaled, float32 [batch, tokens]. `kind` as in `divergence_bt`
-    (not `mse`, which compares logits column by column)."""
+    """Per-token divergence between the two distributions gathered into the buckets (the
+    module docstring), T^2-scaled, float32 [batch, tokens]. `kind` as in `divergence_bt` (not
+    `mse`, which compares logits column by column)."""
     temperature, beta, skew = validate_divergence_args(kind, temperature, beta, skew)
     if kind == "mse":
         raise ValueError("divergence 'mse' compares logits column by column and is not defined "
                          "across two vocabularies; use a divergence between distributions")
     check_leading_shapes(student=student_logits_btv.shape[:-1],
                          teacher=teacher_logits_btw.shape[:-1])
-    if buckets.teacher_ids_rs.shape[1] != student_logits_btv.shape[-1]:
-        raise ValueError(f"the buckets were made for {buckets.teacher_ids_rs.shape[1]} student "
-                         f"logits, not {student_logits_btv.shape[-1]}")
-    if buckets.mapped_w.shape[0] > teacher_logits_btw.shape[-1]:
-        raise ValueError(f"the vocabulary map covers {buckets.mapped_w.shape[0]} teacher ids, "
-                         f"more than the teacher's {teacher_logits_btw.shape[-1]} logits")
+    for side, bucket, logits in (("student", buckets.student_v, student_logits_btv),
+                                 ("teacher", buckets.teacher_w, teacher_logits_btw)):
+        if len(bucket) != logits.shape[-1]:
+            raise ValueError(f"the buckets were made for {len(bucket)} {side} logits, not "
+                             f"{logits.shape[-1]}")
 
-    log_q_btv = student_log_probs_btv(student_logits_btv, temperature, student_valid)
-    log_p_btw = _teacher_log_probs_btw(teacher_logits_btw, temperature, teacher_valid)
-
-    # The teacher's mass on each student id's bucket: one gather a rank, summed in log space.
-    log_p_btv = _gather_log_probs(log_p_btw, buckets.teacher_ids_rs[0])
-    for teacher_ids_s in buckets.teacher_ids_rs[1:]:
-        more_btv = _gather_log_probs(log_p_btw, teacher_ids_s)
-        log_p_btv = log_sum_exp_bt(jnp.stack([log_p_btv, more_btv], axis=-1))
-    # The rest: teacher ids that map to nothing (padding columns are -inf already) ...
-    width_w = teacher_logits_btw.shape[-1]
-    mapped_w = np.zeros(width_w, dtype=bool)
-    mapped_w[:len(buckets.mapped_w)] = buckets.mapped_w
-    log_p_rest_bt = log_sum_exp_bt(jnp.where(jnp.asarray(mapped_w), -jnp.inf, log_p_btw))
-    # ... and student ids nothing maps to, whose slots are then empty on both sides.
-    image_v = jnp.asarray(buckets.image_s)
-    log_q_rest_bt = log_sum_exp_bt(jnp.where(image_v, -jnp.inf, log_q_btv))
-    log_q_btv = jnp.where(image_v, log_q_btv, -jnp.inf)
-
-    log_p_btc = jnp.concatenate([log_p_btv, log_p_rest_bt[..., None]], axis=-1)
-    log_q_btc = jnp.concatenate([log_q_btv, log_q_rest_bt[..., None]], axis=-1)
+    log_q_btc = _bucket_log_probs(student_log_probs_btv(student_logits_btv, temperature,
+                                                        student_valid),
+                                  buckets.student_v, buckets.count)
+    log_p_btc = _bucket_log_probs(_teacher_log_probs_btw(teacher_logits_btw, temperature,
+                                                         teacher_valid),
+                                  buckets.teacher_w, buckets.count)
+    if buckets.drops:  # what falls in no bucket is left out of both distributions
+        log_q_btc = log_q_btc - log_sum_exp_bt(log_q_btc)[..., None]
+        log_p_btc = log_p_btc - log_sum_exp_bt(log_p_btc)[..., None]
     scale = temperature * temperature  # Hinton et al. 2015, as in divergence_bt
     return scale * distribution_divergence_bt(kind, log_p_btc, log_q_btc, beta, skew)
 

@@ -46,7 +46,7 @@ class CachedTeacher:
             return Dense(fields["logprobs"])
         return _KINDS[self.mode](**fields)
 
-    def host_fields(self, rows: np.ndarray) -> dict[str, Any]:
+    def host_fields(self, rows: np.ndarray, batch: dict | None = None) -> dict[str, Any]:
         rows = np.asarray(rows, dtype=np.int64)
         return {SOFT_TARGETS: self.reader.read(rows, expected_hashes=self.hashes[rows])}
 

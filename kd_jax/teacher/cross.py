@@ -12,7 +12,7 @@ need exist for the batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,8 @@ class CrossTokenizerTeacher:
     method: str = "mapped"  # kd_jax.losses.cross_vocab.METHODS
     teacher_valid: int | None = None  # the teacher tokenizer's vocabulary (its head may be wider)
     logits_sharding: Any = None
+    # (rows, their batch) -> the teacher's rows and `teacher_index` (`align.rows.teacher_fields`)
+    feed: Callable[[np.ndarray, dict], dict] | None = None
 
     def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> CrossVocab:
         rows = {ours: batch[theirs] for theirs, ours in TEACHER_ROW_KEYS.items()}
@@ -49,5 +51,5 @@ class CrossTokenizerTeacher:
         return CrossVocab(hidden_btd, outputs.head_vd, aligned_bt, self.buckets, self.method,
                           self.teacher_valid)
 
-    def host_fields(self, rows: np.ndarray) -> dict[str, Any]:
-        return {}
+    def host_fields(self, rows: np.ndarray, batch: dict | None = None) -> dict[str, Any]:
+        return {} if self.feed is None else self.feed(rows, batch)

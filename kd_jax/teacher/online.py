@@ -5,8 +5,9 @@ Seen from the step, a teacher is one object with one method,
 
     soft_targets(teacher_params, batch) -> the loss's soft targets (`kd_jax.losses.soft_targets`)
 
-called inside the jitted step, and, seen from the data feed, `host_fields(rows)`: the arrays it
-needs beside each batch (none here; a cached teacher's are its targets). The parameters enter
+called inside the jitted step, and, seen from the data feed, `host_fields(rows, batch)`: the
+arrays it needs beside each batch of those rows (none here; a cached teacher's are its targets,
+a teacher with another tokenizer's its own rows). The parameters enter
 the step as an argument: the teacher has no optimizer state and is never checkpointed.
 """
 
@@ -45,5 +46,5 @@ class OnlineTeacher:
         outputs = jax.lax.stop_gradient(outputs)  # the teacher is frozen
         return Projected(outputs.hidden_btd, outputs.head_vd, self.logits_sharding), outputs
 
-    def host_fields(self, rows: np.ndarray) -> dict[str, Any]:
+    def host_fields(self, rows: np.ndarray, batch: dict | None = None) -> dict[str, Any]:
         return {}

@@ -114,7 +114,7 @@ class Run:
         rows = self.batches.rows(step, self.placement.positions)
         batch = self.batches.take(rows)
         if self.teacher is not None:
-            batch.update(self.teacher.host_fields(rows))
+            batch.update(self.teacher.host_fields(rows, batch))
         return batch
 
     def update_fn(self):

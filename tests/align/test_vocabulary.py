@@ -1,10 +1,11 @@
 """kd_jax.align.vocabulary: teacher tokens map to the student token that spells the same text,
-across byte-level BPE, SentencePiece-style and byte tokenizers; the teacher's probability on
-what does not map."""
+else to the longest one their text starts with, across byte-level BPE, SentencePiece-style and
+byte tokenizers; the buckets both vocabularies fall in; the teacher's mass on what maps to
+nothing."""
 
 import numpy as np
 
-from kd_jax.align.vocabulary import map_vocabularies, unmapped_mass
+from kd_jax.align.vocabulary import buckets, map_vocabularies, unmapped_mass
 from kd_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from tests.align.test_positions import bpe
 from tests.data.test_tokenizers import write_sentencepiece
@@ -14,62 +15,92 @@ def vocabulary_map(teacher, student):
     return map_vocabularies(teacher.token_bytes(), student.ids_by_bytes(), student.vocab_size)
 
 
-def test_tokens_spelling_the_same_text_map_whatever_their_markers(tmp_path):
-    """Byte-level BPE's "Ġthe" and SentencePiece's "▁the" are both " the"; byte-fallback pieces
-    and byte-level single bytes are the bytes; special tokens map to nothing."""
+def longest_prefix_reference(spelled, student):
+    """The student id of the longest student token `spelled` starts with, by brute force."""
+    best, best_length = -1, 0
+    for text, token_id in student.ids_by_bytes().items():
+        if spelled.startswith(text) and len(text) > best_length:
+            best, best_length = token_id, len(text)
+    return best
+
+
+def test_each_teacher_token_maps_to_the_same_text_or_the_longest_it_starts_with(tmp_path):
     (tmp_path / "sp").mkdir()
-    sp = load_tokenizer(str(write_sentencepiece(tmp_path / "sp")[0]))
-    byte_level = bpe(tmp_path / "bpe.json")
-    got = vocabulary_map(sp, byte_level)
-    for piece in ("\u2581the", "\u2581t", "t", "<0x41>", "<0xF0>"):
-        teacher_id = sp.token_id(piece)
-        spelled = piece.replace("\u2581", " ").encode() if not piece.startswith("<0x") \
-            else bytes([int(piece[3:5], 16)])
-        student_id = got.student_id[teacher_id]
-        if spelled in byte_level.ids_by_bytes():
-            assert byte_level.token_bytes()[student_id] == spelled, piece
-        else:
-            assert student_id == -1, piece
-    assert got.student_id[sp.token_id("\u2581the")] >= 0  # " the" is in the trained BPE
-    assert got.student_id[sp.token_id("<s>")] == -1  # a special token, though both have "<s>"
-    # Into the byte tokenizer: exactly the one-byte tokens map, each to its byte.
-    into_bytes = vocabulary_map(byte_level, ByteTokenizer())
-    spelled = byte_level.token_bytes()
-    for teacher_id, student_id in enumerate(into_bytes.student_id):
-        if len(spelled[teacher_id]) == 1:
-            assert student_id == spelled[teacher_id][0]
-        else:
-            assert student_id == -1
-    line = into_bytes.describe()
-    mapped = sum(len(b) == 1 for b in spelled)
-    assert f"{mapped:,} of the teacher's {byte_level.vocab_size:,} tokens" in line
-    assert "of the student's 256" in line and "\n" not in line
+    pairs = {"sp": load_tokenizer(str(write_sentencepiece(tmp_path / "sp")[0])),
+             "merged": bpe(tmp_path / "merged.json"),
+             "split": bpe(tmp_path / "split.json", split_digits=True), "byte": ByteTokenizer()}
+    for teacher_name, teacher in pairs.items():
+        for student_name, student in pairs.items():
+            got = vocabulary_map(teacher, student)
+            for teacher_id, spelled in enumerate(teacher.token_bytes()):
+                want = longest_prefix_reference(spelled, student) if spelled else -1
+                assert got.student_id[teacher_id] == want, (teacher_name, student_name, spelled)
+                assert got.exact[teacher_id] == (
+                    want >= 0 and student.token_bytes()[want] == spelled)
+    # Markers undone: SentencePiece's "▁the" is the byte-level BPE's " the", exactly.
+    sp, merged = pairs["sp"], pairs["merged"]
+    the = vocabulary_map(sp, merged).student_id[sp.token_id("\u2581the")]
+    assert merged.token_bytes()[the] == b" the"
+    assert vocabulary_map(sp, merged).student_id[sp.token_id("<s>")] == -1  # special
 
 
-def test_the_same_tokenizer_maps_to_itself(tmp_path):
+def test_digits_merged_by_the_teacher_map_to_the_split_student_s_first_digit(tmp_path):
+    teacher, student = bpe(tmp_path / "merged.json"), bpe(tmp_path / "split.json",
+                                                          split_digits=True)
+    got = vocabulary_map(teacher, student)
+    numerals = [i for i, b in enumerate(teacher.token_bytes())
+                if len(b.strip()) > 1 and b.strip().isdigit()]
+    assert numerals
+    for teacher_id in numerals:
+        spelled = teacher.token_bytes()[teacher_id]
+        assert not got.exact[teacher_id]
+        assert spelled.startswith(student.token_bytes()[got.student_id[teacher_id]])
+    line = got.describe()
+    assert f"{int(got.exact.sum()):,} of the teacher's {teacher.vocab_size:,}" in line
+    assert "\n" not in line
+
+
+def test_buckets_hold_each_token_in_the_longest_mapped_student_token_it_starts_with(tmp_path):
+    teacher, student = bpe(tmp_path / "merged.json"), bpe(tmp_path / "split.json",
+                                                          split_digits=True)
+    got = vocabulary_map(teacher, student)
+    teacher_bucket, student_bucket, count = buckets(got, teacher.token_bytes(),
+                                                    student.token_bytes())
+    image = np.unique(got.student_id[got.mapped])
+    assert count == len(image)
+    image_bytes = [student.token_bytes()[i] for i in image]
+    for spelled_all, bucket_of in ((teacher.token_bytes(), teacher_bucket),
+                                   (student.token_bytes(), student_bucket)):
+        for spelled, bucket in zip(spelled_all, bucket_of):
+            starts = [n for n, text in enumerate(image_bytes) if spelled.startswith(text)]
+            want = max(starts, key=lambda n: len(image_bytes[n])) if starts and spelled else -1
+            assert bucket == want
+    # Every bucket has members on both sides: its own student token, a teacher token mapped.
+    assert set(teacher_bucket[teacher_bucket >= 0]) == set(range(count))
+    assert set(student_bucket[student_bucket >= 0]) == set(range(count))
+
+
+def test_the_same_tokenizer_maps_to_itself_and_its_buckets_are_its_tokens(tmp_path):
     tokenizer = bpe(tmp_path / "bpe.json")
     got = vocabulary_map(tokenizer, tokenizer)
     special = tokenizer.token_id("<s>")
     expected = np.arange(tokenizer.vocab_size)
     expected[special] = -1
     np.testing.assert_array_equal(got.student_id, expected)
+    assert got.exact[expected >= 0].all()
+    teacher_bucket, student_bucket, count = buckets(got, tokenizer.token_bytes(),
+                                                    tokenizer.token_bytes())
+    np.testing.assert_array_equal(teacher_bucket, student_bucket)
+    assert count == tokenizer.vocab_size - 1
 
 
 def test_unmapped_mass_is_the_teacher_probability_on_unmapped_tokens(tmp_path):
-    """A teacher with multi-digit tokens against a student that splits digits: the mass on the
-    teacher's multi-digit tokens is what does not map."""
-    teacher, student = bpe(tmp_path / "merged.json"), bpe(tmp_path / "split.json",
-                                                          split_digits=True)
-    got = vocabulary_map(teacher, student)
-    spelled = teacher.token_bytes()
-    multi_digit = np.array([len(b.strip()) > 1 and b.strip().isdigit() for b in spelled])
-    assert multi_digit.any() and not got.mapped[multi_digit].any()
+    (tmp_path / "sp").mkdir()
+    teacher = load_tokenizer(str(write_sentencepiece(tmp_path / "sp")[0]))
+    got = vocabulary_map(teacher, bpe(tmp_path / "bpe.json"))
+    assert (~got.mapped).sum() == 1  # <s>
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, 5, teacher.vocab_size))
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-    expected = np.where(got.mapped, 0.0, probs).sum(-1)
-    np.testing.assert_allclose(unmapped_mass(probs, got), expected, rtol=1e-12)
-    # All the teacher's mass on one multi-digit token: all of it unmapped.
-    one_hot = np.zeros(teacher.vocab_size)
-    one_hot[np.flatnonzero(multi_digit)[0]] = 1.0
-    assert unmapped_mass(one_hot, got) == 1.0
+    np.testing.assert_allclose(unmapped_mass(probs, got), probs[..., teacher.token_id("<s>")],
+                               rtol=1e-12)

@@ -88,6 +88,24 @@ def test_heldout_rows_interleave_every_source_once(two_stores):
                                       [heldout.local[0]])["tokens"][0])
 
 
+def test_document_starts_follow_each_row_to_its_source(two_stores):
+    (small, small_held), (large, large_held) = two_stores
+    for mixed in (MixedRows([small, large], [1.0, 1.0]),
+                  InterleavedRows([small_held, large_held])):
+        rows = np.random.default_rng(0).integers(0, mixed.n_rows, 50)
+        got = mixed.document_starts(rows)
+        assert got.dtype == bool and got.any() and not got.all()
+        tokens = mixed.take(rows)["tokens"]
+        for i, row in enumerate(rows):
+            if isinstance(mixed, MixedRows):
+                part = int(np.searchsorted(mixed.offsets, row, side="right") - 1)
+                source, local = mixed.parts[part], row - mixed.offsets[part]
+            else:
+                source, local = mixed.parts[mixed.part[row]], mixed.local[row]
+            np.testing.assert_array_equal(got[i], source.document_starts([local])[0])
+            np.testing.assert_array_equal(tokens[i], source.take([local])["tokens"][0])
+
+
 @pytest.mark.parametrize("mixture, message", [
     ([{"source": "json"}], r"data.mixture\[0\] must be a mapping with a weight"),
     ([{"weight": 1, "sauce": "json"}], "'sauce' is not a source key of a mixture"),

@@ -1,6 +1,8 @@
 """kd_jax.data.packing: greedy packing against a slow reference, segments and positions,
 prompt masking, and the bytes the labels cover."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -152,3 +154,8 @@ def test_document_starts_are_the_pairs_that_open_a_document(tmp_path, seq_len):
     starts = document_starts(index, np.arange(packed.n_rows))
     np.testing.assert_array_equal(starts, (packed.tokens == bos) & (packed.segment_ids > 0))
     assert (packed.positions[:, 0] == 0).all() and not starts[:, 0].all()
+    np.testing.assert_array_equal(packed.document_starts(np.arange(packed.n_rows)), starts)
+    # Rows packed elsewhere, without the index: every piece but a row's first starts a document.
+    unknown = dataclasses.replace(packed, starts=None).document_starts(np.arange(packed.n_rows))
+    np.testing.assert_array_equal(unknown[:, 1:], starts[:, 1:])
+    assert not unknown[:, 0].any()

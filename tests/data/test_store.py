@@ -53,6 +53,7 @@ def assert_same_rows(stored, packed):
     for key in BATCH_KEYS:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     np.testing.assert_array_equal(np.asarray(stored.row_hashes()), packed.row_hashes())
+    np.testing.assert_array_equal(stored.document_starts(every), packed.document_starts(every))
 
 
 @pytest.mark.parametrize("prompts", [False, True])

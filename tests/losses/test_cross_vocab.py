@@ -16,26 +16,30 @@ V_S, V_T = 29, 37  # the student's and the teacher's valid vocabularies
 KINDS = ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 
 
-def student_ids(seed=0):
-    """A teacher -> student map with unmapped teacher ids, student ids nothing maps to, and
-    two teacher ids mapping to one student id (a byte piece and its ordinary token)."""
+C = 17  # buckets
+
+
+def bucket_maps(seed=0):
+    """(teacher buckets [V_T], student buckets [V_S]): every bucket with members on both sides,
+    several members in some, and tokens of no bucket on both sides."""
     rng = np.random.default_rng(seed)
-    ids = rng.permutation(V_S)[:22].tolist() + [-1] * (V_T - 22)  # 7 student ids left out
-    ids[30], ids[31] = ids[3], ids[7]  # collisions
-    ids[33] = -1
-    return np.asarray(ids, dtype=np.int32)
+    teacher = np.concatenate([np.arange(C), rng.integers(0, C, V_T - C)])
+    student = np.concatenate([np.arange(C), rng.integers(0, C, V_S - C)])
+    teacher[rng.permutation(V_T)[C:C + 4]] = -1  # never the first member of a bucket
+    teacher[:C] = np.arange(C)
+    student[C + 1:C + 4] = -1
+    return rng.permutation(teacher).astype(np.int32), rng.permutation(student).astype(np.int32)
 
 
-def np_buckets(p_w, q_v, ids_w):
-    """Both distributions on [the student ids in the map's image..., the rest], float64."""
-    image = sorted({int(s) for s in ids_w if s >= 0})
-    p = np.zeros(p_w.shape[:-1] + (len(image) + 1,))
-    for t, s in enumerate(ids_w):
-        p[..., image.index(s) if s >= 0 else -1] += p_w[..., t]
-    q = np.zeros_like(p)
-    for s in range(q_v.shape[-1]):
-        q[..., image.index(s) if s in image else -1] += q_v[..., s]
-    return p, q
+def buckets_of(teacher, student, teacher_width=V_T, student_width=V_S):
+    return Buckets.of(teacher, student, C, teacher_width, student_width)
+
+
+def np_buckets(p_w, q_v, teacher, student):
+    """Both distributions gathered into the C buckets and renormalized there, float64."""
+    p = np.stack([p_w[..., teacher == c].sum(-1) for c in range(C)], -1)
+    q = np.stack([q_v[..., student == c].sum(-1) for c in range(C)], -1)
+    return p / p.sum(-1, keepdims=True), q / q.sum(-1, keepdims=True)
 
 
 def np_divergence(kind, p, q, beta=0.5, skew=0.1):
@@ -56,37 +60,40 @@ def np_divergence(kind, p, q, beta=0.5, skew=0.1):
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_mapped_divergence_matches_the_float64_buckets(kind, temperature):
-    ids = student_ids()
+    maps = bucket_maps()
     student, teacher = random_logits(1, (B, T, V_S)), random_logits(2, (B, T, V_T))
     got = mapped_divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher),
-                               Buckets.from_student_ids(ids, V_S), temperature=temperature)
+                               buckets_of(*maps), temperature=temperature)
     p_w = np.exp(np_log_softmax(teacher, temperature))
     q_v = np.exp(np_log_softmax(student, temperature))
-    p, q = np_buckets(p_w, q_v, ids)
+    p, q = np_buckets(p_w, q_v, *maps)
     assert_close(got, temperature ** 2 * np_divergence(kind, p, q))
 
 
 def test_mapped_forward_kl_gradient_matches_the_closed_form():
-    """d/dz_s of T^2 KL(P || Q) over buckets is T q_s (1 - P_c / Q_c), c the bucket of s."""
-    ids, temperature = student_ids(), 2.0
+    """With Q_c the student's mass in bucket c and Z its mass in all buckets, d/dz_s of
+    T^2 KL(P || Q / Z) is T q_s (1 / Z - P_c / Q_c) for s in bucket c, 0 for s in none."""
+    maps, temperature = bucket_maps(1), 2.0
     student, teacher = random_logits(3, (B, T, V_S)), random_logits(4, (B, T, V_T))
-    buckets = Buckets.from_student_ids(ids, V_S)
     grad = jax.grad(lambda s: jnp.sum(mapped_divergence_bt(
-        "forward_kl", s, jnp.asarray(teacher), buckets, temperature=temperature)))(
+        "forward_kl", s, jnp.asarray(teacher), buckets_of(*maps), temperature=temperature)))(
         jnp.asarray(student))
     p_w = np.exp(np_log_softmax(teacher, temperature))
     q_v = np.exp(np_log_softmax(student, temperature))
-    p, q = np_buckets(p_w, q_v, ids)
-    image = sorted({int(s) for s in ids if s >= 0})
-    bucket = np.array([image.index(s) if s in image else len(image) for s in range(V_S)])
-    expected = temperature * q_v * (1 - p[..., bucket] / q[..., bucket])
+    p, _ = np_buckets(p_w, q_v, *maps)
+    student_buckets = maps[1]
+    q = np.stack([q_v[..., student_buckets == c].sum(-1) for c in range(C)], -1)
+    z = q.sum(-1, keepdims=True)
+    c = np.maximum(student_buckets, 0)
+    expected = np.where(student_buckets >= 0,
+                        temperature * q_v * (1 / z - p[..., c] / q[..., c]), 0.0)
     assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_tokenizer_s_identity_map_gives_the_dense_divergence_exactly(kind):
     student, teacher = random_logits(5, (B, T, V_S)), random_logits(6, (B, T, V_S))
-    identity = Buckets.from_student_ids(np.arange(V_S), V_S)
+    identity = Buckets.identity(V_S, V_S)
     got = mapped_divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher), identity,
                                temperature=2.0)
     want = divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher), temperature=2.0)
@@ -94,10 +101,10 @@ def test_one_tokenizer_s_identity_map_gives_the_dense_divergence_exactly(kind):
 
 
 def test_padding_columns_get_no_mass_and_no_gradient():
-    ids = student_ids()
+    maps = bucket_maps(2)
     student = pad_columns(random_logits(7, (B, T, V_S)), 32, 1e4)  # garbage past the vocabulary
     teacher = pad_columns(random_logits(8, (B, T, V_T)), 40, 1e4)
-    buckets = Buckets.from_student_ids(ids, 32)
+    buckets = buckets_of(*maps, 40, 32)
     for loss in (lambda s: mapped_divergence_bt(
             "forward_kl", s, jnp.asarray(teacher), buckets, temperature=1.0, student_valid=V_S,
             teacher_valid=V_T),
@@ -108,7 +115,7 @@ def test_padding_columns_get_no_mass_and_no_gradient():
         np.testing.assert_array_equal(np.asarray(grad)[..., V_S:], 0.0)
     unpadded = mapped_divergence_bt("forward_kl", jnp.asarray(student[..., :V_S]),
                                     jnp.asarray(teacher[..., :V_T]),
-                                    Buckets.from_student_ids(ids, V_S), temperature=1.0)
+                                    buckets_of(*maps), temperature=1.0)
     assert_close(mapped_divergence_bt("forward_kl", jnp.asarray(student), jnp.asarray(teacher),
                                       buckets, temperature=1.0, student_valid=V_S,
                                       teacher_valid=V_T), unpadded)
@@ -152,15 +159,16 @@ def test_uld_is_zero_for_the_same_shape_and_blind_to_which_token():
 
 
 def test_bad_arguments_are_refused():
-    ids = student_ids()
+    maps = bucket_maps()
     student, teacher = jnp.zeros((B, T, V_S)), jnp.zeros((B, T, V_T))
     with pytest.raises(ValueError, match="mse"):
-        mapped_divergence_bt("mse", student, teacher, Buckets.from_student_ids(ids, V_S),
-                             temperature=1.0)
+        mapped_divergence_bt("mse", student, teacher, buckets_of(*maps), temperature=1.0)
     with pytest.raises(ValueError, match="made for 40 student logits"):
-        mapped_divergence_bt("forward_kl", student, teacher, Buckets.from_student_ids(ids, 40),
+        mapped_divergence_bt("forward_kl", student, teacher, buckets_of(*maps, V_T, 40),
                              temperature=1.0)
-    with pytest.raises(ValueError, match="past the student's 10 logits"):
-        Buckets.from_student_ids(ids, 10)
+    with pytest.raises(ValueError, match="more than the student's 10 logits"):
+        buckets_of(*maps, V_T, 10)
+    with pytest.raises(ValueError, match="past the 5 buckets"):
+        Buckets.of(*maps, 5, V_T, V_S)
     with pytest.raises(ValueError, match="temperature"):
         uld_bt(student, teacher, temperature=0.0)

@@ -42,7 +42,7 @@ def same_rows(batch):
 def test_one_tokenizer_through_the_cross_path_is_the_online_teacher(tiny_models, loss_cfg):
     student, student_params, teacher, teacher_params = tiny_models
     batch = same_rows(make_batch(0))
-    identity = Buckets.from_student_ids(np.arange(VALID_VOCAB), STUDENT.vocab_size)
+    identity = Buckets.identity(VALID_VOCAB, STUDENT.vocab_size)
     cross = CrossTokenizerTeacher(teacher, identity, teacher_valid=VALID_VOCAB)
     got = loss_and_grads(make_loss_fn(student, cross, loss_cfg, VALID_VOCAB), student_params,
                          teacher_params, batch)
@@ -66,18 +66,18 @@ def cross_batch(seed):
                 teacher_segment_ids=np.ones((rows, TEACHER_SEQ), np.int32), teacher_index=index)
 
 
-def partial_map():
-    """Teacher ids -> student ids: some unmapped, two onto one, some student ids left out."""
-    ids = np.random.default_rng(7).permutation(VALID_VOCAB).astype(np.int32)
-    ids[::5] = -1
-    ids[3] = ids[4]
-    return ids
+def partial_buckets():
+    """13 buckets over the tiny vocabularies: several tokens in some, a few tokens in none."""
+    rng = np.random.default_rng(7)
+    teacher = np.concatenate([np.arange(13), rng.integers(-1, 13, VALID_VOCAB - 13)])
+    student = np.concatenate([np.arange(13), rng.integers(-1, 13, VALID_VOCAB - 13)])
+    return Buckets.of(rng.permutation(teacher), rng.permutation(student), 13, 64,
+                      STUDENT.vocab_size)
 
 
-def written_out(student, teacher, method, batch, ids):
+def written_out(student, teacher, method, batch, buckets):
     """The loss of the module docstring, from the two models' logits, as a function of the
     student's parameters."""
-    buckets = Buckets.from_student_ids(ids, STUDENT.vocab_size)
 
     def loss(student_params, teacher_params):
         student_logits = student.logits(student_params, batch)
@@ -106,12 +106,11 @@ def written_out(student, teacher, method, batch, ids):
 @pytest.mark.parametrize("loss_cfg", [LOSS, CHUNKED], ids=["whole", "chunked"])
 def test_the_cross_tokenizer_loss_is_the_loss_written_out(tiny_models, method, loss_cfg):
     student, student_params, teacher, teacher_params = tiny_models
-    batch, ids = cross_batch(1), partial_map()
-    cross = CrossTokenizerTeacher(teacher, Buckets.from_student_ids(ids, STUDENT.vocab_size), method,
-                                  teacher_valid=VALID_VOCAB)
+    batch, buckets = cross_batch(1), partial_buckets()
+    cross = CrossTokenizerTeacher(teacher, buckets, method, teacher_valid=VALID_VOCAB)
     loss, grads, metrics = loss_and_grads(make_loss_fn(student, cross, loss_cfg, VALID_VOCAB),
                                           student_params, teacher_params, batch)
-    reference = written_out(student, teacher, method, batch, ids)
+    reference = written_out(student, teacher, method, batch, buckets)
     want_loss, want_grads = jax.value_and_grad(reference)(student_params, teacher_params)
     np.testing.assert_allclose(loss, float(want_loss), rtol=1e-5)
     assert_trees_close(grads, want_grads)
@@ -121,8 +120,45 @@ def test_the_cross_tokenizer_loss_is_the_loss_written_out(tiny_models, method, l
 def test_the_teacher_receives_no_gradient(tiny_models):
     student, student_params, teacher, teacher_params = tiny_models
     batch = cross_batch(2)
-    cross = CrossTokenizerTeacher(teacher, Buckets.from_student_ids(partial_map(), STUDENT.vocab_size),
-                                  teacher_valid=VALID_VOCAB)
+    cross = CrossTokenizerTeacher(teacher, partial_buckets(), teacher_valid=VALID_VOCAB)
     loss_fn = make_loss_fn(student, cross, LOSS, VALID_VOCAB)
     grads = jax.grad(lambda t: loss_fn(student_params, t, batch, 10.0)[0])(teacher_params)
     assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+
+
+def test_packed_rows_feed_the_cross_tokenizer_step(tmp_path):
+    """From packed byte-level rows to the step: `teacher_fields` writes the teacher's rows (a
+    BPE of its own) beside the batch, and the jitted loss reads them."""
+    from kd_jax.align.rows import teacher_fields
+    from kd_jax.align.vocabulary import buckets, map_vocabularies
+    from kd_jax.config import ModelConfig
+    from kd_jax.data.packing import pack
+    from kd_jax.data.tokenizers import ByteTokenizer
+    from kd_jax.models.pure import init_model
+    from tests.align.test_positions import bpe
+    from tests.align.test_rows import DOCS
+
+    student_tok, teacher_tok = ByteTokenizer(), bpe(tmp_path / "teacher.json")
+    student, student_params = init_model(ModelConfig(
+        vocab_size=256, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+        max_seq_len=64, seed=1))
+    teacher, teacher_params = init_model(ModelConfig(
+        vocab_size=448, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+        max_seq_len=64, seed=2))
+    data = pack(DOCS, student_tok, 32)
+    rows = np.arange(4)
+    batch = data.take(rows)
+    vocabulary = map_vocabularies(teacher_tok.token_bytes(), student_tok.ids_by_bytes(), 256)
+    cross = CrossTokenizerTeacher(
+        teacher, Buckets.of(*buckets(vocabulary, teacher_tok.token_bytes(),
+                                     student_tok.token_bytes()), 448, 256),
+        teacher_valid=teacher_tok.vocab_size,
+        feed=teacher_fields(data, student_tok, teacher_tok, 32))
+    batch.update(cross.host_fields(rows, batch))
+    assert batch["teacher_tokens"].shape == (4, 32) and batch["teacher_index"].shape == (4, 32)
+    aligned = (batch["teacher_index"] >= 0) & (batch["loss_mask"] > 0)
+    assert 0.2 < aligned.sum() / batch["loss_mask"].sum() < 1.0  # merged tokens leave some out
+    loss_fn = jax.jit(make_loss_fn(student, cross, LOSS, 256))
+    loss, metrics = loss_fn(student_params, teacher_params, batch,
+                            float(batch["loss_mask"].sum()))
+    assert np.isfinite(float(loss)) and float(metrics["kd_sum"]) > 0
