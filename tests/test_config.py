@@ -138,6 +138,7 @@ def test_literal_fields_are_the_named_choices():
         ("teacher", "source"): config_lib.TeacherSource,
         ("teacher", "dtype"): config_lib.TeacherDType,
         ("data", "source"): config_lib.DataSource, ("loss", "divergence"): config_lib.Divergence,
+        ("loss", "cross_vocab"): config_lib.CrossVocab,
         ("loss", "hidden_kind"): config_lib.HiddenKind,
         ("optimizer", "schedule"): config_lib.Schedule,
         ("mesh", "student_layout"): config_lib.MeshLayout,

@@ -31,6 +31,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 # cache: the rows of `kd-jax cache import`
 DataSource = Literal["stdlib", "text", "json", "parquet", "csv", "hub", "cache"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"]
+CrossVocab = Literal["mapped", "uld"]  # loss.cross_vocab (kd_jax.losses.cross_vocab)
 HiddenKind = Literal["mse", "cosine"]  # loss.hidden_kind (kd_jax.losses.whitebox)
 Schedule = Literal["cosine", "constant"]
 CacheMode = Literal["topk", "sample", "full"]
@@ -165,6 +166,10 @@ class DataConfig:
     # with its special tokens (Llama's <|begin_of_text|>; nothing for bytes, GPT-2 or Qwen).
     add_bos: bool = True
     seq_len: int = 256
+    # A teacher with another tokenizer reads each row again in its own tokens, in rows of this
+    # many (0: twice data.seq_len, within the teacher's max_seq_len); what does not fit is cut,
+    # and the student positions it would have aligned with are trained on their labels alone.
+    teacher_seq_len: int = 0
     max_documents: int = 0  # 0 means all
     seed: int = 0  # document split and per-epoch shuffling
 
@@ -180,6 +185,10 @@ class LossConfig:
     # Tokens per chunk of the fused LM-head + loss (kd_jax.losses.chunked): no [tokens, vocab]
     # array for the whole batch. 0: automatic (chunked when the vocabulary is large); -1: never.
     chunk_tokens: int = 0
+    # A teacher with another tokenizer (kd_jax.align, kd_jax.losses.cross_vocab): mapped, the
+    # divergence over buckets of tokens that start with the same text; uld, the distance between
+    # the sorted probabilities (no map).
+    cross_vocab: CrossVocab = "mapped"
     # White-box terms (kd_jax.losses.whitebox; weight 0: off) between [student, teacher] layers
     hidden_weight: float = 0.0  # projected layer outputs against the teacher's (TinyBERT)
     hidden_kind: HiddenKind = "mse"

@@ -67,6 +67,9 @@ def check(config: Config) -> None:
     for name, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
+    if d.teacher_seq_len < 0:
+        raise ConfigError(f"data.teacher_seq_len must be >= 0 (0: twice data.seq_len), got "
+                          f"{d.teacher_seq_len}")
     if m.init == "scratch":  # otherwise the architecture is read, then checked (train.resolve)
         check_architecture(m)
     if d.seq_len > m.max_seq_len and m.init == "scratch":  # otherwise checked once resolved

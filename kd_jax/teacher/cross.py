@@ -36,6 +36,7 @@ class CrossTokenizerTeacher:
     logits_sharding: Any = None
     # (rows, their batch) -> the teacher's rows and `teacher_index` (`align.rows.teacher_fields`)
     feed: Callable[[np.ndarray, dict], dict] | None = None
+    note: str = ""  # the start-up line: the two tokenizers and how the vocabularies map
 
     def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> CrossVocab:
         rows = {ours: batch[theirs] for theirs, ours in TEACHER_ROW_KEYS.items()}

@@ -3,8 +3,10 @@ checkpoint directory (`teacher.source: hf`).
 
 With a mesh, the parameters are read straight into the shardings of `mesh.teacher_layout` (each
 process reads only its own shards); without one, onto the default device. A teacher's tokenizer
-must be the student's: a run's is compared by fingerprint, a checkpoint's tokenizer.json token by
-token (`check_same_tokenizer`), before any logit is distilled.
+is compared with the student's before any logit is distilled: a run's by fingerprint, a
+checkpoint's tokenizer.json token by token (`tokenizer_difference`). Where they differ, a
+teacher that runs online is loaded with its own tokenizer (`LoadedTeacher.tokenizer`: the
+student's rows are tokenized again for it, `kd_jax.align`); elsewhere that is refused.
 """
 
 from __future__ import annotations
@@ -87,21 +89,28 @@ class LoadedTeacher:
     step: int | None  # the checkpoint loaded (None: a Hugging Face checkpoint directory)
     # A Hugging Face checkpoint's weights files: name -> SHA-256 (a run records them).
     files: dict[str, str] | None = None
+    # The teacher's own tokenizer where it is not the student's (None: the student's).
+    tokenizer: Tokenizer | None = None
 
 
 def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None,
-                 run_dir: str | None = None) -> LoadedTeacher:
+                 run_dir: str | None = None, other_tokenizer: bool = False) -> LoadedTeacher:
     """The frozen teacher `teacher.path` names; a Hugging Face checkpoint's files are compared
-    with those the run `run_dir` recorded (`check_teacher_files`)."""
+    with those the run `run_dir` recorded (`check_teacher_files`). `other_tokenizer`: a teacher
+    whose tokenizer is not `tokenizer` is loaded with its own, else refused."""
     if is_hf_checkpoint(cfg):
-        return _load_hf_teacher(cfg, tokenizer, mesh, run_dir)
+        return _load_hf_teacher(cfg, tokenizer, mesh, run_dir, other_tokenizer)
     path = Path(cfg.teacher.path)
     step = latest_checkpoint(cfg)
     teacher_cfg, info = read_run(path)
+    own_tokenizer = None
     if info["tokenizer_fingerprint"] != tokenizer.fingerprint:
-        raise ConfigError(
-            f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} tokens) "
-            f"differs from the student's ({cfg.data.tokenizer}, {tokenizer.vocab_size} tokens)")
+        difference = (f"teacher tokenizer ({info['tokenizer']}, {info['tokenizer_vocab_size']} "
+                      f"tokens) differs from the student's ({cfg.data.tokenizer}, "
+                      f"{tokenizer.vocab_size} tokens)")
+        if not other_tokenizer:
+            raise ConfigError(difference + OTHER_TOKENIZER_HINT)
+        own_tokenizer = _run_tokenizer(path, info)
     model_cfg = dataclasses.replace(teacher_cfg.model, dtype=teacher_dtype(cfg), remat="none")
     model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
     if shardings is not None:
@@ -110,13 +119,39 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None,
     if teacher_dtype(cfg) == "bfloat16":
         params = jax.jit(lambda tree: jax.tree.map(lambda p: p.astype(jnp.bfloat16), tree),
                          out_shardings=shardings)(params)
-    return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, step)
+    return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, step,
+                         tokenizer=own_tokenizer)
 
 
-def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any, run_dir: str | None
-                     ) -> LoadedTeacher:
+# Where a teacher of another tokenizer is refused: what does take one.
+OTHER_TOKENIZER_HINT = ("; a teacher with another tokenizer is distilled from online only "
+                        "(kd-jax distill with teacher.source checkpoint or hf, without white-box "
+                        "terms or on-policy rows)")
+
+
+def _run_tokenizer(path: Path, info: dict) -> Tokenizer:
+    """The tokenizer a teacher run was trained with, as its run.json names it."""
+    spec = info["tokenizer"]
+    try:
+        tokenizer = load_tokenizer(spec)
+    except ConfigError as err:
+        raise ConfigError(f"teacher.path '{path}': the run's tokenizer cannot be read "
+                          f"({err})") from None
+    if tokenizer.fingerprint != info["tokenizer_fingerprint"]:
+        raise ConfigError(f"teacher.path '{path}': its tokenizer '{spec}' has changed since "
+                          "the run was trained (its fingerprint differs from run.json's)")
+    return tokenizer
+
+
+def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any, run_dir: str | None,
+                     other_tokenizer: bool) -> LoadedTeacher:
     ckpt = open_checkpoint(cfg.teacher.path)
-    check_same_tokenizer(Path(cfg.teacher.path), "teacher.path", tokenizer)
+    checkpoint_dir = Path(cfg.teacher.path)
+    difference = tokenizer_difference(checkpoint_dir, "teacher.path", tokenizer)
+    if difference is not None and not other_tokenizer:
+        raise ConfigError(difference + OTHER_TOKENIZER_HINT)
+    own_tokenizer = (load_tokenizer(str(checkpoint_dir / "tokenizer.json"))
+                     if difference is not None else None)
     files = weight_digests(ckpt)
     if run_dir is not None:
         check_teacher_files(run_dir, cfg.teacher.path, files)  # before a weight is read
@@ -124,7 +159,8 @@ def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any, run_dir: str 
     model_cfg = ckpt.model_config(ModelConfig(dtype=dtype, param_dtype=dtype))
     model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
     params = load_params(ckpt, model_cfg, abstract, shardings)
-    return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, None, ckpt.digests)
+    return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, None, ckpt.digests,
+                         own_tokenizer)
 
 
 def check_teacher_files(run_dir: str, teacher_path: str, files: dict[str, str]) -> None:
@@ -170,20 +206,28 @@ def teacher_model(cfg: Config, model_cfg: ModelConfig, mesh: Any
 def check_same_tokenizer(checkpoint_dir: Path, key: str, tokenizer: Tokenizer) -> None:
     """A checkpoint's tokenizer.json must map every id to the same text as `tokenizer` does;
     one line naming the first difference otherwise."""
+    difference = tokenizer_difference(checkpoint_dir, key, tokenizer)
+    if difference is not None:
+        raise ConfigError(difference)
+
+
+def tokenizer_difference(checkpoint_dir: Path, key: str, tokenizer: Tokenizer) -> str | None:
+    """How a checkpoint's tokenizer.json differs from `tokenizer` (one line), or None where it
+    maps every id to the same text; a checkpoint without one is an error."""
     path = checkpoint_dir / "tokenizer.json"
     if not path.is_file():
         raise ConfigError(f"{key}: {checkpoint_dir} has no tokenizer.json to compare with the "
                           f"student's ({tokenizer.description})")
     theirs = load_tokenizer(str(path))
     if theirs.fingerprint == tokenizer.fingerprint:
-        return
+        return None
     ours_bytes, their_bytes = tokenizer.token_bytes(), theirs.token_bytes()
     if theirs.vocab_size != tokenizer.vocab_size:
-        raise ConfigError(f"{key}: the tokenizer of {checkpoint_dir} has {theirs.vocab_size} "
-                          f"tokens, the student's ({tokenizer.description}) "
-                          f"{tokenizer.vocab_size}: logits cannot be distilled across them")
+        return (f"{key}: the tokenizer of {checkpoint_dir} has {theirs.vocab_size} tokens, the "
+                f"student's ({tokenizer.description}) {tokenizer.vocab_size}: logits cannot be "
+                "distilled across them token by token")
     for token_id, (mine, other) in enumerate(zip(ours_bytes, their_bytes)):
         if mine != other:
-            raise ConfigError(f"{key}: the tokenizer of {checkpoint_dir} differs from the "
-                              f"student's ({tokenizer.description}) at id {token_id}: "
-                              f"{other!r} against {mine!r}")
+            return (f"{key}: the tokenizer of {checkpoint_dir} differs from the student's "
+                    f"({tokenizer.description}) at id {token_id}: {other!r} against {mine!r}")
+    return None

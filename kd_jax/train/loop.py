@@ -70,6 +70,8 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
     log(attention.describe(cfg.model, cfg.data.seq_len, jax.default_backend()))
     if built.loaded_teacher is not None:
         log(f"teacher {cfg.teacher.dtype}: {built.teacher_dtype_why}")
+    if getattr(built.teacher, "note", ""):
+        log(built.teacher.note)
     log(f"compiled {mode} step on {jax.device_count()} devices ({jax.process_count()} "
         f"processes, mesh {dict(built.mesh.shape)}): {describe_compiled(update)}; "
         f"{figures_line(memory_figures(update, state, teacher_params, abstract_batch))}")
@@ -223,6 +225,8 @@ def _mesh_on_this_host(mesh: config_lib.MeshConfig) -> config_lib.MeshConfig:
 def _evaluator(built: builder.Run):
     """evaluator(student_params) -> the held-out summary of the student (and the teacher)."""
     teacher = built.loaded_teacher
+    if teacher is not None and teacher.tokenizer is not None:
+        teacher = None  # another tokenizer: its statistics are not comparable token by token
     eval_fn = jax.jit(make_eval_fn(built.student, teacher.model if teacher else None,
                                    built.valid_vocab),
                       out_shardings=replicated(built.mesh))

@@ -162,3 +162,33 @@ def test_packed_rows_feed_the_cross_tokenizer_step(tmp_path):
     loss, metrics = loss_fn(student_params, teacher_params, batch,
                             float(batch["loss_mask"].sum()))
     assert np.isfinite(float(loss)) and float(metrics["kd_sum"]) > 0
+
+
+def test_a_teacher_of_another_tokenizer_is_distilled_online_through_the_cli(teacher_run,
+                                                                             tmp_path):
+    """The session's byte-level teacher into a student with a byte-level BPE of its own: the
+    run starts (saying how the vocabularies map), trains with a finite loss, and evaluates the
+    student alone."""
+    import json
+
+    from tests.data.test_tokenizers import write_byte_level_bpe
+    from tests.helpers import distill_config, run_cli
+
+    root, corpus = teacher_run
+    lines = [line for line in corpus.read_text().splitlines() if line.strip()]
+    tokenizer = write_byte_level_bpe(tmp_path / "tokenizer.json", vocab_size=300, corpus=lines)
+    config = distill_config(tmp_path / "distill.yaml", corpus, root / "teacher",
+                            tmp_path / "run")
+    process = run_cli(["distill", str(config), f"data.tokenizer={tokenizer}",
+                       "model.vocab_size=320", "train.steps=3", "train.checkpoint_every=3"])
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    assert "teacher tokenizer the byte tokenizer, not the student's: rows of 64 teacher " \
+           "tokens, loss.cross_vocab mapped" in output
+    assert "of the teacher's 256 tokens spell a student token" in output
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    evaluated = [r["eval"] for r in records if "eval" in r]
+    assert evaluated and set(evaluated[-1]) == {"student"}  # the teacher's tokens are others
