@@ -124,14 +124,14 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
             for p in directory.rglob("*")}
 
 
-@pytest.mark.parametrize("case", ["tokenizers_differ", "pickle_teacher", "unsupported_student",
+@pytest.mark.parametrize("case", ["teacher_tokenizer_loses_text", "pickle_teacher", "unsupported_student",
                                   "teacher_missing_tensor", "student_missing_tensor",
                                   "no_tokenizer_json"])
 def test_bad_checkpoints_are_one_line_exit_2_and_write_nothing(case, hf_pair, tmp_path, capsys):
     root, corpus, teacher, student = hf_pair
     bad = tmp_path / "bad"
     shutil.copytree(student if "student" in case else teacher, bad)
-    if case == "tokenizers_differ":
+    if case == "teacher_tokenizer_loses_text":
         other = write_tokenizer(tmp_path / "other.json", Path(__file__))  # another corpus
         shutil.copy(other, bad / "tokenizer.json")
         teacher = bad
@@ -170,7 +170,7 @@ def test_bad_checkpoints_are_one_line_exit_2_and_write_nothing(case, hf_pair, tm
     # reads the corpus for the first time in this session.
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("kd-jax: error:"), err
-    expected = {"tokenizers_differ": "tokenizer", "pickle_teacher": "pickle",
+    expected = {"teacher_tokenizer_loses_text": "tokenizer", "pickle_teacher": "pickle",
                 "unsupported_student": "MixtralForCausalLM", "teacher_missing_tensor":
                 "model.norm.weight", "student_missing_tensor": "model.norm.weight",
                 "no_tokenizer_json": "tokenizer.json"}[case]

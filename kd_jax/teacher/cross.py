@@ -18,9 +18,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.align.rows import teacher_fields
+from kd_jax.align.vocabulary import buckets as vocabulary_buckets
+from kd_jax.align.vocabulary import map_vocabularies
+from kd_jax.config import Config, ConfigError
+from kd_jax.data.packing import Rows
+from kd_jax.data.tokenizers import Tokenizer
 from kd_jax.losses.cross_vocab import Buckets, CrossVocab
 from kd_jax.models.pure import PureModel
 from kd_jax.parallel.mesh import activation_sharding
+from kd_jax.teacher.loading import LoadedTeacher
+
+# Rows whose teacher rows are made at start-up, so that a teacher tokenizer that cannot spell
+# the data (a normalizer that changes the text) is refused before anything is written.
+PROBE_ROWS = 8
 
 # The batch's arrays for the teacher's rows, and the names the teacher's model reads them by.
 TEACHER_ROW_KEYS = {"teacher_tokens": "tokens", "teacher_positions": "positions",
@@ -54,3 +65,38 @@ class CrossTokenizerTeacher:
 
     def host_fields(self, rows: np.ndarray, batch: dict | None = None) -> dict[str, Any]:
         return {} if self.feed is None else self.feed(rows, batch)
+
+
+def cross_tokenizer_teacher(cfg: Config, student: Tokenizer, train: Rows, loaded: LoadedTeacher,
+                            logits_sharding: Any) -> CrossTokenizerTeacher:
+    """The online teacher of another tokenizer (`loaded.tokenizer`): the vocabularies' buckets,
+    and its rows made from each batch's, tried on the first rows; refused with white-box terms
+    or on-policy rows, which need the student's tokens on both sides."""
+    teacher = loaded.tokenizer
+    for term, on in (("loss.hidden_weight", cfg.loss.hidden_weight > 0),
+                     ("loss.attention_weight", cfg.loss.attention_weight > 0),
+                     ("onpolicy.fraction", cfg.onpolicy.fraction > 0)):
+        if on:
+            raise ConfigError(f"{term} needs a teacher with the student's tokenizer; this "
+                              f"teacher's ({teacher.description}) is another")
+    teacher_seq_len = cfg.data.teacher_seq_len or min(2 * cfg.data.seq_len,
+                                                      loaded.config.max_seq_len)
+    if teacher_seq_len > loaded.config.max_seq_len:
+        raise ConfigError(f"data.teacher_seq_len ({teacher_seq_len}) exceeds the teacher's "
+                          f"max_seq_len ({loaded.config.max_seq_len})")
+    if teacher.vocab_size > loaded.config.vocab_size:
+        raise ConfigError(f"the teacher's tokenizer has {teacher.vocab_size} tokens, more than "
+                          f"its model's {loaded.config.vocab_size} logits")
+    vocabulary = map_vocabularies(teacher.token_bytes(), student.ids_by_bytes(),
+                                  student.vocab_size)
+    buckets = Buckets.of(*vocabulary_buckets(vocabulary, teacher.token_bytes(),
+                                             student.token_bytes()),
+                         loaded.config.vocab_size, cfg.model.vocab_size)
+    feed = teacher_fields(train, student, teacher, teacher_seq_len)
+    probe = np.arange(min(PROBE_ROWS, train.n_rows))
+    feed(probe, train.take(probe))  # raises ConfigError where the teacher cannot read the text
+    return CrossTokenizerTeacher(
+        loaded.model, buckets, cfg.loss.cross_vocab, teacher.vocab_size, logits_sharding, feed,
+        f"teacher tokenizer {teacher.description}, not the student's: rows of "
+        f"{teacher_seq_len} teacher tokens, loss.cross_vocab {cfg.loss.cross_vocab}; "
+        + vocabulary.describe())

@@ -17,9 +17,6 @@ from typing import Any
 import jax
 
 from kd_jax import checkpoint
-from kd_jax.align.rows import teacher_fields
-from kd_jax.align.vocabulary import buckets as vocabulary_buckets
-from kd_jax.align.vocabulary import map_vocabularies
 from kd_jax.cache.api_import import load_rows
 from kd_jax.cache.fingerprints import teacher_fingerprint
 from kd_jax.config import Config, ConfigError, DataConfig
@@ -31,7 +28,6 @@ from kd_jax.data.prepare import prepare
 from kd_jax.data.sources import load_documents
 from kd_jax.data.store import is_prepared, open_store
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer, stop_token_ids
-from kd_jax.losses.cross_vocab import Buckets
 from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models import surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
@@ -45,7 +41,7 @@ from kd_jax.parallel.hosts import (
 )
 from kd_jax.run_dir import check_resume
 from kd_jax.teacher.cached import CachedTeacher, open_cache
-from kd_jax.teacher.cross import CrossTokenizerTeacher
+from kd_jax.teacher.cross import CrossTokenizerTeacher, cross_tokenizer_teacher
 from kd_jax.teacher.loading import (
     LoadedTeacher,
     check_same_tokenizer,
@@ -222,8 +218,9 @@ def build(cfg: Config, mode: str) -> Run:
                               cfg.train.run_dir if mode != "precompute" else None, other_ok)
     teacher = None
     if mode == "distill" and cfg.teacher.source in ("checkpoint", "hf") and loaded.tokenizer:
-        teacher = cross_tokenizer_teacher(cfg, data, loaded, mesh_lib.logits_sharding(
-            mesh, teacher_rules, loaded.config.vocab_size))
+        teacher = cross_tokenizer_teacher(cfg, data.tokenizer, data.train, loaded,
+                                          mesh_lib.logits_sharding(
+                                              mesh, teacher_rules, loaded.config.vocab_size))
     elif mode == "distill" and cfg.teacher.source in ("checkpoint", "hf"):
         teacher = OnlineTeacher(loaded.model, mesh_lib.logits_sharding(
             mesh, teacher_rules, loaded.config.vocab_size))
@@ -257,38 +254,6 @@ def build(cfg: Config, mode: str) -> Run:
         run.abstract_state, run.abstract_params, run.param_shardings, mesh)
     run.batches = Batches(data.train, cfg.train.batch_size, cfg.train.seed)
     return run
-
-
-def cross_tokenizer_teacher(cfg: Config, data: Any, loaded: LoadedTeacher,
-                            logits_sharding: Any) -> CrossTokenizerTeacher:
-    """The online teacher of another tokenizer: the vocabularies' buckets, and its rows made
-    from each batch's (`kd_jax.align`); refused with white-box terms or on-policy rows."""
-    for term, on in (("loss.hidden_weight", cfg.loss.hidden_weight > 0),
-                     ("loss.attention_weight", cfg.loss.attention_weight > 0),
-                     ("onpolicy.fraction", cfg.onpolicy.fraction > 0)):
-        if on:
-            raise ConfigError(f"{term} needs a teacher with the student's tokenizer; this "
-                              f"teacher's ({loaded.tokenizer.description}) is another")
-    student, teacher = data.tokenizer, loaded.tokenizer
-    teacher_seq_len = cfg.data.teacher_seq_len or min(2 * cfg.data.seq_len,
-                                                      loaded.config.max_seq_len)
-    if teacher_seq_len > loaded.config.max_seq_len:
-        raise ConfigError(f"data.teacher_seq_len ({teacher_seq_len}) exceeds the teacher's "
-                          f"max_seq_len ({loaded.config.max_seq_len})")
-    if teacher.vocab_size > loaded.config.vocab_size:
-        raise ConfigError(f"the teacher's tokenizer has {teacher.vocab_size} tokens, more than "
-                          f"its model's {loaded.config.vocab_size} logits")
-    vocabulary = map_vocabularies(teacher.token_bytes(), student.ids_by_bytes(),
-                                  student.vocab_size)
-    buckets = Buckets.of(*vocabulary_buckets(vocabulary, teacher.token_bytes(),
-                                             student.token_bytes()),
-                         loaded.config.vocab_size, cfg.model.vocab_size)
-    return CrossTokenizerTeacher(
-        loaded.model, buckets, cfg.loss.cross_vocab, teacher.vocab_size, logits_sharding,
-        teacher_fields(data.train, student, teacher, teacher_seq_len),
-        f"teacher tokenizer {teacher.description}, not the student's: rows of "
-        f"{teacher_seq_len} teacher tokens, loss.cross_vocab {cfg.loss.cross_vocab}; "
-        + vocabulary.describe())
 
 
 def _check_mode(cfg: Config, mode: str) -> None:

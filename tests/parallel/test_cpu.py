@@ -29,11 +29,14 @@ x = jnp.ones(4096)
 # call's are still held); then it serves every call from pages it has.
 for _ in range(40):
     step(x).block_until_ready()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
+# The median call's faults: a one-off event (the kernel's NUMA balancing unmapping pages to
+# sample them, the heap growing once more) falls on one call, not on every one.
+faults = []
+for _ in range(9):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step(x).block_until_ready()
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 8
-print(json.dumps({"applied": applied, "faults_per_call": faults}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults_per_call": sorted(faults)[4]}))
 """
 
 glibc_linux = pytest.mark.skipif(
