@@ -14,9 +14,10 @@ student's rows are packed from the rest, 8 x 256 tokens a batch.
   student's positions align, and how many teacher tokens the same text takes.
 - Step: `throughput.py`'s models (teacher 6 x 512, student 4 x 256; `--quick`: tiny) at these
   vocabularies, the fused distillation step (forward KL, T 2, 0.5 CE), once with the teacher on
-  its own rows (`data.teacher_seq_len` = 2 x 256) through the vocabulary's buckets, once with a
-  teacher of the student's vocabulary on the student's rows; each compiled once, medians of
-  `--repeats` x `--steps` steps, interleaved. Results in `results/cross_tokenizer.json`.
+  its own rows (as long as `data.teacher_seq_len: 0` makes them) through the vocabulary's
+  buckets, once with a teacher of the student's vocabulary on the student's rows; each compiled
+  once, medians of `--repeats` x `--steps` steps, interleaved. Results in
+  `results/cross_tokenizer.json`.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import throughput as tp
-    from kd_jax.align.rows import teacher_rows
+    from kd_jax.align.rows import teacher_rows, teacher_seq_len_for
     from kd_jax.align.vocabulary import buckets, map_vocabularies
     from kd_jax.config import ModelConfig
     from kd_jax.data.packing import pack
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                                 768 if args.quick else 8192, True)
     documents = [Document(doc) for doc in "\n".join(lines[half:]).split("\n\n\n") if doc]
     data = pack(documents, student_tok, seq)
-    teacher_seq = 2 * seq
+    first = np.arange(min(32, data.n_rows))
+    teacher_seq = teacher_seq_len_for(data.take(first), student_tok, teacher_tok,
+                                      data.document_starts(first), 4 * seq)
 
     # Host: the student's batch, then the teacher's rows and the alignment written from it.
     take_s, write_s, aligned, teacher_tokens, student_tokens = [], [], [], 0, 0
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = {name: statistics.median(each) for name, each in times.items()}
 
     print(f"student {student_tok.vocab_size:,} ids, teacher {teacher_tok.vocab_size:,} ids; "
-          f"{batch} x {seq} student tokens a batch; {jax.default_backend()}")
+          f"{batch} x {seq} student tokens a batch, teacher rows of {teacher_seq}; "
+          f"{jax.default_backend()}")
     print(vocabulary.describe())
     print(f"host, per batch: student rows {host['take_ms']:.1f} ms, teacher rows and "
           f"alignment {host['teacher_rows_ms']:.1f} ms; {host['aligned_fraction']:.1%} of "

@@ -124,3 +124,13 @@ def teacher_fields(data: Rows, student: Tokenizer, teacher: Tokenizer, teacher_s
         return {key: out[key] for key in (*TEACHER_KEYS, "teacher_index")}
 
     return fields
+
+
+def teacher_seq_len_for(batch: dict[str, np.ndarray], student: Tokenizer, teacher: Tokenizer,
+                        document_start: np.ndarray, longest: int, multiple: int = 64) -> int:
+    """A teacher row length for rows like `batch`'s: the most teacher tokens one of them takes
+    (written into rows of `longest`), a tenth more, rounded up to a `multiple`, at most
+    `longest`."""
+    rows = teacher_rows(batch, student, teacher, longest, document_start)
+    most = int((rows["teacher_segment_ids"] > 0).sum(axis=1).max(initial=1))
+    return min(longest, -(-int(most * 1.1) // multiple) * multiple)

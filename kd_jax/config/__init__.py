@@ -167,8 +167,9 @@ class DataConfig:
     add_bos: bool = True
     seq_len: int = 256
     # A teacher with another tokenizer reads each row again in its own tokens, in rows of this
-    # many (0: twice data.seq_len, within the teacher's max_seq_len); what does not fit is cut,
-    # and the student positions it would have aligned with are trained on their labels alone.
+    # many (0: what the first rows take, a tenth more, in multiples of 64, within the teacher's
+    # max_seq_len); what does not fit is cut, and the student positions it would have aligned
+    # with are trained on their labels alone.
     teacher_seq_len: int = 0
     max_documents: int = 0  # 0 means all
     seed: int = 0  # document split and per-epoch shuffling

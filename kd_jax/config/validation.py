@@ -68,7 +68,7 @@ def check(config: Config) -> None:
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
     if d.teacher_seq_len < 0:
-        raise ConfigError(f"data.teacher_seq_len must be >= 0 (0: twice data.seq_len), got "
+        raise ConfigError(f"data.teacher_seq_len must be >= 0 (0: sized from the first rows), got "
                           f"{d.teacher_seq_len}")
     if m.init == "scratch":  # otherwise the architecture is read, then checked (train.resolve)
         check_architecture(m)

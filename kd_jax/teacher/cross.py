@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.align.rows import teacher_fields
+from kd_jax.align.rows import teacher_fields, teacher_seq_len_for
 from kd_jax.align.vocabulary import buckets as vocabulary_buckets
 from kd_jax.align.vocabulary import map_vocabularies
 from kd_jax.config import Config, ConfigError
@@ -29,9 +29,9 @@ from kd_jax.models.pure import PureModel
 from kd_jax.parallel.mesh import activation_sharding
 from kd_jax.teacher.loading import LoadedTeacher
 
-# Rows whose teacher rows are made at start-up, so that a teacher tokenizer that cannot spell
-# the data (a normalizer that changes the text) is refused before anything is written.
-PROBE_ROWS = 8
+# Rows whose teacher rows are made at start-up: what data.teacher_seq_len 0 sizes the teacher's
+# rows by, and a teacher tokenizer that cannot read the data is refused on.
+PROBE_ROWS = 32
 
 # The batch's arrays for the teacher's rows, and the names the teacher's model reads them by.
 TEACHER_ROW_KEYS = {"teacher_tokens": "tokens", "teacher_positions": "positions",
@@ -79,8 +79,13 @@ def cross_tokenizer_teacher(cfg: Config, student: Tokenizer, train: Rows, loaded
         if on:
             raise ConfigError(f"{term} needs a teacher with the student's tokenizer; this "
                               f"teacher's ({teacher.description}) is another")
-    teacher_seq_len = cfg.data.teacher_seq_len or min(2 * cfg.data.seq_len,
-                                                      loaded.config.max_seq_len)
+    probe = np.arange(min(PROBE_ROWS, train.n_rows))
+    probe_batch = train.take(probe)
+    # Trying the first rows also refuses a teacher tokenizer that cannot read the text (a
+    # normalizer that changes it) before anything is written.
+    teacher_seq_len = cfg.data.teacher_seq_len or teacher_seq_len_for(
+        probe_batch, student, teacher, train.document_starts(probe),
+        loaded.config.max_seq_len)
     if teacher_seq_len > loaded.config.max_seq_len:
         raise ConfigError(f"data.teacher_seq_len ({teacher_seq_len}) exceeds the teacher's "
                           f"max_seq_len ({loaded.config.max_seq_len})")
@@ -93,8 +98,7 @@ def cross_tokenizer_teacher(cfg: Config, student: Tokenizer, train: Rows, loaded
                                              student.token_bytes()),
                          loaded.config.vocab_size, cfg.model.vocab_size)
     feed = teacher_fields(train, student, teacher, teacher_seq_len)
-    probe = np.arange(min(PROBE_ROWS, train.n_rows))
-    feed(probe, train.take(probe))  # raises ConfigError where the teacher cannot read the text
+    feed(probe, probe_batch)
     return CrossTokenizerTeacher(
         loaded.model, buckets, cfg.loss.cross_vocab, teacher.vocab_size, logits_sharding, feed,
         f"teacher tokenizer {teacher.description}, not the student's: rows of "
