@@ -146,3 +146,23 @@ def test_same_next_marks_where_both_next_tokens_are_the_same_text(tokenizers):
                                       (b"", (0, 0)), ("🙂".encode(), (0, 0))])
 def test_whole_characters(raw, want):
     assert _whole_characters(raw) == want
+
+
+def test_the_teacher_row_length_is_sized_from_the_rows(tokenizers):
+    from kd_jax.align.rows import teacher_seq_len_for
+
+    for student, teacher, longest in (("merged", "byte", 512), ("byte", "merged", 512),
+                                      ("byte", "merged", 16)):
+        s_tok, t_tok = tokenizers[student], tokenizers[teacher]
+        batch, starts = packed(s_tok, 16)
+        got = teacher_seq_len_for(batch, s_tok, t_tok, starts, longest)
+        most = (teacher_rows(batch, s_tok, t_tok, longest, starts)["teacher_segment_ids"] > 0
+                ).sum(axis=1).max()
+        if longest >= 1.1 * most + 64:
+            assert got % 64 == 0 and 1.1 * most <= got < 1.1 * most + 64
+        assert got <= longest
+        # Rows of that length cut nothing the longest rows held.
+        cut = teacher_rows(batch, s_tok, t_tok, got, starts)["teacher_index"]
+        if got < longest:
+            np.testing.assert_array_equal(
+                cut, teacher_rows(batch, s_tok, t_tok, longest, starts)["teacher_index"])
