@@ -84,7 +84,6 @@ def main(argv: list[str] | None = None) -> int:
     import throughput as tp
     from kd_jax.align.rows import teacher_rows, teacher_seq_len_for
     from kd_jax.align.vocabulary import buckets, map_vocabularies
-    from kd_jax.config import ModelConfig
     from kd_jax.data.packing import pack
     from kd_jax.data.sources import Document
     from kd_jax.losses.cross_vocab import Buckets
