@@ -29,7 +29,8 @@ from kd_jax.models.pure import Batch, Params, PureModel, abstract_model, bind, l
 # (the architecture) is the teacher's, narrowed by the pruning.
 _STUDENT_FIELDS = frozenset({
     "init", "path", "init_layers", "prune_d_ff", "prune_kv_heads", "prune_batches",
-    "remat", "layer_loop", "attention", "attention_block", "dtype", "param_dtype", "init_std", "seed"})
+    "remat", "layer_loop", "attention", "attention_block", "dtype", "param_dtype", "init_std",
+    "seed"})
 
 
 def _teacher_layers(teacher_cfg: ModelConfig, student_cfg: ModelConfig) -> list[int]:
