@@ -27,7 +27,6 @@ import dataclasses
 import json
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -37,37 +36,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from corpora import byte_level_bpe, stdlib_source  # noqa: E402
 from kd_jax.parallel.cpu import keep_cpu_step_memory  # noqa: E402
-
-
-def train_bpe(path: Path, lines: list[str], vocab_size: int, split_digits: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from kd_jax.data.tokenizers import load_tokenizer
-
-    tokenizer = Tokenizer(models.BPE())
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.pre_tokenizer = (pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), byte_level]) if split_digits
-        else byte_level)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(lines, trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer.save(str(path))
-    return load_tokenizer(str(path))
-
-
-def stdlib_text(limit_bytes: int) -> str:
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    parts, size = [], 0
-    for path in sorted(stdlib.glob("*.py")):
-        text = path.read_text(errors="replace")
-        parts.append(text)
-        size += len(text)
-        if size >= limit_bytes:
-            break
-    return "".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd_jax.align.vocabulary import buckets, map_vocabularies
     from kd_jax.data.packing import pack
     from kd_jax.data.sources import Document
+    from kd_jax.data.tokenizers import load_tokenizer
     from kd_jax.losses.cross_vocab import Buckets
     from kd_jax.models.pure import abstract_model, init_params
     from kd_jax.teacher.cross import CrossTokenizerTeacher
@@ -94,14 +65,17 @@ def main(argv: list[str] | None = None) -> int:
 
     batch, seq = (2, 32) if args.quick else (8, 256)
     batches = 4 if args.quick else 20
-    text = stdlib_text(300_000 if args.quick else 3_000_000)
+    text = stdlib_source(300_000 if args.quick else 3_000_000)
     lines = text.splitlines()
     half = len(lines) // 2
     with tempfile.TemporaryDirectory() as tmp:
-        student_tok = train_bpe(Path(tmp) / "student.json", lines[:half],
-                                512 if args.quick else 4096, False)
-        teacher_tok = train_bpe(Path(tmp) / "teacher.json", lines[:half],
-                                768 if args.quick else 8192, True)
+        tokenizers = {}
+        for side, vocab, split_digits in (("student", 512 if args.quick else 4096, False),
+                                          ("teacher", 768 if args.quick else 8192, True)):
+            path = Path(tmp) / f"{side}.json"
+            byte_level_bpe(path, lines[:half], vocab, split_digits)
+            tokenizers[side] = load_tokenizer(str(path))
+    student_tok, teacher_tok = tokenizers["student"], tokenizers["teacher"]
     documents = [Document(doc) for doc in "\n".join(lines[half:]).split("\n\n\n") if doc]
     data = pack(documents, student_tok, seq)
     first = np.arange(min(32, data.n_rows))

@@ -32,7 +32,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from corpora import byte_level_bpe  # noqa: E402
 from kd_jax import config as config_lib  # noqa: E402
 from kd_jax.data.sources import load_documents  # noqa: E402
 from kd_jax.demo import recipe  # noqa: E402
@@ -45,8 +47,6 @@ VOCAB, SEQ_TOKENS, BPE_TRAINING_BYTES = 512, 64, 2_000_000
 
 def train_tokenizer(path: Path, cfg: config_lib.Config) -> Path:
     """A byte-level BPE of VOCAB ids on the first BPE_TRAINING_BYTES of the training documents."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     train_docs, _ = load_documents(cfg.data)
     texts, size = [], 0
     for doc in train_docs:
@@ -54,13 +54,7 @@ def train_tokenizer(path: Path, cfg: config_lib.Config) -> Path:
         size += len(doc.text)
         if size >= BPE_TRAINING_BYTES:
             break
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer.save(str(path))
+    byte_level_bpe(path, texts, VOCAB)
     return path
 
 

@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from corpora import byte_level_bpe, stdlib_source  # noqa: E402
 from kd_jax.parallel.cpu import keep_cpu_step_memory  # noqa: E402
 
 SMOLLM = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -47,34 +47,18 @@ TORCH_DTYPES = ("float32", "bfloat16")
 
 def write_corpus(path: Path, size: int) -> Path:
     """`size` bytes of the running interpreter's standard library source."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
-    for file in sorted(stdlib.glob("*.py")):
-        text = file.read_text(errors="replace")
-        parts.append(text)
-        total += len(text)
-        if total >= size:
-            break
-    path.write_text("".join(parts)[:size])
+    path.write_text(stdlib_source(size)[:size])
     return path
 
 
 def make_teacher(path: Path, corpus: Path, layers: int):
     """The checkpoint and a byte-level BPE tokenizer.json beside it; returns the tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     from tests.hf_checkpoints import hf_model
 
     # transformers' own initialization (normal, std 0.02): weights of a trained model's scale.
     hf_model("smollm", perturb=False, **{**SMOLLM, "num_hidden_layers": layers}
              ).save_pretrained(path)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.train([str(corpus)], trainers.BpeTrainer(
-        vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer.save(str(path / "tokenizer.json"))
-    return tokenizer
+    return byte_level_bpe(path / "tokenizer.json", corpus.read_text().splitlines(), 4096)
 
 
 def write_rows(path: Path, corpus: Path, tokenizer, tokens: int) -> Path:

@@ -47,7 +47,7 @@ class VocabularyMap:
         reached = len(np.unique(self.student_id[self.mapped]))
         return (f"{exact:,} of the teacher's {teacher_vocab:,} tokens spell a student token, "
                 f"{by_prefix:,} more start with one, {teacher_vocab - exact - by_prefix:,} "
-                f"(special) map to none; they reach {reached:,} of the student's "
+                f"map to none; they reach {reached:,} of the student's "
                 f"{self.student_vocab:,}")
 
 

@@ -283,7 +283,9 @@ def document_starts(index: PairIndex, rows: np.ndarray) -> np.ndarray:
     starts there starts the document; one that starts elsewhere continues it)."""
     rows = np.asarray(rows, dtype=np.int64).reshape(-1)
     pairs = rows[:, None] * index.seq_len + np.arange(index.seq_len, dtype=np.int64)
-    first = np.isin(pairs, index.pair_starts)
+    # A binary search in the sorted starts: only the rows' own documents are touched.
+    document = np.searchsorted(index.pair_starts, pairs, side="right") - 1
+    first = (document >= 0) & (index.pair_starts[np.maximum(document, 0)] == pairs)
     return first & (pairs < index.n_pairs)
 
 

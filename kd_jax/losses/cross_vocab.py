@@ -84,8 +84,6 @@ class Buckets:
 def _bucket_log_probs(log_x_btv, bucket_v: np.ndarray, count: int):
     """log of the probability in each bucket [b, t, count], a logsumexp over its members
     (computed shifted by their largest, which is held constant for the gradient)."""
-    if np.array_equal(bucket_v[:count], np.arange(count)) and (bucket_v[count:] < 0).all():
-        return log_x_btv[..., :count]  # the tokens are the buckets
     lead = log_x_btv.shape[:-1]
     segments = jnp.asarray(np.where(bucket_v >= 0, bucket_v, count))  # count: the left out
     flat_vn = log_x_btv.reshape(-1, log_x_btv.shape[-1]).T
