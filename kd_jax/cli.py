@@ -100,7 +100,7 @@ def _cache_command(args) -> None:
         expected = None
         if args.config:
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax.train.builder import load_data
+            from kd_jax.train.run_data import load_data
 
             expected = load_data(cfg).train.row_hashes()
         elif args.overrides:
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {target / 'report.json'}")
         elif args.command == "prepare":
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax.train.builder import prepare_data
+            from kd_jax.train.run_data import prepare_data
 
             for summary in prepare_data(cfg):
                 done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]

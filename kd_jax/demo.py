@@ -27,7 +27,7 @@ from kd_jax import config as config_lib
 from kd_jax.compare import compare_runs
 from kd_jax.eval.evaluate import heldout_bytes
 from kd_jax.eval.report import format_table
-from kd_jax.train.builder import load_data
+from kd_jax.train.run_data import load_data
 from kd_jax.train.loop import run as run_training
 
 # Byte-level vocabulary of 256; 64 sequences of 128 bytes a step (8,192 bytes).

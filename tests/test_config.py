@@ -18,6 +18,8 @@ def _literal_fields():
     """(section, key, Literal type) of every field whose value is a name from a fixed list."""
     found = []
     for section in dataclasses.fields(config_lib.Config):
+        if section.name not in config_lib.SECTIONS:  # the teachers list
+            continue
         hints = typing.get_type_hints(section.default_factory)
         for field in dataclasses.fields(section.default_factory):
             kind = hints[field.name]

@@ -31,7 +31,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 # cache: the rows of `kd-jax cache import`
 DataSource = Literal["stdlib", "text", "json", "parquet", "csv", "hub", "cache"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"]
-CrossVocab = Literal["mapped", "uld"]  # loss.cross_vocab (kd_jax.losses.cross_vocab)
+CrossVocab = Literal["mapped", "uld", "hybrid"]  # loss.cross_vocab (kd_jax.losses.cross_vocab)
 HiddenKind = Literal["mse", "cosine"]  # loss.hidden_kind (kd_jax.losses.whitebox)
 Schedule = Literal["cosine", "constant"]
 CacheMode = Literal["topk", "sample", "full"]
@@ -188,7 +188,8 @@ class LossConfig:
     chunk_tokens: int = 0
     # A teacher with another tokenizer (kd_jax.align, kd_jax.losses.cross_vocab): mapped, the
     # divergence over buckets of tokens that start with the same text; uld, the distance between
-    # the sorted probabilities (no map).
+    # the sorted probabilities (no map); hybrid, the divergence over the tokens both vocabularies
+    # spell alike (and one bucket for the rest) plus uld between the rest's probabilities.
     cross_vocab: CrossVocab = "mapped"
     # White-box terms (kd_jax.losses.whitebox; weight 0: off) between [student, teacher] layers
     hidden_weight: float = 0.0  # projected layer outputs against the teacher's (TinyBERT)
@@ -349,6 +350,15 @@ class Config:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     generate: GenerateConfig = dataclasses.field(default_factory=GenerateConfig)
     onpolicy: OnPolicyConfig = dataclasses.field(default_factory=OnPolicyConfig)
+    # Several teachers at once (kd_jax.config.teachers): a list of mappings, each a teacher's
+    # `source`, `path` and `weight`, and optionally `dtype`, `cache` (its cache.dir), `layout`
+    # (its mesh.teacher_layout), `license`, `source_url`. The distillation term is the weighted
+    # sum of each teacher's (weights as shares of their sum); `teacher.source` is then none.
+    teachers: list[dict] = dataclasses.field(default_factory=list)
+
+
+# The config's sections: every field of Config but the `teachers` list.
+SECTIONS = tuple(f.name for f in dataclasses.fields(Config) if f.name != "teachers")
 
 
 def section_types(section_cls: type) -> dict[str, type]:

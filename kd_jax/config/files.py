@@ -8,15 +8,18 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax.checks import closest
-from kd_jax.config import Config, ConfigError, section_types
+from kd_jax.config import SECTIONS, Config, ConfigError, section_types
 from kd_jax.config.coercion import coerce
 from kd_jax.config.validation import check as validate
 
 
 def _set(config: Config, section: str, key: str, value: Any) -> None:
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    if section not in sections:
-        raise ConfigError(f"unknown config section '{section}'{closest(section, sections)}")
+    if section not in SECTIONS:
+        if section == "teachers":
+            raise ConfigError("teachers is a list of teachers, set as a whole (teachers=[{source: "
+                              "checkpoint, path: ..., weight: 1}, ...]), not teachers.<key>")
+        raise ConfigError(f"unknown config section '{section}'"
+                          f"{closest(section, [*SECTIONS, 'teachers'])}")
     target = getattr(config, section)
     types = section_types(type(target))
     if key not in types:
@@ -33,6 +36,9 @@ def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
     for section, values in raw.items():
         if values is None:
             continue
+        if section == "teachers":  # a list, not a section
+            config.teachers = coerce(values, list[dict], "teachers")
+            continue
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
         for key, value in values.items():
@@ -41,20 +47,28 @@ def from_dict(raw: dict[str, Any], base: Config | None = None) -> Config:
 
 
 def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Apply `section.key=value` strings; values are parsed as YAML scalars, then typed."""
-    import yaml  # here, not at the top: the core (step, model) imports this module's types
-
+    """Apply `section.key=value` strings (and `teachers=[...]`); values are parsed as YAML,
+    then typed."""
     for item in overrides:
         name, sep, text = item.partition("=")
         section, dot, key = name.strip().partition(".")
+        if sep and section == "teachers" and not dot:  # the whole list, in YAML's flow style
+            config.teachers = coerce(_yaml_value(text), list[dict], "teachers")
+            continue
         if not sep or not dot or not key:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
-        try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError:
-            value = text
-        _set(config, section, key, value)
+        _set(config, section, key, _yaml_value(text))
     return config
+
+
+def _yaml_value(text: str) -> Any:
+    """An override's value parsed as YAML (a string where it is not YAML)."""
+    import yaml  # here, not at the top: the core (step, model) imports this module's types
+
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
 
 
 def load(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:

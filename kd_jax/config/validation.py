@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from typing import Literal
 
-from kd_jax.config import Config, ConfigError, ModelConfig, coerce, section_types
+from kd_jax.config import SECTIONS, Config, ConfigError, ModelConfig, coerce, section_types
 
 # Numeric fields that must not be negative (those that must be > 0 are listed in `check`; the
 # mesh sizes and distributed.process_id take -1 for "detect"; loss.chunk_tokens -1 for "never").
@@ -29,10 +28,10 @@ _AT_LEAST_MINUS_ONE = ("mesh.data", "mesh.fsdp", "mesh.tensor", "distributed.pro
 
 def _check_numbers(config: Config) -> None:
     """Every number finite, and of the sign its field allows."""
-    for section in dataclasses.fields(Config):
-        values = getattr(config, section.name)
+    for section in SECTIONS:
+        values = getattr(config, section)
         for key, kind in section_types(type(values)).items():
-            name, value = f"{section.name}.{key}", getattr(values, key)
+            name, value = f"{section}.{key}", getattr(values, key)
             if kind is float and not math.isfinite(value):
                 raise ConfigError(f"{name} must be a finite number, got {value}")
             if kind in (int, float) and name in _NOT_NEGATIVE and value < 0:
@@ -43,11 +42,11 @@ def _check_numbers(config: Config) -> None:
 
 def check(config: Config) -> None:
     """Check values that are wrong whatever the data; raises ConfigError naming the key."""
-    for section in dataclasses.fields(Config):  # a config built in code is checked too
-        values = getattr(config, section.name)
+    for section in SECTIONS:  # a config built in code is checked too
+        values = getattr(config, section)
         for key, kind in section_types(type(values)).items():
             if typing.get_origin(kind) is Literal:
-                coerce(getattr(values, key), kind, f"{section.name}.{key}")
+                coerce(getattr(values, key), kind, f"{section}.{key}")
     _check_numbers(config)
     m, d, t, loss, opt = config.model, config.data, config.train, config.loss, config.optimizer
     positive = {
@@ -138,6 +137,7 @@ def check(config: Config) -> None:
         raise ConfigError(f"cache.batch_size must be >= 0, got {config.cache.batch_size}")
     _check_generate(config)
     _check_onpolicy(config)
+    _check_teachers(config)
 
 
 def check_architecture(m: ModelConfig) -> None:
@@ -245,3 +245,24 @@ def _check_onpolicy(config: Config) -> None:
     if answered == 0:
         raise ConfigError(f"onpolicy.fraction {o.fraction} of train.batch_size "
                           f"({config.train.batch_size}) rows is no row; raise one of them")
+
+
+def _check_teachers(config: Config) -> None:
+    """`teachers:` (kd_jax.config.teachers): each entry a teacher that could run alone, and
+    nothing that needs one teacher's model."""
+    if not config.teachers:
+        return
+    from kd_jax.config.teachers import members
+
+    if config.teacher.source != "none":
+        raise ConfigError("name the teachers either in teacher: (one) or in teachers: (a list), "
+                          f"not both (teacher.source is {config.teacher.source})")
+    for term in ("hidden", "attention"):
+        if getattr(config.loss, f"{term}_weight") > 0:
+            raise ConfigError(f"loss.{term}_weight matches the student's layers to one "
+                              "teacher's: name that teacher in teacher:, not teachers:")
+    for i, (_, member) in enumerate(members(config)):
+        try:
+            check(member)
+        except ConfigError as err:
+            raise ConfigError(f"teachers[{i}]: {err}") from None

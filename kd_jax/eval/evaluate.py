@@ -18,21 +18,35 @@ from kd_jax.eval.metrics import summarize, token_stats
 from kd_jax.models.pure import PureModel
 
 
-def make_eval_fn(student: PureModel, teacher: PureModel | None, valid_vocab: int) -> Callable:
-    """eval_fn(params, teacher_params, batch) -> metric sums for the student and the teacher."""
+def make_eval_fn(student: PureModel, teacher: PureModel | dict[str, PureModel] | None,
+                 valid_vocab: int) -> Callable:
+    """eval_fn(params, teacher_params, batch) -> metric sums for the student and the teacher.
+
+    Several teachers: `teacher` a mapping of names to models, `teacher_params` one of names to
+    their parameters; the sums of each teacher under its name, the student's agreement with it
+    under "student~name" (with the first also in the student's own).
+    """
 
     def eval_fn(params, teacher_params, batch):
         logits = student.logits(params, batch)
         out = {}
-        if teacher is not None:
-            teacher_logits = teacher.logits(teacher_params, batch)
+        teachers = teacher if isinstance(teacher, dict) else {}
+        first_logits = None
+        for name, model in teachers.items():
+            teacher_logits = model.logits(teacher_params[name], batch)
+            out[name] = token_stats(teacher_logits, batch["labels"], batch["loss_mask"],
+                                    valid_vocab=valid_vocab)
+            out[f"student~{name}"] = token_stats(logits, batch["labels"], batch["loss_mask"],
+                                                 valid_vocab=valid_vocab,
+                                                 teacher_logits_btv=teacher_logits)
+            first_logits = teacher_logits if first_logits is None else first_logits
+        if teacher is not None and not teachers:
+            first_logits = teacher.logits(teacher_params, batch)
             out["teacher"] = token_stats(
-                teacher_logits, batch["labels"], batch["loss_mask"], valid_vocab=valid_vocab)
-        else:
-            teacher_logits = None
+                first_logits, batch["labels"], batch["loss_mask"], valid_vocab=valid_vocab)
         out["student"] = token_stats(
             logits, batch["labels"], batch["loss_mask"], valid_vocab=valid_vocab,
-            teacher_logits_btv=teacher_logits)
+            teacher_logits_btv=first_logits)
         return out
 
     return eval_fn

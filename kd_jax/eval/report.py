@@ -2,7 +2,9 @@
 
 A report (`report.json` in the run directory) holds `mode`, `run_dir`, `steps`, and `student`
 (and `teacher` when the config names one), each the evaluation's summary plus `params`, and for
-the student `tokens_per_second`.
+the student `tokens_per_second`; with several teachers (`teachers:`), `teachers` maps each name
+(`teachers[i]`) to its summary, `params`, `path`, and the student's `student_agreement` and
+`student_kl` with it (the student's own `agreement` and `kl` are with the first).
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ def eval_table(report: dict[str, Any]) -> str:
             m = report[name]
             rows.append([name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
                          m.get("accuracy"), m.get("ece"), m.get("agreement"), m.get("kl")])
+    # Several teachers: a row each, its agreement and KL the student's with it.
+    for name, m in (report.get("teachers") or {}).items():
+        rows.insert(-1, [name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
+                         m.get("accuracy"), m.get("ece"), m.get("student_agreement"),
+                         m.get("student_kl")])
     return format_table(headers, rows)
 
 
@@ -60,4 +67,16 @@ def build_report(mode: str, run_dir: str, steps: int, result: dict[str, dict],
     }
     if "teacher" in result:
         report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
+    # Several teachers: each one's statistics, and the student's agreement and KL with it.
+    several = {name: stats for name, stats in result.items() if name.startswith("teachers[")}
+    if several:
+        recorded = info.get("teachers") or []
+        report["teachers"] = {}
+        for name, stats in several.items():
+            index = int(name[len("teachers["):-1])
+            entry = recorded[index] if index < len(recorded) and recorded[index] else {}
+            versus = result[f"student~{name}"]
+            report["teachers"][name] = dict(
+                stats, params=entry.get("params"), path=entry.get("path"),
+                student_agreement=versus.get("agreement"), student_kl=versus.get("kl"))
     return report

@@ -15,6 +15,8 @@ What a teacher gives the loss for a batch is one of:
             whole.
 * `CrossVocab` the same from a teacher with another vocabulary, at the student's aligned
             positions (`kd_jax.losses.cross_vocab`).
+* `Weighted` several teachers' targets (any of the above each) and their weights: the
+            weighted sum of their divergences.
 
 Each kind is a pytree with `divergence_bt(kind, student_logits_btv, ...)`, the per-token
 divergence of the student from it, float32 [batch, tokens] and scaled by T^2 like
@@ -169,6 +171,45 @@ class Sampled:
                       valid_vocab=None) -> jax.Array:
         return sampled_kl_bt(student_logits_btv, self.ids, self.counts, self.entropy,
                              temperature=temperature, valid_vocab=valid_vocab)
+
+
+@struct.dataclass
+class Weighted:
+    """Several teachers' targets, each of any kind, and the share of each in the divergence:
+    sum over i of weights[i] * members[i]'s divergence (`kd_jax.teacher.several`)."""
+
+    members: tuple
+    weights: tuple[float, ...] = struct.field(pytree_node=False)
+
+    def refusal(self, divergence: str) -> str | None:
+        for i, member in enumerate(self.members):
+            reason = member.refusal(divergence)
+            if reason is not None:
+                return f"{reason} (teachers[{i}])"
+        return None
+
+    def where(self, mask_bt) -> Weighted:
+        return self.replace(members=tuple(member.where(mask_bt) for member in self.members))
+
+    def per_token(self):
+        """What `kd_jax.losses.chunked` cuts into chunks: each member's own per-token part."""
+        return tuple(member.per_token() if hasattr(member, "per_token") else member
+                     for member in self.members)
+
+    def with_per_token(self, per_token) -> Weighted:
+        return self.replace(members=tuple(
+            member.with_per_token(part) if hasattr(member, "with_per_token") else part
+            for member, part in zip(self.members, per_token)))
+
+    def divergence_bt(self, kind: str, student_logits_btv, *, temperature, beta=0.5, skew=0.1,
+                      valid_vocab=None) -> jax.Array:
+        total_bt = None
+        for member, weight in zip(self.members, self.weights):
+            value_bt = jnp.float32(weight) * member.divergence_bt(
+                kind, student_logits_btv, temperature=temperature, beta=beta, skew=skew,
+                valid_vocab=valid_vocab)
+            total_bt = value_bt if total_bt is None else total_bt + value_bt
+        return total_bt
 
 
 SoftTargets = Dense | TopK | Sampled

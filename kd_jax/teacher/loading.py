@@ -174,7 +174,11 @@ def check_teacher_files(run_dir: str, teacher_path: str, files: dict[str, str]) 
     if not info_path.is_file():
         return
     try:
-        recorded = json.loads(info_path.read_text()).get("teacher_files")
+        info = json.loads(info_path.read_text())
+        recorded = info.get("teacher_files")
+        for entry in info.get("teachers") or []:  # several teachers: the one at teacher_path
+            if isinstance(entry, dict) and entry.get("path") == teacher_path:
+                recorded = entry.get("files")
     except (OSError, ValueError, AttributeError):
         return  # read_run reports an unreadable run.json
     for name, digest in (recorded or {}).items():

@@ -17,17 +17,11 @@ from typing import Any
 import jax
 
 from kd_jax import checkpoint
-from kd_jax.cache.api_import import load_rows
 from kd_jax.cache.fingerprints import teacher_fingerprint
-from kd_jax.config import Config, ConfigError, DataConfig
-from kd_jax.data import mixture
+from kd_jax.config import Config, ConfigError
+from kd_jax.config.teachers import members
 from kd_jax.data.batches import Batches
-from kd_jax.data.batches import fingerprint as data_fingerprint
-from kd_jax.data.packing import Rows, pack
-from kd_jax.data.prepare import prepare
-from kd_jax.data.sources import load_documents
-from kd_jax.data.store import is_prepared, open_store
-from kd_jax.data.tokenizers import Tokenizer, load_tokenizer, stop_token_ids
+from kd_jax.data.tokenizers import Tokenizer, stop_token_ids
 from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models import surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
@@ -49,19 +43,13 @@ from kd_jax.teacher.loading import (
     teacher_dtype_choice,
 )
 from kd_jax.teacher.online import OnlineTeacher
+from kd_jax.teacher.several import SeveralTeachers
 from kd_jax.train import step as step_lib
 from kd_jax.train.onpolicy import OnPolicy, answered_rows
-from kd_jax.train.resolve import resolve, tokenizer_spec
+from kd_jax.train.resolve import resolve
+from kd_jax.train.run_data import RunData, load_data
 
 MODES = ("train", "distill", "eval", "precompute")
-
-
-@dataclasses.dataclass
-class RunData:
-    tokenizer: Tokenizer
-    train: Rows  # in memory, or read from a token store
-    heldout: Rows
-    fingerprint: str
 
 
 @dataclasses.dataclass
@@ -72,9 +60,11 @@ class Run:
     mesh: Any
     placement: BatchPlacement  # where a step's global batch lies (precompute: a teacher pass)
     eval_placement: BatchPlacement | None  # where an evaluation batch lies: one microbatch
-    loaded_teacher: LoadedTeacher | None  # evaluated beside the student, and online, the step's
+    # Each teacher the config names, loaded (None: a cache of no named teacher run): evaluated
+    # beside the student, and online, the step's; one per entry of `teachers:`.
+    loaded_teachers: list[LoadedTeacher | None]
     # what the step distills from (None: labels)
-    teacher: OnlineTeacher | CrossTokenizerTeacher | CachedTeacher | None
+    teacher: OnlineTeacher | CrossTokenizerTeacher | CachedTeacher | SeveralTeachers | None
     student: PureModel | None = None
     abstract_params: Any = None
     param_shardings: Any = None
@@ -89,14 +79,25 @@ class Run:
     teacher_dtype_why: str = ""  # why the teacher runs in cfg.teacher.dtype (the start-up line)
 
     @property
+    def loaded_teacher(self) -> LoadedTeacher | None:
+        """The (first) teacher loaded: a lone teacher's, what most commands need."""
+        return self.loaded_teachers[0] if self.loaded_teachers else None
+
+    @property
     def valid_vocab(self) -> int:
         return self.data.tokenizer.vocab_size
 
     @property
     def teacher_params(self) -> Any:
-        """The teacher parameters the step takes (None unless it runs the teacher online)."""
-        online = isinstance(self.teacher, (OnlineTeacher, CrossTokenizerTeacher))
-        return self.loaded_teacher.params if online else None
+        """The teacher parameters the step takes: None unless it runs the teacher online; for
+        several teachers a tuple, one entry each (None for a cache)."""
+        def params(teacher, loaded):
+            online = isinstance(teacher, (OnlineTeacher, CrossTokenizerTeacher))
+            return loaded.params if online else None
+        if isinstance(self.teacher, SeveralTeachers):
+            return tuple(params(teacher, loaded) for teacher, loaded in
+                         zip(self.teacher.members, self.loaded_teachers))
+        return params(self.teacher, self.loaded_teacher)
 
     def info(self) -> dict[str, Any]:
         """run.json: what later commands need to know about this run."""
@@ -110,6 +111,10 @@ class Run:
             "student_params": count_params(self.abstract_params),
             "teacher_params": count_params(teacher.params) if teacher is not None else None,
             "teacher_files": teacher.files if teacher is not None else None,
+            # Several teachers: each one's, in the order of `teachers:`.
+            "teachers": [{"path": loaded.run_dir, "params": count_params(loaded.params),
+                          "files": loaded.files} if loaded is not None else None
+                         for loaded in self.loaded_teachers] if self.cfg.teachers else None,
         }
 
     def host_batch(self, step: int) -> dict[str, Any]:
@@ -168,7 +173,7 @@ class Run:
         return surgery.init_from_teacher(teacher.params, teacher.config, model_cfg, heads, mlp)
 
     def close(self) -> None:
-        if isinstance(self.teacher, CachedTeacher):
+        if isinstance(self.teacher, (CachedTeacher, SeveralTeachers)):
             self.teacher.close()
 
 
@@ -178,6 +183,10 @@ def build(cfg: Config, mode: str) -> Run:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     _check_mode(cfg, mode)
     teacher_dtype_why = teacher_dtype_choice(cfg)[1]
+    if cfg.teachers:  # each teacher's, on the start-up line
+        teacher_dtype_why = "; ".join(
+            f"teachers[{i}] {': '.join(teacher_dtype_choice(member))}"
+            for i, (_, member) in enumerate(members(cfg)))
     if mode != "eval":  # evaluation reads a run directory's config, resolved already
         cfg = resolve(cfg)
     if mode in ("train", "distill"):
@@ -188,12 +197,10 @@ def build(cfg: Config, mode: str) -> Run:
         check_params(open_checkpoint(cfg.model.path), cfg.model, abstract_model(cfg.model)[1])
     initialize_distributed(cfg.distributed)  # before anything else touches JAX's devices
 
-    # Where every array lies: the student's state and the teacher's parameters by their own
+    # Where every array lies: the student's state and each teacher's parameters by their own
     # rules, the batch split over data x fsdp. One device gives a mesh of one.
     student_rules = mesh_lib.rules_for(cfg.mesh.student_layout, cfg.mesh.student_rules,
                                        "mesh.student_rules")
-    teacher_rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
-                                       "mesh.teacher_rules")
     mesh = mesh_lib.make_mesh(cfg.mesh)
     if mode == "precompute":
         placement = BatchPlacement.on(mesh, cfg.cache.batch_size or cfg.train.batch_size,
@@ -205,35 +212,23 @@ def build(cfg: Config, mode: str) -> Run:
                                            "train.batch_size / train.microbatches")
 
     # A teacher named in a `train` config is not trained against; evaluations compare with it.
-    # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
-    loaded = None
-    if cfg.teacher.source in ("checkpoint", "hf") or (
-            cfg.teacher.source == "cache" and cfg.teacher.path):
-        # The files a run recorded are compared (a cache records its teacher itself).
-        # Another tokenizer: taken by an online teacher (its rows are made from the student's),
-        # and left out of evaluations; a cache or precompute needs the student's.
-        other_ok = mode != "precompute" and not (mode == "distill"
-                                                 and cfg.teacher.source == "cache")
-        loaded = load_teacher(cfg, data.tokenizer, mesh,
-                              cfg.train.run_dir if mode != "precompute" else None, other_ok)
-    teacher = None
-    if mode == "distill" and cfg.teacher.source in ("checkpoint", "hf") and loaded.tokenizer:
-        teacher = cross_tokenizer_teacher(cfg, data.tokenizer, data.train, loaded,
-                                          mesh_lib.logits_sharding(
-                                              mesh, teacher_rules, loaded.config.vocab_size))
-    elif mode == "distill" and cfg.teacher.source in ("checkpoint", "hf"):
-        teacher = OnlineTeacher(loaded.model, mesh_lib.logits_sharding(
-            mesh, teacher_rules, loaded.config.vocab_size))
-    elif mode == "distill":
-        fingerprint = (teacher_fingerprint(loaded.run_dir, loaded.step)
-                       if loaded is not None else None)
-        teacher = open_cache(cfg, data.tokenizer, data.train, fingerprint)
-    run = Run(cfg, mode, data, mesh, placement, eval_placement, loaded, teacher,
+    if cfg.teachers:
+        shares, built = zip(*[(share, _teacher_of(member, mode, data, mesh))
+                              for share, member in members(cfg)])
+        loaded_teachers = [loaded for loaded, _ in built]
+        teacher = (SeveralTeachers(tuple(teacher for _, teacher in built), shares)
+                   if mode == "distill" else None)
+    else:
+        loaded, teacher = _teacher_of(cfg, mode, data, mesh)
+        loaded_teachers = [loaded]
+    run = Run(cfg, mode, data, mesh, placement, eval_placement, loaded_teachers, teacher,
               teacher_dtype_why=teacher_dtype_why)
+    loaded = run.loaded_teacher
     if mode == "precompute":
-        if loaded.config.vocab_size < data.tokenizer.vocab_size:
+        vocab = (loaded.tokenizer or data.tokenizer).vocab_size  # the teacher's tokenizer's
+        if loaded.config.vocab_size < vocab:
             raise ConfigError(f"the teacher's vocabulary ({loaded.config.vocab_size}) is smaller "
-                              f"than the tokenizer's ({data.tokenizer.vocab_size})")
+                              f"than the tokenizer's ({vocab})")
         return run
 
     run.student, run.abstract_params = abstract_model(cfg.model)
@@ -256,10 +251,42 @@ def build(cfg: Config, mode: str) -> Run:
     return run
 
 
+def _teacher_of(cfg: Config, mode: str, data: RunData, mesh: Any
+                ) -> tuple[LoadedTeacher | None, Any]:
+    """The teacher `cfg.teacher` names, loaded (or None), and the teacher the step of `mode`
+    distills from: online, online with another tokenizer, from a cache, or None."""
+    rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
+                               "mesh.teacher_rules")
+    # From a cache, the step needs no teacher; one named by teacher.path is evaluated beside.
+    loaded = None
+    if cfg.teacher.source in ("checkpoint", "hf") or (
+            cfg.teacher.source == "cache" and cfg.teacher.path):
+        # The files a run recorded are compared (a cache records its teacher itself).
+        # Another tokenizer: its rows are made from the student's (online, or in precompute
+        # for a cache of its targets at the student's positions); left out of evaluations.
+        loaded = load_teacher(cfg, data.tokenizer, mesh,
+                              cfg.train.run_dir if mode != "precompute" else None, True)
+    if mode != "distill":
+        return loaded, None
+    if cfg.teacher.source in ("checkpoint", "hf"):
+        logits_sharding = mesh_lib.logits_sharding(mesh, rules, loaded.config.vocab_size)
+        if loaded.tokenizer:
+            return loaded, cross_tokenizer_teacher(cfg, data.tokenizer, data.train, loaded,
+                                                   logits_sharding)
+        return loaded, OnlineTeacher(loaded.model, logits_sharding)
+    fingerprint = (teacher_fingerprint(loaded.run_dir, loaded.step)
+                   if loaded is not None else None)
+    teacher_tokenizer = (loaded.tokenizer or data.tokenizer) if loaded is not None else None
+    return loaded, open_cache(cfg, data.tokenizer, data.train, fingerprint, teacher_tokenizer)
+
+
 def _check_mode(cfg: Config, mode: str) -> None:
-    if mode == "distill" and cfg.teacher.source == "none":
+    if mode == "distill" and cfg.teacher.source == "none" and not cfg.teachers:
         raise ConfigError("kd-jax distill needs teacher.source: checkpoint or hf (with "
-                          "teacher.path), or cache (with cache.dir)")
+                          "teacher.path), or cache (with cache.dir), or a teachers: list")
+    if mode == "precompute" and cfg.teachers:
+        raise ConfigError("kd-jax precompute writes one teacher's cache: name that teacher in "
+                          "teacher: (and cache.dir), once per teacher of teachers:")
     if mode == "precompute" and cfg.teacher.source not in ("checkpoint", "hf"):
         raise ConfigError("kd-jax precompute needs teacher.source checkpoint or hf, and "
                           f"teacher.path (got teacher.source={cfg.teacher.source})")
@@ -285,57 +312,6 @@ def _onpolicy(cfg: Config, mesh: Any, rules: dict, tokenizer: Tokenizer) -> OnPo
                   "activation_sharding": mesh_lib.batch_sharding(mesh)}
     return OnPolicy.of(o, cfg.model, cfg.train.batch_size, cfg.data.seq_len,
                        tokenizer.vocab_size, stop_ids, **placed)
-
-
-def load_data(cfg: Config) -> RunData:
-    """The tokenizer and the packed training and held-out rows `cfg.data` describes."""
-    tokenizer = load_tokenizer(tokenizer_spec(cfg))
-    if cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's "
-            f"vocabulary ({tokenizer.vocab_size})")
-    if cfg.data.source == "cache":  # the token rows of an imported cache
-        train, heldout = load_rows(cfg.cache.dir, tokenizer)
-        if train.seq_len != cfg.data.seq_len:
-            raise ConfigError(f"cache {cfg.cache.dir} holds rows of {train.seq_len} tokens; "
-                              f"set data.seq_len={train.seq_len} (got {cfg.data.seq_len})")
-    elif cfg.data.mixture:
-        sources = mixture.components(cfg.data)
-        opened = [_store_rows(cfg, source, tokenizer) for _, source in sources]
-        train = mixture.MixedRows([rows for rows, _ in opened], [w for w, _ in sources])
-        heldout = mixture.InterleavedRows([rows for _, rows in opened])
-    elif cfg.data.store:
-        train, heldout = _store_rows(cfg, cfg.data, tokenizer)
-    else:
-        train_docs, heldout_docs = load_documents(cfg.data)
-        train = pack(train_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
-        heldout = pack(heldout_docs, tokenizer, cfg.data.seq_len, cfg.data.add_bos)
-    if train.n_rows == 0 or not train.trained_tokens:
-        raise ConfigError(f"the training data of data.path '{cfg.data.path}' is empty")
-    return RunData(tokenizer, train, heldout, data_fingerprint(cfg.data, tokenizer))
-
-
-def _store_rows(cfg: Config, data: DataConfig, tokenizer: Tokenizer) -> tuple[Rows, Rows]:
-    """The rows of the token store `data.store`, prepared first when it is missing."""
-    if not is_prepared(data.store):
-        if cfg.distributed.enabled:  # every process would prepare the same store at once
-            raise ConfigError(f"data.store '{data.store}' is not prepared; a multi-process run "
-                              "reads a prepared store: run kd-jax prepare with this config "
-                              "first")
-        prepare(data, tokenizer, cfg.train.progress)
-    return open_store(data, tokenizer)
-
-
-def prepare_data(cfg: Config) -> list[dict[str, Any]]:
-    """`kd-jax prepare`: the token store `data.store` of `cfg` (a store per source of a
-    mixture), prepared or found prepared; a summary of each."""
-    if not cfg.data.store:
-        raise ConfigError("kd-jax prepare needs data.store, the directory of the token store")
-    cfg = resolve(cfg)
-    tokenizer = load_tokenizer(tokenizer_spec(cfg))
-    sources = ([source for _, source in mixture.components(cfg.data)] if cfg.data.mixture
-               else [cfg.data])
-    return [prepare(source, tokenizer, cfg.train.progress) for source in sources]
 
 
 def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer, log=print

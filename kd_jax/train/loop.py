@@ -68,7 +68,9 @@ def _run(cfg: config_lib.Config, mode: str, preemption: Preemption) -> dict[str,
     abstract_batch = built.placement.abstract(built.host_batch(start))
     update = built.update_fn().lower(state, teacher_params, abstract_batch).compile()
     log(attention.describe(cfg.model, cfg.data.seq_len, jax.default_backend()))
-    if built.loaded_teacher is not None:
+    if cfg.teachers:
+        log(built.teacher_dtype_why)
+    elif built.loaded_teacher is not None:
         log(f"teacher {cfg.teacher.dtype}: {built.teacher_dtype_why}")
     if getattr(built.teacher, "note", ""):
         log(built.teacher.note)
@@ -223,20 +225,25 @@ def _mesh_on_this_host(mesh: config_lib.MeshConfig) -> config_lib.MeshConfig:
 
 
 def _evaluator(built: builder.Run):
-    """evaluator(student_params) -> the held-out summary of the student (and the teacher)."""
-    teacher = built.loaded_teacher
-    if teacher is not None and teacher.tokenizer is not None:
-        teacher = None  # another tokenizer: its statistics are not comparable token by token
-    eval_fn = jax.jit(make_eval_fn(built.student, teacher.model if teacher else None,
-                                   built.valid_vocab),
+    """evaluator(student_params) -> the held-out summary of the student (and its teachers)."""
+    # A teacher of another tokenizer is left out: its statistics are not comparable token by
+    # token.
+    teachers = [(i, loaded) for i, loaded in enumerate(built.loaded_teachers)
+                if loaded is not None and loaded.tokenizer is None]
+    if built.cfg.teachers:  # several: each under its name in teachers:
+        models = {f"teachers[{i}]": loaded.model for i, loaded in teachers}
+        params = {f"teachers[{i}]": loaded.params for i, loaded in teachers}
+    else:
+        models = teachers[0][1].model if teachers else None
+        params = teachers[0][1].params if teachers else None
+    eval_fn = jax.jit(make_eval_fn(built.student, models, built.valid_vocab),
                       out_shardings=replicated(built.mesh))
     byte_lengths = built.data.tokenizer.byte_lengths()
     place = builder.eval_place(built)
 
-    def evaluator(params) -> dict[str, dict]:
-        return evaluate(eval_fn, params, teacher.params if teacher else None, built.data.heldout,
-                        byte_lengths, built.eval_placement.rows, built.cfg.train.eval_sequences,
-                        place=place)
+    def evaluator(student_params) -> dict[str, dict]:
+        return evaluate(eval_fn, student_params, params, built.data.heldout, byte_lengths,
+                        built.eval_placement.rows, built.cfg.train.eval_sequences, place=place)
 
     return evaluator
 

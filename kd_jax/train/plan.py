@@ -4,7 +4,7 @@ The step of the configured run is compiled for the configured mesh on this host'
 placeholder devices (`--devices`): nothing is allocated, no weight and no data are read (a
 Hugging Face checkpoint's config.json, or a teacher run's config.yaml, gives the shapes). Per
 device it reports the bytes of the student's parameters, its optimizer state, the teacher's
-parameters, the batch and XLA's temporaries, whether their sum fits `--device-memory`, and the
+parameters (every teacher's, with `teachers:`), the batch and XLA's temporaries, whether their sum fits `--device-memory`, and the
 largest temporaries by name (from XLA's buffer assignment). A real run prints the same figures
 when its step compiles (`memory_figures`).
 
@@ -26,13 +26,15 @@ import jax
 import numpy as np
 
 from kd_jax.checkpoint import placed
-from kd_jax.config import Config, ConfigError
+from kd_jax.config import Config, ConfigError, ModelConfig
+from kd_jax.config.teachers import members
 from kd_jax.losses.whitebox import WhiteBox
 from kd_jax.models.pure import abstract_model, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement
 from kd_jax.teacher.loading import teacher_model
 from kd_jax.teacher.online import OnlineTeacher
+from kd_jax.teacher.several import MEMBERS_KEY, SeveralTeachers
 from kd_jax.train import step as step_lib
 from kd_jax.train.resolve import resolve_model, teacher_model_config
 
@@ -48,10 +50,13 @@ def use_placeholder_devices(devices: int) -> None:
 
 def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> dict[str, Any]:
     """The per-device memory of `cfg`'s step on the devices JAX has (use_placeholder_devices)."""
-    if cfg.teacher.source == "cache":
-        raise ConfigError("kd-jax plan compiles online distillation and hard-label training; "
-                          "for a cache, plan with teacher.source=none (the cached targets add "
-                          "their fields to the batch)")
+    planned = [member for _, member in members(cfg)] if cfg.teachers else [cfg]
+    for i, member in enumerate(planned):
+        if member.teacher.source == "cache":
+            where = f"teachers[{i}] is a cache" if cfg.teachers else "teacher.source is cache"
+            raise ConfigError(f"kd-jax plan compiles online distillation and hard-label "
+                              f"training; {where}: plan without it (the cached targets add "
+                              "their fields to the batch)")
     cfg = resolve_model(cfg, platform="accelerator")  # what is planned: a run on accelerators
     mesh = mesh_lib.make_mesh(cfg.mesh)
     student_rules = mesh_lib.rules_for(cfg.mesh.student_layout, cfg.mesh.student_rules,
@@ -60,15 +65,14 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     param_shardings = mesh_lib.param_shardings(logical_axes(student.template), student_rules,
                                                mesh, abstract)
     teacher, teacher_params, whitebox = None, None, None
-    if cfg.teacher.source in ("checkpoint", "hf"):
-        teacher_cfg = dataclasses.replace(teacher_model_config(cfg), dtype=cfg.teacher.dtype,
-                                          param_dtype=cfg.teacher.dtype)
-        model, teacher_abstract, teacher_shardings = teacher_model(cfg, teacher_cfg, mesh)
-        teacher_params = placed(teacher_abstract, teacher_shardings)
-        teacher_rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
-                                           "mesh.teacher_rules")
-        teacher = OnlineTeacher(model, mesh_lib.logits_sharding(
-            mesh, teacher_rules, teacher_cfg.vocab_size))
+    if cfg.teachers:  # every teacher's parameters and forward pass, in one step
+        online = [_online_teacher(resolve_model(member, platform="accelerator"), mesh)
+                  for member in planned]
+        teacher = SeveralTeachers(tuple(t for t, _, _ in online),
+                                  tuple(share for share, _ in members(cfg)))
+        teacher_params = tuple(params for _, params, _ in online)
+    elif cfg.teacher.source in ("checkpoint", "hf"):
+        teacher, teacher_params, teacher_cfg = _online_teacher(cfg, mesh)
         whitebox = WhiteBox.of(cfg.loss, cfg.model, teacher_cfg)
     tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     aux = whitebox.init_aux if whitebox is not None else dict  # white-box projections
@@ -77,6 +81,8 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     placement = BatchPlacement.on(mesh, cfg.train.batch_size)
     local = {key: np.zeros((len(placement.positions), cfg.data.seq_len), np.int32)
              for key in BATCH_FIELDS}
+    if cfg.teachers:
+        local[MEMBERS_KEY] = tuple({} for _ in planned)  # online teachers read the batch itself
     batch = placement.abstract(local)
     update = step_lib.make_update(
         student, teacher, tx, schedule, cfg.loss, cfg.train.microbatches, cfg.model.vocab_size,
@@ -95,6 +101,20 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
                    student=cfg.model.family, seq_len=cfg.data.seq_len,
                    batch_size=cfg.train.batch_size, microbatches=cfg.train.microbatches)
     return figures
+
+
+def _online_teacher(cfg: Config, mesh: Any) -> tuple[OnlineTeacher, Any, ModelConfig]:
+    """The teacher of `cfg` as the planned step runs it: its model, placeholder parameters laid
+    out by `mesh.teacher_layout`, and its architecture. A teacher of another tokenizer is
+    planned on the student's rows."""
+    teacher_cfg = dataclasses.replace(teacher_model_config(cfg), dtype=cfg.teacher.dtype,
+                                      param_dtype=cfg.teacher.dtype)
+    model, teacher_abstract, teacher_shardings = teacher_model(cfg, teacher_cfg, mesh)
+    rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
+                               "mesh.teacher_rules")
+    teacher = OnlineTeacher(model, mesh_lib.logits_sharding(mesh, rules,
+                                                            teacher_cfg.vocab_size))
+    return teacher, placed(teacher_abstract, teacher_shardings), teacher_cfg
 
 
 def _device_bytes(tree: Any) -> int:

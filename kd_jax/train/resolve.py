@@ -1,7 +1,8 @@
 """A config made concrete: the tokenizer a file, the student's architecture spelled out.
 
 `data.tokenizer: auto` becomes the tokenizer.json of the checkpoint involved (the student's
-`model.path`, else a Hugging Face teacher's `teacher.path`), or `byte`. A student initialized from
+`model.path`, else a Hugging Face teacher's `teacher.path`, else the first Hugging Face teacher of
+`teachers:`), or `byte`. A student initialized from
 a checkpoint (`model.init: hf`) or from the teacher (`model.init: teacher`) takes its
 architecture from there. The run directory records the resolved config, so evaluating, resuming
 and exporting a run never read the source checkpoint's config again.
@@ -48,8 +49,11 @@ def tokenizer_spec(cfg: Config) -> str:
     """`byte`, or the path of a tokenizer.json file."""
     spec = cfg.data.tokenizer
     if spec == "auto":
+        hf_teachers = [entry.get("path", "") for entry in cfg.teachers
+                       if isinstance(entry, dict) and entry.get("source") == "hf"]
         source = (cfg.model.path if cfg.model.init == "hf" else
-                  cfg.teacher.path if cfg.teacher.source == "hf" else "")
+                  cfg.teacher.path if cfg.teacher.source == "hf" else
+                  hf_teachers[0] if hf_teachers else "")
         if not source:
             return "byte"
         if not (Path(source) / "tokenizer.json").is_file():

@@ -155,7 +155,7 @@ def test_precompute_has_a_teacher_and_no_student(setup, tmp_path):
 @pytest.mark.parametrize("mode, overrides, message", [
     ("distill", ["teacher.source=none", "teacher.path="],
      "kd-jax distill needs teacher.source: checkpoint or hf (with teacher.path), or cache "
-     "(with cache.dir)"),
+     "(with cache.dir), or a teachers: list"),
     ("precompute", ["cache.dir="], "kd-jax precompute needs cache.dir, where the cache is "
                                    "written"),
     ("precompute", ["teacher.source=cache"],
