@@ -11,7 +11,9 @@ student's rows are packed from the rest, 8 x 256 tokens a batch.
 
 - Host: per batch, the student's rows as the data feed takes them, then the teacher's rows and
   the alignment written from them; the median of 20 batches (`--quick`: 4). Also how many of the
-  student's positions align, and how many teacher tokens the same text takes.
+  student's positions align, and how many teacher tokens the same text takes. Then the same
+  made once for every row (`kd_jax.align.prepared`, what `kd-jax prepare` does on a token
+  store): its time, and a batch's teacher rows read back from it.
 - Step: `throughput.py`'s models (teacher 6 x 512, student 4 x 256; `--quick`: tiny) at these
   vocabularies, the fused distillation step (forward KL, T 2, 0.5 CE), once with the teacher on
   its own rows (as long as `data.teacher_seq_len: 0` makes them) through the vocabulary's
@@ -52,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     import throughput as tp
+    from kd_jax.align.prepared import prepare_teacher_rows
     from kd_jax.align.rows import teacher_rows, teacher_seq_len_for
     from kd_jax.align.vocabulary import buckets, map_vocabularies
     from kd_jax.data.packing import pack
@@ -98,10 +101,25 @@ def main(argv: list[str] | None = None) -> int:
         aligned.append(float((fields["teacher_index"] >= 0)[real].mean()))
         teacher_tokens += int((fields["teacher_segment_ids"] > 0).sum())
         student_tokens += int((student_batch["segment_ids"] > 0).sum())
+    # Prepared once (as `kd-jax prepare` does on a token store): every row's teacher rows
+    # written, then a batch's read back.
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        prepared = prepare_teacher_rows(tmp, data, student_tok, teacher_tok, teacher_seq)
+        prepare_s = time.perf_counter() - start
+        read_s = []
+        for _ in range(batches):
+            rows = rng.integers(0, data.n_rows, batch)
+            start = time.perf_counter()
+            prepared.fields(rows)
+            read_s.append(time.perf_counter() - start)
     host = {"take_ms": 1e3 * statistics.median(take_s),
             "teacher_rows_ms": 1e3 * statistics.median(write_s),
             "aligned_fraction": statistics.median(aligned),
-            "teacher_tokens_per_student_token": teacher_tokens / student_tokens}
+            "teacher_tokens_per_student_token": teacher_tokens / student_tokens,
+            "prepare_rows": data.n_rows, "prepare_seconds": prepare_s,
+            "prepare_student_tokens_per_second": data.n_rows * seq / prepare_s,
+            "prepared_read_ms": 1e3 * statistics.median(read_s)}
 
     # Step: the same models, a teacher of the student's vocabulary or of its own.
     workload = tp.shrink(tp.Workload()) if args.quick else tp.Workload()
@@ -164,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
           f"alignment {host['teacher_rows_ms']:.1f} ms; {host['aligned_fraction']:.1%} of "
           f"student positions aligned; {host['teacher_tokens_per_student_token']:.2f} teacher "
           "tokens a student token")
+    print(f"prepared once: {host['prepare_rows']:,} rows in {host['prepare_seconds']:.1f} s "
+          f"({host['prepare_student_tokens_per_second']:,.0f} student tokens/s); a batch's "
+          f"teacher rows then read in {host['prepared_read_ms']:.2f} ms")
     for name, seconds in steps.items():
         print(f"fused step, teacher of the {name:16s} {seconds:8.4f} s  "
               f"x {seconds / steps['same tokenizer']:.2f}")

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="experiment YAML file")
         p.add_argument("overrides", nargs="*", help="section.key=value")
     text = ("tokenize and pack the configured data once into the token store data.store "
-            "(resumable; train, distill, eval and precompute then read it)")
+            "(resumable; train, distill, eval and precompute then read it), and the rows a "
+            "teacher of another tokenizer reads beside it")
     p = sub.add_parser("prepare", help=text, description=text)
     p.add_argument("config", help="experiment YAML file (data.store and the data section)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {target / 'report.json'}")
         elif args.command == "prepare":
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax.train.run_data import prepare_data
+            from kd_jax.train.run_data import prepare_data, prepare_teacher_rows
 
             for summary in prepare_data(cfg):
                 done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{summary['tokens']:,} tokens, {summary['train_rows']:,} training and "
                       f"{summary['heldout_rows']:,} held-out rows of {summary['seq_len']} "
                       "tokens")
+            for line in prepare_teacher_rows(cfg):
+                print(line)
         elif args.command == "precompute":
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.train.precompute import precompute

@@ -16,6 +16,7 @@ import pytest
 
 from kd_jax import cli
 from tests.helpers import write_config, write_tokenizer
+from tests.teacher.test_cross import word_level
 
 DOCS = Path(__file__).parents[1] / "docs" / "errors.md"
 
@@ -79,9 +80,11 @@ CASES = {
     "teacher with another tokenizer and white-box terms": ["distill", "{config}",
         "teacher.source=checkpoint", "teacher.path={teacher}",
         "data.tokenizer={tmp}/tokenizer.json", "loss.hidden_weight=1"],
-    "precompute with another tokenizer": ["precompute", "{config}", "teacher.source=checkpoint",
-        "teacher.path={teacher}", "data.tokenizer={tmp}/tokenizer.json",
-        "cache.dir={tmp}/new_cache"],
+    "teacher tokenizer with nothing in common": ["distill", "{config}", *ONLINE,
+        "data.tokenizer={tmp}/words.json"],
+    "sampled cache of a teacher with another tokenizer": ["precompute", "{config}",
+        "teacher.source=checkpoint", "teacher.path={teacher}",
+        "data.tokenizer={tmp}/tokenizer.json", "cache.mode=sample", "cache.dir={tmp}/new_cache"],
     "negative teacher_seq_len": ["train", "{config}", "data.teacher_seq_len=-1"],
     "pickle weights where safetensors are expected": ["distill", "{config}", "teacher.source=hf",
         "teacher.path={tmp}/pickled"],
@@ -145,6 +148,7 @@ def world(teacher_run, sampled_cache, tmp_path_factory):
     (tmp / "afile_dir").mkdir()
     (tmp / "empty.txt").write_text("")
     write_tokenizer(tmp / "tokenizer.json", corpus)
+    word_level(tmp / "words.json", [line for line in corpus.read_text().splitlines() if line])
     existing = tmp / "existing"
     assert cli.main(["train", str(config), f"train.run_dir={existing}", "train.steps=2",
                      "train.checkpoint_every=2"]) == 0

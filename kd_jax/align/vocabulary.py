@@ -15,7 +15,12 @@ first byte does it map to nothing (-1); special tokens never map.
 tokens some teacher token maps to are the buckets, and every token of either vocabulary falls in
 the bucket of the longest of them its bytes start with (the student's "2024", which the teacher
 lacks, falls in "20" if the teacher maps a token there, else "2"). Tokens of neither bucket
-(special tokens) are left out of the comparison.
+(special tokens) are left out of the comparison. A bucket is matched (`matched_buckets`) when
+every member on both sides spells its own text: " the" on both sides and nothing longer, one
+event for both tokenizers; the `hybrid` loss compares those token by token.
+
+How much two tokenizers share is measured on the text a run trains on (`overlap`): of one
+side's tokens in its rows, the share whose text the other vocabulary holds as one token.
 """
 
 from __future__ import annotations
@@ -85,6 +90,46 @@ def buckets(vocabulary: VocabularyMap, teacher_bytes: Sequence[bytes],
                         dtype=np.int32)
 
     return of(teacher_bytes), of(student_bytes), len(image)
+
+
+def matched_buckets(teacher_bucket: np.ndarray, student_bucket: np.ndarray, count: int,
+                    teacher_bytes: Sequence[bytes], student_bytes: Sequence[bytes]) -> np.ndarray:
+    """Per bucket of `buckets`, whether it is matched (bool [count]): it has members on both
+    sides and every one of them spells the bucket's own text. Every member starts with that
+    text, and the student token a bucket is named after is its shortest member, so a bucket is
+    matched when no member on either side is longer than its shortest student member."""
+    teacher_bucket, student_bucket = np.asarray(teacher_bucket), np.asarray(student_bucket)
+    teacher_lengths, student_lengths = _lengths(teacher_bytes), _lengths(student_bytes)
+    in_teacher, in_student = teacher_bucket >= 0, student_bucket >= 0
+    own = np.full(count, np.iinfo(np.int64).max)  # the length of the bucket's text
+    np.minimum.at(own, student_bucket[in_student], student_lengths[in_student])
+    longest = np.zeros(count, np.int64)
+    np.maximum.at(longest, teacher_bucket[in_teacher], teacher_lengths[in_teacher])
+    np.maximum.at(longest, student_bucket[in_student], student_lengths[in_student])
+    has_teacher = np.bincount(teacher_bucket[in_teacher], minlength=count) > 0
+    return has_teacher & (longest == own)  # a bucket of no student member keeps own at max
+
+
+def _lengths(token_bytes: Sequence[bytes]) -> np.ndarray:
+    return np.array([len(spelled) for spelled in token_bytes], dtype=np.int64)
+
+
+def shared_text(token_bytes: Sequence[bytes], other_bytes: Sequence[bytes]) -> np.ndarray:
+    """Per id of one vocabulary, whether some token of the other spells exactly its text (bool;
+    False for a token that spells nothing). For the teacher's, this is `VocabularyMap.exact`."""
+    other = {spelled for spelled in other_bytes if spelled}
+    return np.array([bool(spelled) and spelled in other for spelled in token_bytes], dtype=bool)
+
+
+def overlap(ids: np.ndarray, where: np.ndarray, shared: np.ndarray,
+            token_bytes: Sequence[bytes]) -> tuple[float, int]:
+    """(share, count): of the tokens `ids[where]` (a tokenizer's rows and where they hold
+    tokens) that spell text, how many there are and the share `shared` marks (`shared_text`);
+    a share of 1.0 where none spells text. Special tokens (a BOS) are left out: they spell
+    nothing, so no text of the other side could match them."""
+    held = np.asarray(ids)[np.asarray(where, dtype=bool)]
+    text = held[_lengths(token_bytes)[held] > 0]
+    return (float(shared[text].mean()) if len(text) else 1.0), len(text)
 
 
 def unmapped_mass(teacher_probs: np.ndarray, vocabulary: VocabularyMap) -> np.ndarray:

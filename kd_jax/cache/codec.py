@@ -8,6 +8,13 @@ Fields per mode (T = seq_len, V = vocab_size, id_bits = max(1, ceil(log2 V))):
             entropy [T]
     full    logprobs [T, V]
 
+A cache of a teacher with another tokenizer (its manifest's `cross_tokenizer`) has the fields of
+its mode in the teacher's vocabulary (V is the teacher tokenizer's), each student position
+holding the teacher's targets at the teacher position aligned with it, and one field more:
+
+    aligned [T] 1 bit: whether the position has an aligned teacher position; where it has
+            none, every other field holds zeros, which no loss reads
+
 Values are float16, or float32 with value_dtype "float32". A log-probability is never positive
 and an entropy never negative, so the sign bit is not stored: 15 bits a float16 value. That bit
 keeps top-16 at vocab 131072 under 4.25 bytes an entry: (16 * (17 + 15) + 15) / 8 / 16 = 4.12.
@@ -23,6 +30,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from kd_jax.cache.manifest import CROSS_TOKENIZER
 
 _PACK_CHUNK_VALUES = 1 << 20  # values bit-packed at once: bounds the 12-bytes-a-value temporaries
 
@@ -51,15 +60,19 @@ def fields(manifest: dict[str, Any]) -> list[Field]:
     ids_bits = manifest["id_bits"]
     if mode == "topk":
         k = params["k"]
-        return [Field("ids", "uint", ids_bits, (k,), limit=vocab),
-                Field("logprobs", value_kind, value_bits, (k,), sign=-1),
-                Field("tail", value_kind, value_bits, (), sign=-1)]
-    if mode == "sample":
+        values = [Field("ids", "uint", ids_bits, (k,), limit=vocab),
+                  Field("logprobs", value_kind, value_bits, (k,), sign=-1),
+                  Field("tail", value_kind, value_bits, (), sign=-1)]
+    elif mode == "sample":
         draws = params["draws"]
-        return [Field("ids", "uint", ids_bits, (draws,), limit=vocab),
-                Field("counts", "uint", draws.bit_length(), (draws,), limit=draws + 1),
-                Field("entropy", value_kind, value_bits, (), sign=+1)]
-    return [Field("logprobs", value_kind, value_bits, (vocab,), sign=-1)]
+        values = [Field("ids", "uint", ids_bits, (draws,), limit=vocab),
+                  Field("counts", "uint", draws.bit_length(), (draws,), limit=draws + 1),
+                  Field("entropy", value_kind, value_bits, (), sign=+1)]
+    else:
+        values = [Field("logprobs", value_kind, value_bits, (vocab,), sign=-1)]
+    if CROSS_TOKENIZER in manifest:
+        values.append(Field("aligned", "uint", 1, (), limit=2))
+    return values
 
 
 def row_bytes(field: Field, seq_len: int) -> int:

@@ -1,8 +1,9 @@
 """What a cache is checked against: fingerprints of the teacher, tokenizer, data and packing.
 
 A cache built from one teacher, tokenizer, corpus or packing is never read for another: its
-manifest records these four fingerprints (`kd_jax.cache.manifest`), and each of its rows carries
-the hash of the data row it was computed on. numpy and the standard library only.
+manifest records these four fingerprints (`kd_jax.cache.manifest`), and the teacher's
+tokenizer's where it is not the student's; each of its rows carries the hash of the data row it
+was computed on. numpy and the standard library only.
 """
 
 from __future__ import annotations
@@ -64,11 +65,15 @@ def packing_fingerprint(seq_len: int, hashes: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
-def fingerprints(cfg: Config, tokenizer: Tokenizer, train: Rows, teacher: str | None
-                 ) -> dict[str, str]:
-    """The four parts a cache depends on; `teacher` is `teacher_fingerprint` (None: unknown)."""
+def fingerprints(cfg: Config, tokenizer: Tokenizer, train: Rows, teacher: str | None,
+                 teacher_tokenizer: Tokenizer | None = None) -> dict[str, str]:
+    """The four parts a cache depends on; `teacher` is `teacher_fingerprint` (None: unknown).
+    A teacher with another tokenizer (`teacher_tokenizer`, the student's being `tokenizer`,
+    whose rows the cache follows) adds a fifth, its fingerprint."""
     parts = {"teacher": teacher} if teacher is not None else {}
     parts["tokenizer"] = tokenizer.fingerprint
+    if teacher_tokenizer is not None:
+        parts["teacher_tokenizer"] = teacher_tokenizer.fingerprint
     if cfg.data.source != "cache":  # an imported cache's rows are its own data
         parts["data"] = _data_identity(cfg, tokenizer)
     parts["packing"] = packing_fingerprint(cfg.data.seq_len, train.row_hashes())

@@ -6,10 +6,19 @@ Layout::
       manifest.json       this module (`make_manifest`); sorted-key JSON, no timestamps
       shards/000000.kdc   shard i holds rows [i*R, min((i+1)*R, n_rows)), R = rows_per_shard
                           (`kd_jax.cache.shards`)
+      teacher_tokenizer.json   a teacher with another tokenizer: its tokenizer.json, copied
 
 The manifest names the cache's mode and parameters, its sizes, and four fingerprints (teacher,
 tokenizer, data, packing): a cache built from anything else is refused with one line naming the
 part that differs. numpy and the standard library only.
+
+A teacher whose tokenizer is not the student's (`kd_jax.align`) is cached on the student's rows
+all the same: each student position holds the teacher's targets at its aligned teacher position,
+in the teacher's vocabulary, and whether it has one (`kd_jax.cache.codec`'s `aligned`). Such a
+manifest has two keys more: the fingerprint `teacher_tokenizer`, and `cross_tokenizer`, where the
+teacher's tokenizer is read from (`teacher_tokenizer.json` in the cache, or "byte") and how long
+its rows were (`teacher_seq_len`, which decides what aligns). Its `vocab_size` is the teacher
+tokenizer's: the vocabulary of the cached ids and log-probabilities.
 """
 
 from __future__ import annotations
@@ -42,6 +51,14 @@ MODE_PARAMS = {  # each mode's parameters and their types
 MANIFEST_KEYS = ("format_version", "mode", "params", "vocab_size", "id_bits", "seq_len",
                  "n_rows", "rows_per_shard", "value_dtype", "fingerprints")
 
+# A cache of a teacher with another tokenizer: what its manifest has besides (the module
+# docstring). Absent from any other manifest, so that those keep their bytes (and their shards
+# the manifest's sha256 in their headers).
+CROSS_TOKENIZER = "cross_tokenizer"
+TEACHER_TOKENIZER = "teacher_tokenizer"  # the fingerprint's part
+TEACHER_TOKENIZER_FILE = "teacher_tokenizer.json"
+CROSS_KEYS = {"teacher_tokenizer": str, "teacher_seq_len": int}
+
 
 MANIFEST_NAME = "manifest.json"
 
@@ -52,14 +69,19 @@ class CacheError(ConfigError):
 
 def make_manifest(mode: str, params: dict[str, Any], *, vocab_size: int, seq_len: int,
                   n_rows: int, rows_per_shard: int, fingerprints: dict[str, str],
-                  value_dtype: str = "float16") -> dict[str, Any]:
-    """A validated manifest; `fingerprints` has the parts teacher, tokenizer, data, packing."""
-    return validate_manifest({
+                  value_dtype: str = "float16", cross_tokenizer: dict[str, Any] | None = None
+                  ) -> dict[str, Any]:
+    """A validated manifest; `fingerprints` has the parts teacher, tokenizer, data, packing (and
+    teacher_tokenizer with `cross_tokenizer`, for a teacher of another tokenizer)."""
+    manifest = {
         "format_version": FORMAT_VERSION, "mode": mode, "params": dict(params),
         "vocab_size": vocab_size, "seq_len": seq_len,
         "id_bits": id_bits(vocab_size) if isinstance(vocab_size, (int, np.integer)) else 0,
         "n_rows": n_rows, "rows_per_shard": rows_per_shard, "value_dtype": value_dtype,
-        "fingerprints": dict(fingerprints)})
+        "fingerprints": dict(fingerprints)}
+    if cross_tokenizer is not None:
+        manifest[CROSS_TOKENIZER] = dict(cross_tokenizer)
+    return validate_manifest(manifest)
 
 
 def id_bits(vocab_size: int) -> int:
@@ -71,7 +93,7 @@ def validate_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """A normalized copy (ints as int, floats as float), or CacheError naming the bad key."""
     if not isinstance(manifest, dict):
         raise CacheError(f"a cache manifest must be a mapping, got {type(manifest).__name__}")
-    _check_keys(manifest, MANIFEST_KEYS, "manifest", required=MANIFEST_KEYS)
+    _check_keys(manifest, (*MANIFEST_KEYS, CROSS_TOKENIZER), "manifest", required=MANIFEST_KEYS)
     out = {
         "format_version": _typed(manifest["format_version"], int, "format_version"),
         "mode": manifest["mode"],
@@ -110,12 +132,44 @@ def validate_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     fingerprints = manifest["fingerprints"]
     if not isinstance(fingerprints, dict):
         raise CacheError(f"manifest fingerprints must be a mapping, got {fingerprints!r}")
-    _check_keys(fingerprints, FINGERPRINT_PARTS, "fingerprints", required=FINGERPRINT_PARTS)
+    _check_keys(fingerprints, (*FINGERPRINT_PARTS, TEACHER_TOKENIZER), "fingerprints",
+                required=FINGERPRINT_PARTS)
     for part, value in fingerprints.items():
         if not isinstance(value, str):
             raise CacheError(f"fingerprints.{part} must be a string, got {value!r}")
     out["fingerprints"] = {part: fingerprints[part] for part in FINGERPRINT_PARTS}
-    return {key: out[key] for key in MANIFEST_KEYS}
+    if CROSS_TOKENIZER not in manifest and TEACHER_TOKENIZER not in fingerprints:
+        return {key: out[key] for key in MANIFEST_KEYS}
+    out["fingerprints"][TEACHER_TOKENIZER] = _cross_fingerprint(fingerprints)
+    out[CROSS_TOKENIZER] = _cross_tokenizer(manifest.get(CROSS_TOKENIZER), out["mode"])
+    return {key: out[key] for key in (*MANIFEST_KEYS, CROSS_TOKENIZER)}
+
+
+def _cross_fingerprint(fingerprints: dict[str, Any]) -> str:
+    if TEACHER_TOKENIZER not in fingerprints:
+        raise CacheError(f"manifest {CROSS_TOKENIZER} needs fingerprints.{TEACHER_TOKENIZER}")
+    return fingerprints[TEACHER_TOKENIZER]
+
+
+def _cross_tokenizer(cross: Any, mode: str) -> dict[str, Any]:
+    """A manifest's `cross_tokenizer`, checked: where the teacher's tokenizer is read from and
+    the length of its rows."""
+    if cross is None:
+        raise CacheError(f"manifest fingerprints.{TEACHER_TOKENIZER} needs {CROSS_TOKENIZER}")
+    if not isinstance(cross, dict):
+        raise CacheError(f"manifest {CROSS_TOKENIZER} must be a mapping, got {cross!r}")
+    _check_keys(cross, CROSS_KEYS, CROSS_TOKENIZER, required=CROSS_KEYS)
+    out = {key: _typed(cross[key], kind, f"{CROSS_TOKENIZER}.{key}")
+           for key, kind in CROSS_KEYS.items()}
+    if out["teacher_tokenizer"] not in ("byte", TEACHER_TOKENIZER_FILE):
+        raise CacheError(f"manifest {CROSS_TOKENIZER}.teacher_tokenizer must be 'byte' or "
+                         f"'{TEACHER_TOKENIZER_FILE}', got {out['teacher_tokenizer']!r}")
+    if out["teacher_seq_len"] <= 0:
+        raise CacheError(f"manifest {CROSS_TOKENIZER}.teacher_seq_len must be > 0, got "
+                         f"{out['teacher_seq_len']}")
+    if mode == "sample":  # kd_jax.train.precompute refuses to write one
+        raise CacheError("a sample cache cannot hold a teacher of another tokenizer")
+    return out
 
 
 def _typed(value: Any, kind: type, name: str) -> Any:
@@ -166,9 +220,10 @@ def _mismatch(cache_dir: str | Path | None, stored: dict, wanted: dict, keys: It
     what = key.split(".", 1)[1] if key.startswith("fingerprints.") else key
     more = f"; also {', '.join(differing[1:])}" if differing[1:] else ""
     where = f"cache {cache_dir}" if cache_dir is not None else "the cache"
+    stored_value, wanted_value = (flat.get(key) for flat in (flat_stored, flat_wanted))
     return CacheError(f"{where} was built with a different {what} ({key}: cache "
-                      f"{flat_stored.get(key, '<none>')} != expected "
-                      f"{flat_wanted.get(key, '<none>')}){more}")
+                      f"{'<none>' if stored_value is None else stored_value} != expected "
+                      f"{'<none>' if wanted_value is None else wanted_value}){more}")
 
 
 def create_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -183,8 +238,8 @@ def create_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> dict[str
     if path.exists():
         stored = read_manifest(cache_dir)
         # The fingerprints explain a difference best; id_bits only follows vocab_size.
-        order = ["fingerprints", "mode", "params", "vocab_size", "seq_len", "n_rows",
-                 "rows_per_shard", "value_dtype", "format_version", "id_bits"]
+        order = ["fingerprints", CROSS_TOKENIZER, "mode", "params", "vocab_size", "seq_len",
+                 "n_rows", "rows_per_shard", "value_dtype", "format_version", "id_bits"]
         keys = sorted(set(_flatten(stored)) | set(_flatten(manifest)),
                       key=lambda key: (order.index(key.split(".")[0]), key))
         error = _mismatch(cache_dir, stored, manifest, keys)
@@ -217,9 +272,11 @@ def check_fingerprints(manifest: dict[str, Any], expected: dict[str, Any],
 
     `expected` is shaped like a manifest and holds only what the caller knows, for instance
     {"fingerprints": {"teacher": ..., "data": ...}, "seq_len": 256, "mode": "topk"}. A key a
-    manifest does not have is an error, so a misspelt key cannot check nothing.
+    manifest does not have is an error, so a misspelt key cannot check nothing; the keys of a
+    cache of a teacher with another tokenizer are known to every manifest (absent: <none>).
     """
-    known = set(_flatten(manifest))
+    known = set(_flatten(manifest)) | {f"fingerprints.{TEACHER_TOKENIZER}"} | {
+        f"{CROSS_TOKENIZER}.{key}" for key in CROSS_KEYS}
     keys = list(_flatten(expected))
     for key in keys:
         if key not in known:

@@ -73,7 +73,7 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True) -> dic
         if any(directory.iterdir()):
             raise ConfigError(f"data.store '{directory}' is not empty and is not a token "
                               "store; choose an empty or new directory")
-        _write_json(directory / store_lib.PREPARING, preparing)
+        write_json(directory / store_lib.PREPARING, preparing)
 
     parts = [cfg.split] + ([cfg.heldout_split] if cfg.heldout_split else [])
     bar = tqdm(unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
@@ -95,7 +95,7 @@ def _summary(directory: Path, manifest: dict, prepared: bool, seconds: float) ->
             "seq_len": manifest["seq_len"]}
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """`write(file)` to a temporary name beside `path`, then rename: whole or absent."""
     temporary = path.with_name(path.name + ".partial")
     with open(temporary, "wb") as file:
@@ -105,13 +105,13 @@ def _write_atomic(path: Path, write) -> None:
     os.replace(temporary, path)
 
 
-def _write_json(path: Path, value: Any) -> None:
-    _write_atomic(path, lambda file: file.write(
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, lambda file: file.write(
         (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()))
 
 
-def _write_array(path: Path, array: np.ndarray) -> None:
-    _write_atomic(path, lambda file: np.save(file, np.ascontiguousarray(array),
+def write_array(path: Path, array: np.ndarray) -> None:
+    write_atomic(path, lambda file: np.save(file, np.ascontiguousarray(array),
                                              allow_pickle=False))
 
 
@@ -147,7 +147,7 @@ def _tokenize_part(cfg: DataConfig, tokenizer: Tokenizer, directory: Path, part:
         shard += 1
     if shard == 0:
         raise ConfigError(f"data split '{split}' is empty: no documents")
-    _write_json(directory / f"p{part}.json", {"shards": shard})
+    write_json(directory / f"p{part}.json", {"shards": shard})
 
 
 def _batches_of_text(documents: Iterable[Document], limit: int) -> Iterable[list[Document]]:
@@ -171,10 +171,10 @@ def _write_shard(directory: Path, part: int, shard: int, documents: list[Documen
     if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
         raise ConfigError(f"the tokenizer produced id {ids.max()}, outside {dtype}")
     name = _shard_name(part, shard)
-    _write_array(directory / f"{name}.tokens.npy", ids.astype(dtype))
-    _write_array(directory / f"{name}.lengths.npy", tokenized.lengths)
-    _write_array(directory / f"{name}.untrained.npy", tokenized.untrained)
-    _write_json(directory / f"{name}.json", {
+    write_array(directory / f"{name}.tokens.npy", ids.astype(dtype))
+    write_array(directory / f"{name}.lengths.npy", tokenized.lengths)
+    write_array(directory / f"{name}.untrained.npy", tokenized.untrained)
+    write_json(directory / f"{name}.json", {
         "documents": len(documents), "tokens": int(len(ids)),
         "text_bytes": sum(_text_bytes(doc) for doc in documents)})
 
@@ -199,8 +199,8 @@ def _finish(cfg: DataConfig, tokenizer: Tokenizer, directory: Path, n_parts: int
         part_documents.append(documents)
     lengths = np.concatenate(lengths)
     spans = np.concatenate(spans).reshape(-1, 2)
-    _write_array(directory / "untrained.starts.npy", spans[:, 0])
-    _write_array(directory / "untrained.ends.npy", spans[:, 1])
+    write_array(directory / "untrained.starts.npy", spans[:, 0])
+    write_array(directory / "untrained.ends.npy", spans[:, 1])
     token_starts = np.cumsum(lengths) - lengths
 
     if n_parts == 2:  # data.heldout_split: the second part is held out whole
@@ -222,16 +222,16 @@ def _finish(cfg: DataConfig, tokenizer: Tokenizer, directory: Path, n_parts: int
                               "documents has 2 or more tokens")
         hashes, trained = _hash_rows(index, stream.read,
                                      (spans[:, 0].copy(), spans[:, 1].copy()))
-        _write_array(directory / f"{split}.token_starts.npy", index.token_starts)
-        _write_array(directory / f"{split}.pair_starts.npy", index.pair_starts)
-        _write_array(directory / f"{split}.hashes.npy", hashes)
+        write_array(directory / f"{split}.token_starts.npy", index.token_starts)
+        write_array(directory / f"{split}.pair_starts.npy", index.pair_starts)
+        write_array(directory / f"{split}.hashes.npy", hashes)
         splits[split] = {"documents": int(len(index.token_starts)), "pairs": index.n_pairs,
                          "rows": index.n_rows, "trained_tokens": trained}
     manifest = {"version": store_lib.VERSION, "identity": expected, "seq_len": cfg.seq_len,
                 "tokens_dtype": store_lib.tokens_dtype(tokenizer.vocab_size).name,
                 "documents": int(len(lengths)), "tokens": int(first_token),
                 "shards": shards, "splits": splits}
-    _write_json(directory / store_lib.MANIFEST, manifest)
+    write_json(directory / store_lib.MANIFEST, manifest)
     return manifest
 
 

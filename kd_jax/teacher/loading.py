@@ -123,10 +123,24 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None,
                          tokenizer=own_tokenizer)
 
 
+def teacher_tokenizer(cfg: Config, tokenizer: Tokenizer) -> Tokenizer | None:
+    """The tokenizer of the teacher `cfg.teacher` names (checkpoint or hf), where it is not
+    `tokenizer` (None where it is): read from its files, no weight loaded."""
+    path = Path(cfg.teacher.path)
+    if is_hf_checkpoint(cfg):
+        if tokenizer_difference(path, "teacher.path", tokenizer) is None:
+            return None
+        return load_tokenizer(str(path / "tokenizer.json"))
+    info = read_run(path)[1]
+    if info["tokenizer_fingerprint"] == tokenizer.fingerprint:
+        return None
+    return _run_tokenizer(path, info)
+
+
 # Where a teacher of another tokenizer is refused: what does take one.
-OTHER_TOKENIZER_HINT = ("; a teacher with another tokenizer is distilled from online only "
-                        "(kd-jax distill with teacher.source checkpoint or hf, without white-box "
-                        "terms or on-policy rows)")
+OTHER_TOKENIZER_HINT = ("; a teacher with another tokenizer is distilled from by kd-jax distill "
+                        "(online, or from a topk or full cache), without white-box terms or "
+                        "on-policy rows")
 
 
 def _run_tokenizer(path: Path, info: dict) -> Tokenizer:

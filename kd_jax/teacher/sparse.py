@@ -41,6 +41,16 @@ Every mode computes p_T = softmax(logits / T) over the valid vocabulary.
   the whole vocabulary (softmax(z / T) restricted to k ids is not a function of the k T = 1
   log-probabilities), so a cache records its T, and training must use that same loss temperature.
 
+A teacher with another tokenizer
+--------------------------------
+Its targets are computed from its logits at the teacher's aligned positions, gathered onto the
+student's positions (`at_aligned_positions`, with `teacher_index` from `kd_jax.align.rows`), in
+its own vocabulary (`valid_vocab` is its tokenizer's); a student position with no aligned
+teacher position gets zeros and the flag `aligned` 0 (`aligned_only`), so a cache stays
+row-aligned with the student's rows. `sample` is not computed for it (`kd_jax.train.precompute`
+refuses it): draws from the teacher's vocabulary estimate neither a divergence over the two
+vocabularies' buckets nor ULD.
+
 Randomness
 ----------
 `sample_targets` takes one PRNG key per row. `row_keys(seed, row_indices_b)` derives it by folding
@@ -156,6 +166,29 @@ def topk_targets(teacher_logits_btv, k, *, temperature, valid_vocab) -> dict[str
     tail_bt = jax.nn.logsumexp(rest_btv, axis=-1) - (max_bt1 + log_norm_bt1)[..., 0]
     return {"ids": ids_btk.astype(jnp.int32), "logprobs": (z_btk - max_bt1) - log_norm_bt1,
             "tail": tail_bt}
+
+
+def at_aligned_positions(teacher_btx, teacher_index_bt) -> jax.Array:
+    """The teacher's values [batch, teacher tokens, ...] at each student position's aligned
+    teacher position (`teacher_index_bt` [batch, tokens], -1 where none): [batch, tokens, ...],
+    zeros where none."""
+    index_bt = jnp.asarray(teacher_index_bt)
+    extra = (1,) * (teacher_btx.ndim - 2)
+    # -1 reads position 0, then is cleared.
+    values = jnp.take_along_axis(teacher_btx, jnp.maximum(index_bt, 0).reshape(
+        *index_bt.shape, *extra), axis=1)
+    return jnp.where((index_bt >= 0).reshape(*index_bt.shape, *extra), values, 0)
+
+
+def aligned_only(targets: dict[str, jax.Array], aligned_bt) -> dict[str, jax.Array]:
+    """`targets` (a mode's fields, [batch, tokens, ...]) with zeros where `aligned_bt` is False,
+    and the field `aligned` (int32 0 or 1, [batch, tokens])."""
+    out = {}
+    for key, value in targets.items():
+        keep = aligned_bt.reshape(*aligned_bt.shape, *(1,) * (value.ndim - 2))
+        out[key] = jnp.where(keep, value, jnp.zeros((), value.dtype))
+    out["aligned"] = aligned_bt.astype(jnp.int32)
+    return out
 
 
 def row_keys(seed, row_indices_b) -> jax.Array:

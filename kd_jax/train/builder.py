@@ -266,6 +266,10 @@ def _teacher_of(cfg: Config, mode: str, data: RunData, mesh: Any
         # for a cache of its targets at the student's positions); left out of evaluations.
         loaded = load_teacher(cfg, data.tokenizer, mesh,
                               cfg.train.run_dir if mode != "precompute" else None, True)
+        if loaded.tokenizer is not None and cfg.model.init == "teacher":
+            raise ConfigError(f"model.init teacher copies the teacher's embeddings, which are "
+                              f"for its tokenizer ({loaded.tokenizer.description}), not the "
+                              f"student's ({data.tokenizer.description})")
     if mode != "distill":
         return loaded, None
     if cfg.teacher.source in ("checkpoint", "hf"):

@@ -8,6 +8,14 @@ shards as its share of the global batch, so every row is computed at the same pl
 kind of batch whatever else runs beside it, and a shard's bytes depend only on the data and the
 teacher. A background thread packs and writes each shard
 once all its rows are back (write, then rename): a killed precompute restarts where it stopped.
+
+A teacher with another tokenizer (`kd_jax.align`) reads rows of its own, made from each chunk's
+student rows as the online teacher's are (`kd_jax.align.rows.teacher_fields`, rows of
+`data.teacher_seq_len` tokens), and the cache holds, for every student position, the teacher's
+targets at the teacher's aligned position, gathered onto the student's positions, in the
+teacher's vocabulary, and whether the position is aligned (`kd_jax.teacher.sparse`). The cache
+stays row-aligned with the student's rows (row hashes, shards and resumption as above); its
+manifest records the teacher's tokenizer, which is copied into it (`kd_jax.cache.manifest`).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -28,12 +36,17 @@ from kd_jax.cache.fingerprints import (
 )
 from kd_jax.cache.manifest import (
     MANIFEST_NAME,
+    TEACHER_TOKENIZER_FILE,
     create_manifest,
     make_manifest,
     n_shards,
     shard_rows,
+    write_atomically,
 )
-from kd_jax.config import Config
+from kd_jax.config import Config, ConfigError
+from kd_jax.data.packing import Rows
+from kd_jax.data.tokenizers import HFTokenizer, Tokenizer
+from kd_jax.losses.soft_targets import vocabulary_logits
 from kd_jax.parallel.hosts import (
     barrier,
     is_main_process,
@@ -41,6 +54,8 @@ from kd_jax.parallel.hosts import (
     process_local_rows,
 )
 from kd_jax.teacher import sparse
+from kd_jax.teacher.cross import TEACHER_ROW_KEYS, teacher_feed
+from kd_jax.teacher.loading import LoadedTeacher
 from kd_jax.train import builder
 from kd_jax.train.preemption import Preemption
 from kd_jax.train.progress import log, progress_bar
@@ -108,6 +123,22 @@ def manifest_params(cfg: Config) -> dict[str, Any]:
     return {"temperature": 1.0}  # full: stored at T = 1, re-tempered exactly when training
 
 
+def teacher_row_feed(cfg: Config, student: Tokenizer, train: Rows, loaded: LoadedTeacher
+                     ) -> tuple[Callable[[np.ndarray, dict], dict], int]:
+    """For a teacher with another tokenizer: (the function that makes a chunk's teacher rows
+    and `teacher_index`, the teacher's row length), sized and tried on the first rows as the
+    online teacher's are (`kd_jax.teacher.cross`), so that a teacher tokenizer that cannot
+    read the text is refused before anything is written."""
+    teacher = loaded.tokenizer
+    if cfg.cache.mode == "sample":
+        raise ConfigError(f"cache.mode sample is not available for a teacher with another "
+                          f"tokenizer ({teacher.description}): its draws estimate no divergence "
+                          "across two vocabularies; use cache.mode topk or full")
+    teacher_seq_len, feed = teacher_feed(cfg, student, teacher, train,
+                                         loaded.config.max_seq_len)
+    return feed, teacher_seq_len
+
+
 def precompute(cfg: Config, preemption: Preemption | None = None) -> dict[str, Any]:
     """Build (or finish) the cache `cfg.cache.dir` from the teacher `cfg.teacher.path`
     (`preemption`: as `kd_jax.train.loop.run` takes it)."""
@@ -126,13 +157,25 @@ def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     placement = run.placement
     rows_per_step, positions = placement.rows, placement.positions
 
+    # A teacher with another tokenizer (None: the student's) reads rows of its own.
+    other = teacher.tokenizer
+    feed, cross_tokenizer = None, None
+    if other is not None:
+        feed, teacher_seq_len = teacher_row_feed(cfg, tokenizer, train, teacher)
+        copied = isinstance(other, HFTokenizer)  # else the byte tokenizer, which has no file
+        cross_tokenizer = {"teacher_tokenizer": TEACHER_TOKENIZER_FILE if copied else "byte",
+                           "teacher_seq_len": teacher_seq_len}
+        log(f"teacher tokenizer {other.description}, not the student's: rows of "
+            f"{teacher_seq_len} teacher tokens; cached are its targets at the student's aligned "
+            "positions, in its vocabulary")
+
     hashes = train.row_hashes()
     manifest = make_manifest(
-        cfg.cache.mode, manifest_params(cfg), vocab_size=tokenizer.vocab_size,
+        cfg.cache.mode, manifest_params(cfg), vocab_size=(other or tokenizer).vocab_size,
         seq_len=cfg.data.seq_len, n_rows=train.n_rows, rows_per_shard=cfg.cache.rows_per_shard,
         fingerprints=fingerprints(cfg, tokenizer, train,
-                                  teacher_fingerprint(teacher.run_dir, teacher.step)),
-        value_dtype=cfg.cache.value_dtype)
+                                  teacher_fingerprint(teacher.run_dir, teacher.step), other),
+        value_dtype=cfg.cache.value_dtype, cross_tokenizer=cross_tokenizer)
     cache_dir = cfg.cache.dir
     if (Path(cache_dir) / MANIFEST_NAME).is_file():
         # Every process refuses a cache built from something else (none waits for another).
@@ -140,6 +183,9 @@ def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     if is_main_process():
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         create_manifest(cache_dir, manifest)  # or accept the identical one there
+        if isinstance(other, HFTokenizer):  # distillation reads the teacher's tokenizer here
+            write_atomically(Path(cache_dir) / TEACHER_TOKENIZER_FILE, [other.path.read_bytes()],
+                             checksum=False)
     barrier("precompute manifest")
 
     shards = shards_lib.shards_to_write(cache_dir, manifest, jax.process_index(),
@@ -148,11 +194,10 @@ def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     # Every process runs the same number of steps; one with less left feeds padding.
     steps = max_over_processes(len(chunks))
 
-    valid_vocab, c = tokenizer.vocab_size, cfg.cache
+    valid_vocab, c = (other or tokenizer).vocab_size, cfg.cache
     model = teacher.model
 
-    def targets_fn(params, batch, rows_b):
-        logits = model.logits(params, batch)
+    def mode_targets(logits, rows_b):
         if c.mode == "topk":
             return sparse.topk_targets(logits, c.k, temperature=c.temperature,
                                        valid_vocab=valid_vocab)
@@ -163,10 +208,24 @@ def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
         return {"logprobs": sparse.full_targets(logits, temperature=1.0,
                                                 valid_vocab=valid_vocab)}
 
+    def targets_fn(params, batch, rows_b):
+        if feed is None:
+            return mode_targets(model.logits(params, batch), rows_b)
+        # The teacher reads its rows; its logits are taken at the student's aligned positions
+        # (from its hidden states there, as the online teacher's loss takes them).
+        outputs = model.apply(params, {ours: batch[theirs]
+                                       for theirs, ours in TEACHER_ROW_KEYS.items()})
+        index_bt = batch["teacher_index"]
+        hidden_btd = sparse.at_aligned_positions(outputs.hidden_btd, index_bt)
+        targets = mode_targets(vocabulary_logits(hidden_btd, outputs.head_vd), rows_b)
+        return sparse.aligned_only(targets, index_bt >= 0)
+
     def global_batch(rows: np.ndarray) -> tuple[dict, Any]:
         padded = np.zeros(len(positions), dtype=np.int64)
         padded[:len(rows)] = rows
         local = train.take(padded)
+        if feed is not None:
+            local.update(feed(padded, local))
         return placement.place(local), placement.place(padded.astype(np.int32))
 
     compiled = jax.jit(targets_fn, out_shardings=placement.sharding).lower(

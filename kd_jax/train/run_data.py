@@ -1,14 +1,17 @@
 """The data of a run: the tokenizer and the packed training and held-out rows its config
 describes, from memory, a token store (prepared first where missing), a mixture of stores, or an
-imported cache's rows; and `kd-jax prepare`."""
+imported cache's rows; and `kd-jax prepare`: the store, then the rows a teacher of another
+tokenizer reads (`kd_jax.align.prepared`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 from kd_jax.cache.api_import import load_rows
 from kd_jax.config import Config, ConfigError, DataConfig
+from kd_jax.config.teachers import members
 from kd_jax.data import mixture
 from kd_jax.data.batches import fingerprint as data_fingerprint
 from kd_jax.data.packing import Rows, pack
@@ -16,7 +19,9 @@ from kd_jax.data.prepare import prepare
 from kd_jax.data.sources import load_documents
 from kd_jax.data.store import is_prepared, open_store
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
-from kd_jax.train.resolve import resolve, tokenizer_spec
+from kd_jax.teacher.cross import teacher_feed
+from kd_jax.teacher.loading import teacher_tokenizer
+from kd_jax.train.resolve import resolve, teacher_model_config, tokenizer_spec
 
 
 @dataclasses.dataclass
@@ -77,3 +82,28 @@ def prepare_data(cfg: Config) -> list[dict[str, Any]]:
     sources = ([source for _, source in mixture.components(cfg.data)] if cfg.data.mixture
                else [cfg.data])
     return [prepare(source, tokenizer, cfg.train.progress) for source in sources]
+
+
+def prepare_teacher_rows(cfg: Config) -> list[str]:
+    """`kd-jax prepare`, after the store: the teacher rows of every training row for each
+    teacher of another tokenizer the config names online (`kd_jax.teacher.cross.teacher_feed`),
+    made once beside the store; a line for each."""
+    cfg = resolve(cfg)
+    named = [member for _, member in members(cfg)] if cfg.teachers else [cfg]
+    online = [member for member in named if member.teacher.source in ("checkpoint", "hf")]
+    if not online:
+        return []
+    data = load_data(cfg)
+    lines = []
+    for member in online:
+        other = teacher_tokenizer(member, data.tokenizer)
+        if other is None:  # the student's tokenizer: the teacher reads the student's rows
+            continue
+        start = time.perf_counter()
+        length, _ = teacher_feed(member, data.tokenizer, other, data.train,
+                                 teacher_model_config(member).max_seq_len)
+        lines.append(f"teacher rows of {member.teacher.path} ({other.description}): "
+                     f"{data.train.n_rows:,} rows of {length} teacher tokens, ready in "
+                     f"{time.perf_counter() - start:.1f} s")
+    return lines
+

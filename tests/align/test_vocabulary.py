@@ -1,11 +1,18 @@
 """kd_jax.align.vocabulary: teacher tokens map to the student token that spells the same text,
 else to the longest one their text starts with, across byte-level BPE, SentencePiece-style and
-byte tokenizers; the buckets both vocabularies fall in; the teacher's mass on what maps to
-nothing."""
+byte tokenizers; the buckets both vocabularies fall in, and which of them are matched; how much
+of a tokenizer's rows the other vocabulary spells; the teacher's mass on what maps to nothing."""
 
 import numpy as np
 
-from kd_jax.align.vocabulary import buckets, map_vocabularies, unmapped_mass
+from kd_jax.align.vocabulary import (
+    buckets,
+    map_vocabularies,
+    matched_buckets,
+    overlap,
+    shared_text,
+    unmapped_mass,
+)
 from kd_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from tests.align.test_positions import bpe
 from tests.data.test_tokenizers import write_sentencepiece
@@ -104,3 +111,66 @@ def test_unmapped_mass_is_the_teacher_probability_on_unmapped_tokens(tmp_path):
     probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
     np.testing.assert_allclose(unmapped_mass(probs, got), probs[..., teacher.token_id("<s>")],
                                rtol=1e-12)
+
+
+def tokenizer_pairs(tmp_path):
+    (tmp_path / "sp").mkdir()
+    return {"sp": load_tokenizer(str(write_sentencepiece(tmp_path / "sp")[0])),
+            "merged": bpe(tmp_path / "merged.json"),
+            "split": bpe(tmp_path / "split.json", split_digits=True), "byte": ByteTokenizer()}
+
+
+def test_a_bucket_is_matched_when_all_its_members_spell_its_text(tmp_path):
+    """Against the definition, member by member, for every pair; the same tokenizer's buckets
+    all matched; a bucket holding a teacher's merged numeral not."""
+    pairs = tokenizer_pairs(tmp_path)
+    for teacher_name, teacher in pairs.items():
+        for student_name, student in pairs.items():
+            teacher_bytes, student_bytes = teacher.token_bytes(), student.token_bytes()
+            teacher_bucket, student_bucket, count = buckets(
+                vocabulary_map(teacher, student), teacher_bytes, student_bytes)
+            got = matched_buckets(teacher_bucket, student_bucket, count, teacher_bytes,
+                                  student_bytes)
+            for bucket in range(count):
+                teacher_members = [teacher_bytes[i] for i in np.flatnonzero(
+                    teacher_bucket == bucket)]
+                student_members = [student_bytes[i] for i in np.flatnonzero(
+                    student_bucket == bucket)]
+                text = min(student_members, key=len)
+                want = bool(teacher_members) and all(
+                    member == text for member in teacher_members + student_members)
+                assert got[bucket] == want, (teacher_name, student_name, text)
+            if teacher_name == student_name:
+                assert got.all()
+    teacher, student = pairs["merged"], pairs["split"]
+    teacher_bucket, student_bucket, count = buckets(
+        vocabulary_map(teacher, student), teacher.token_bytes(), student.token_bytes())
+    matched = matched_buckets(teacher_bucket, student_bucket, count, teacher.token_bytes(),
+                              student.token_bytes())
+    numeral = next(i for i, b in enumerate(teacher.token_bytes())
+                   if len(b.strip()) > 1 and b.strip().isdigit())
+    assert not matched[teacher_bucket[numeral]] and 0 < matched.sum() < count
+
+
+def test_overlap_is_the_share_of_text_tokens_the_other_vocabulary_spells(tmp_path):
+    pairs = tokenizer_pairs(tmp_path)
+    text = "In 2024, 12345 apples cost $3.50 and the pears 1000000: naïve café, 日本語"
+    for name, teacher in pairs.items():
+        for other_name, student in pairs.items():
+            shared = shared_text(teacher.token_bytes(), student.token_bytes())
+            np.testing.assert_array_equal(shared, vocabulary_map(teacher, student).exact)
+            bos = [teacher.token_id("<s>")] if name == "merged" else []  # spells nothing
+            ids = np.concatenate([bos, teacher.encode(text)]).astype(np.int32)
+            spelled = [teacher.token_bytes()[i] for i in ids]
+            others = set(student.token_bytes()) - {b""}
+            kept = [b for b in spelled if b]
+            share, count = overlap(ids[None], np.ones((1, len(ids)), bool), shared,
+                                   teacher.token_bytes())
+            assert count == len(kept)
+            assert share == sum(b in others for b in kept) / len(kept), (name, other_name)
+    byte = pairs["byte"]
+    ids = byte.encode("abc")
+    assert overlap(ids, np.array([False, False, False]), np.ones(256, bool),
+                   byte.token_bytes()) == (1.0, 0)  # no token: nothing to refuse on
+    assert overlap(ids, np.array([True, False, True]), np.arange(256) == ord("a"),
+                   byte.token_bytes()) == (0.5, 2)

@@ -6,7 +6,7 @@ import pytest
 
 from kd_jax.cache.codec import fields, pack_bits, unpack_bits
 from kd_jax.data.packing import row_hashes
-from tests.cache.test_manifest import make_manifest
+from tests.cache.test_manifest import cross_manifest, make_manifest
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 7, 8, 9, 15, 16, 17, 24, 31, 32])
@@ -61,6 +61,9 @@ def test_schema_follows_the_manifest():
         ("float32", 31, ())
     topk = [(f.name, f.bits, f.shape) for f in fields(make_manifest("topk"))]
     assert topk == [("ids", 9, (5,)), ("logprobs", 15, (5,)), ("tail", 15, ())]
+    # A teacher with another tokenizer: one bit a position more, whether it is aligned.
+    cross = [(f.name, f.kind, f.bits, f.shape) for f in fields(cross_manifest("full"))]
+    assert cross == [("logprobs", "float16", 15, (300,)), ("aligned", "uint", 1, ())]
 
 
 def test_row_hashes_cover_tokens_segments_and_mask():

@@ -100,3 +100,67 @@ def test_invalid_manifests_are_refused():
         manifest_lib.validate_manifest({**make_manifest(), "id_bits": 8})
     with pytest.raises(CacheError, match="no cache at"):
         manifest_lib.read_manifest("/nonexistent/cache")
+
+
+# ------------------------------------------------------- a teacher with another tokenizer
+
+CROSS = {"teacher_tokenizer": "teacher_tokenizer.json", "teacher_seq_len": 24}
+
+
+def cross_manifest(mode="topk", cross=CROSS, teacher_tokenizer="teacher-tok-a", **options):
+    return manifest_lib.make_manifest(
+        mode, MODE_PARAMS[mode], vocab_size=300, seq_len=8, n_rows=10, rows_per_shard=4,
+        fingerprints={**FINGERPRINTS, "teacher_tokenizer": teacher_tokenizer},
+        cross_tokenizer=cross, **options)
+
+
+def test_a_cache_of_another_tokenizer_records_the_teacher_s_and_its_rows(tmp_path):
+    manifest = cross_manifest()
+    assert manifest["cross_tokenizer"] == CROSS
+    assert manifest["fingerprints"]["teacher_tokenizer"] == "teacher-tok-a"
+    manifest_lib.create_manifest(tmp_path, manifest)
+    assert manifest_lib.read_manifest(tmp_path) == manifest
+    # Another teacher tokenizer, or teacher rows of another length, is another cache.
+    with pytest.raises(CacheError, match="different teacher_tokenizer \\(fingerprints."
+                                         "teacher_tokenizer: cache teacher-tok-a != expected "
+                                         "teacher-tok-b\\)"):
+        manifest_lib.create_manifest(tmp_path, cross_manifest(teacher_tokenizer="teacher-tok-b"))
+    with pytest.raises(CacheError, match="different cross_tokenizer.teacher_seq_len \\("
+                                         "cross_tokenizer.teacher_seq_len: cache 24 != "
+                                         "expected 32\\)"):
+        manifest_lib.create_manifest(tmp_path, cross_manifest(cross={**CROSS,
+                                                                     "teacher_seq_len": 32}))
+    # A manifest without them keeps its keys (and bytes): older caches read as before.
+    assert "cross_tokenizer" not in make_manifest()
+
+
+def test_the_teacher_tokenizer_is_checked_against_any_manifest(tmp_path):
+    """The run's teacher tokenizer is a known key of every manifest: a cache of the student's
+    tokenizer says <none> where the run's teacher has another, and the other way round."""
+    same, cross = make_manifest(), cross_manifest()
+    manifest_lib.check_fingerprints(same, {"fingerprints": {"teacher_tokenizer": None}})
+    manifest_lib.check_fingerprints(cross, {"fingerprints": {
+        "teacher_tokenizer": "teacher-tok-a"}})
+    with pytest.raises(CacheError, match="different teacher_tokenizer \\(fingerprints."
+                                         "teacher_tokenizer: cache <none> != expected "
+                                         "teacher-tok-a\\)"):
+        manifest_lib.check_fingerprints(same, {"fingerprints": {
+            "teacher_tokenizer": "teacher-tok-a"}}, cache_dir=tmp_path)
+    with pytest.raises(CacheError, match="cache teacher-tok-a != expected <none>"):
+        manifest_lib.check_fingerprints(cross, {"fingerprints": {"teacher_tokenizer": None}})
+
+
+def test_invalid_caches_of_another_tokenizer_are_refused():
+    with pytest.raises(CacheError, match="a sample cache cannot hold a teacher of another"):
+        cross_manifest("sample")
+    with pytest.raises(CacheError, match="cross_tokenizer needs fingerprints.teacher_tokenizer"):
+        manifest_lib.validate_manifest({**make_manifest(), "cross_tokenizer": CROSS})
+    with pytest.raises(CacheError, match="fingerprints.teacher_tokenizer needs cross_tokenizer"):
+        cross_manifest(cross=None)
+    with pytest.raises(CacheError, match="teacher_tokenizer must be 'byte' or "
+                                         "'teacher_tokenizer.json', got '../tokenizer.json'"):
+        cross_manifest(cross={**CROSS, "teacher_tokenizer": "../tokenizer.json"})
+    with pytest.raises(CacheError, match="teacher_seq_len must be > 0"):
+        cross_manifest(cross={**CROSS, "teacher_seq_len": 0})
+    with pytest.raises(CacheError, match="unknown key 'teacher_seq'"):
+        cross_manifest(cross={"teacher_tokenizer": "byte", "teacher_seq": 3})

@@ -8,7 +8,7 @@ from kd_jax.cache import shards
 from kd_jax.cache.manifest import CacheError
 from kd_jax.cache.reader import CacheReader
 from kd_jax.data.packing import row_hashes
-from tests.cache.test_manifest import make_manifest
+from tests.cache.test_manifest import cross_manifest, make_manifest
 from tests.cache.test_shards import expected_values, synthetic, write_cache, write_topk_cache
 
 
@@ -34,6 +34,29 @@ def test_write_read_round_trip(tmp_path, mode, value_dtype):
         np.testing.assert_array_equal(got[name], want[name])  # exact: nothing but rounding
     if mode == "topk" and value_dtype == "float16":
         assert got["logprobs"][0, 0, 1] == -np.inf and got["tail"][0, 0] == -np.inf
+
+
+@pytest.mark.parametrize("mode", ["topk", "full"])
+def test_a_cache_of_another_tokenizer_reads_back_its_aligned_flags(tmp_path, mode):
+    """The teacher's targets in its vocabulary, and one bit a position: zeros where unaligned."""
+    manifest = cross_manifest(mode)
+    arrays, hashes = synthetic(manifest)
+    aligned = np.random.default_rng(5).random((manifest["n_rows"], manifest["seq_len"])) < 0.7
+    arrays = {name: np.where(aligned.reshape(*aligned.shape, *(1,) * (values.ndim - 2)),
+                             values, 0).astype(values.dtype) for name, values in arrays.items()}
+    arrays["aligned"] = aligned.astype(np.int32)
+    write_cache(tmp_path, manifest, arrays, hashes)
+    with CacheReader(tmp_path) as reader:
+        got = reader.read(np.arange(manifest["n_rows"])[::-1], expected_hashes=hashes[::-1])
+    want = expected_values(manifest, arrays)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name][::-1])
+    np.testing.assert_array_equal(got["aligned"], aligned[::-1])
+    with pytest.raises(CacheError, match=f"a {mode} cache has .*'aligned'\\]"):
+        shards.write_shard(tmp_path, manifest, 0, {name: values[:4] for name, values in
+                                                   arrays.items() if name != "aligned"},
+                           hashes[:4])
 
 
 def test_reads_any_row_order_across_shard_boundaries(topk_cache):

@@ -1,13 +1,20 @@
-"""kd_jax.losses.cross_vocab: the divergence over a vocabulary map's buckets and ULD, against
-float64 numpy references (values and gradients); one tokenizer's identity map gives
-`divergence_bt` exactly; padding columns get no gradient."""
+"""kd_jax.losses.cross_vocab: the divergence over a vocabulary map's buckets, ULD, and the hybrid
+of the two (the divergence over matched buckets and a rest, ULD inside the rest), against float64
+numpy references (values and gradients); one tokenizer's identity map gives `divergence_bt`
+exactly; padding columns get no gradient; the hybrid chunked as unchunked."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.losses.cross_vocab import Buckets, mapped_divergence_bt, uld_bt
+from kd_jax.losses.cross_vocab import (
+    Buckets,
+    CrossVocab,
+    hybrid_divergence_bt,
+    mapped_divergence_bt,
+    uld_bt,
+)
 from kd_jax.losses.divergences import divergence_bt
 from tests.losses.test_soft_targets import np_distribution_divergence
 from tests.references import assert_close, np_log_softmax, pad_columns, random_logits
@@ -32,8 +39,8 @@ def bucket_maps(seed=0):
     return rng.permutation(teacher).astype(np.int32), rng.permutation(student).astype(np.int32)
 
 
-def buckets_of(teacher, student, teacher_width=V_T, student_width=V_S):
-    return Buckets.of(teacher, student, C, teacher_width, student_width)
+def buckets_of(teacher, student, teacher_width=V_T, student_width=V_S, matched=None):
+    return Buckets.of(teacher, student, C, teacher_width, student_width, matched=matched)
 
 
 def np_buckets(p_w, q_v, teacher, student):
@@ -158,3 +165,148 @@ def test_bad_arguments_are_refused():
         Buckets.of(*maps, 5, V_T, V_S)
     with pytest.raises(ValueError, match="temperature"):
         uld_bt(student, teacher, temperature=0.0)
+    with pytest.raises(ValueError, match="needs to know which buckets are matched"):
+        hybrid_divergence_bt("forward_kl", student, teacher, buckets_of(*maps), temperature=1.0)
+    with pytest.raises(ValueError, match="mse"):
+        hybrid_divergence_bt("mse", student, teacher, buckets_of(*maps, matched=matched_of(0)),
+                             temperature=1.0)
+    with pytest.raises(ValueError, match="one flag for each of the 17 buckets"):
+        buckets_of(*maps, matched=np.ones(C - 1, bool))
+    hidden, head = jnp.zeros((B, T, 4)), jnp.zeros((V_T, 4))
+    for method, refused in (("mapped", True), ("hybrid", True), ("uld", False)):
+        targets = CrossVocab(hidden, head, jnp.ones((B, T), bool), buckets_of(*maps), method)
+        assert (targets.refusal("mse") is not None) == refused
+        assert targets.refusal("forward_kl") is None
+
+
+# ---------------------------------------------------------------------------------- hybrid
+
+def matched_of(seed):
+    """Matched flags for the C buckets: some of each."""
+    matched = np.zeros(C, bool)
+    matched[np.random.default_rng(seed).permutation(C)[:C // 2]] = True
+    return matched
+
+
+def np_hybrid(kind, p_w, q_v, teacher, student, matched, temperature, beta=0.5, skew=0.1):
+    """The module docstring's hybrid in float64: the divergence over the matched buckets plus
+    one rest bucket (when some bucket is unmatched), both sides restricted to their bucketed
+    tokens and renormalized, T^2-scaled; plus ULD between the probabilities, as they are, of
+    the tokens outside the matched buckets (of unmatched buckets or of none)."""
+    p_in = np.where(teacher >= 0, p_w, 0.0)
+    q_in = np.where(student >= 0, q_v, 0.0)
+    p_in, q_in = p_in / p_in.sum(-1, keepdims=True), q_in / q_in.sum(-1, keepdims=True)
+    in_matched_w = (teacher >= 0) & matched[np.maximum(teacher, 0)]
+    in_matched_v = (student >= 0) & matched[np.maximum(student, 0)]
+    coarse_p = [p_in[..., teacher == c].sum(-1) for c in np.flatnonzero(matched)]
+    coarse_q = [q_in[..., student == c].sum(-1) for c in np.flatnonzero(matched)]
+    if not matched.all():
+        coarse_p.append(p_in[..., (teacher >= 0) & ~in_matched_w].sum(-1))
+        coarse_q.append(q_in[..., (student >= 0) & ~in_matched_v].sum(-1))
+    kd = temperature ** 2 * np_distribution_divergence(kind, np.stack(coarse_p, -1),
+                                                       np.stack(coarse_q, -1), beta, skew)
+    return kd + np_uld(p_w[..., ~in_matched_w], q_v[..., ~in_matched_v])
+
+
+MATCHED = {"some": matched_of(0), "none": np.zeros(C, bool), "all": np.ones(C, bool)}
+
+
+@pytest.mark.parametrize("matched", list(MATCHED))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_hybrid_matches_the_float64_reference(kind, temperature, matched):
+    maps, flags = bucket_maps(3), MATCHED[matched]
+    student, teacher = random_logits(12, (B, T, V_S)), random_logits(13, (B, T, V_T))
+    got = hybrid_divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher),
+                               buckets_of(*maps, matched=flags), temperature=temperature,
+                               beta=0.3, skew=0.2)
+    p_w = np.exp(np_log_softmax(teacher, temperature))
+    q_v = np.exp(np_log_softmax(student, temperature))
+    assert_close(got, np_hybrid(kind, p_w, q_v, *maps, flags, temperature, beta=0.3, skew=0.2))
+
+
+def test_hybrid_ends_are_mapped_and_uld():
+    """Every bucket matched: the mapped divergence, plus ULD between the probabilities of the
+    tokens of no bucket. None: ULD, the divergence over the one rest bucket being 0."""
+    maps = bucket_maps(4)
+    student, teacher = jnp.asarray(random_logits(14, (B, T, V_S))), jnp.asarray(
+        random_logits(15, (B, T, V_T)))
+    got = hybrid_divergence_bt("jsd", student, teacher, buckets_of(*maps, matched=MATCHED["all"]),
+                               temperature=2.0)
+    p_w = np.exp(np_log_softmax(np.asarray(teacher), 2.0))
+    q_v = np.exp(np_log_softmax(np.asarray(student), 2.0))
+    mapped = mapped_divergence_bt("jsd", student, teacher, buckets_of(*maps), temperature=2.0)
+    assert_close(got, np.asarray(mapped) + np_uld(p_w[..., maps[0] < 0], q_v[..., maps[1] < 0]))
+    uld = uld_bt(student, teacher, temperature=2.0)
+    got = hybrid_divergence_bt("jsd", student, teacher,
+                               buckets_of(*maps, matched=MATCHED["none"]), temperature=2.0)
+    assert_close(got, uld)
+    # No bucket at all (two vocabularies with nothing in common): ULD as well.
+    nothing = Buckets.of(np.full(V_T, -1), np.full(V_S, -1), 0, V_T, V_S,
+                         matched=np.zeros(0, bool))
+    assert_close(hybrid_divergence_bt("jsd", student, teacher, nothing, temperature=2.0), uld)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hybrid_with_one_tokenizer_s_identity_map_gives_the_dense_divergence_exactly(kind):
+    student, teacher = random_logits(16, (B, T, V_S)), random_logits(17, (B, T, V_S))
+    got = hybrid_divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher),
+                               Buckets.identity(V_S, V_S), temperature=2.0)
+    want = divergence_bt(kind, jnp.asarray(student), jnp.asarray(teacher), temperature=2.0)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd"])
+def test_hybrid_gradient_matches_float64_finite_differences(kind):
+    """Central differences of the float64 reference, one student logit column at a time (each
+    position's value depends on its own logits only, so a column moves every position at
+    once); padded columns get no gradient."""
+    maps, flags, temperature, step = bucket_maps(5), matched_of(5), 2.0, 1e-6
+    student = pad_columns(random_logits(18, (B, T, V_S)), 32, 1e4)
+    teacher = random_logits(19, (B, T, V_T))
+    buckets = buckets_of(*maps, student_width=32, matched=flags)
+    grad = jax.grad(lambda s: jnp.sum(hybrid_divergence_bt(
+        kind, s, jnp.asarray(teacher), buckets, temperature=temperature, student_valid=V_S)))(
+        jnp.asarray(student))
+    p_w = np.exp(np_log_softmax(teacher, temperature))
+
+    def reference(logits):
+        q_v = np.exp(np_log_softmax(logits, temperature))
+        return np_hybrid(kind, p_w, q_v, *maps, flags, temperature)
+
+    logits = student[..., :V_S].astype(np.float64)
+    expected = np.zeros((B, T, V_S))
+    for column in range(V_S):
+        up, down = logits.copy(), logits.copy()
+        up[..., column] += step
+        down[..., column] -= step
+        expected[..., column] = (reference(up) - reference(down)) / (2 * step)
+    assert_close(np.asarray(grad)[..., :V_S], expected)
+    np.testing.assert_array_equal(np.asarray(grad)[..., V_S:], 0.0)
+
+
+def test_hybrid_through_the_chunked_head_is_unchunked():
+    """CrossVocab targets of the hybrid method, a third of the positions unaligned, through the
+    objective with the fused head in chunks of 3 positions and whole."""
+    import dataclasses
+
+    from tests.helpers import LOSS, VALID_VOCAB, make_batch
+    from tests.losses.test_chunked import BATCH, SEQ, objective_grads, with_chunks
+    from tests.losses.test_chunked import assert_close as assert_paths_close
+
+    rng = np.random.default_rng(20)
+    teacher_bucket = np.concatenate([np.arange(C), rng.integers(-1, C, VALID_VOCAB - C)])
+    student_bucket = np.concatenate([np.arange(C), rng.integers(-1, C, VALID_VOCAB - C)])
+    buckets = Buckets.of(rng.permutation(teacher_bucket), rng.permutation(student_bucket), C,
+                         64, 64, matched=matched_of(6))
+    hidden = rng.normal(size=(BATCH, SEQ, 32)).astype(np.float32)
+    head = (0.3 * rng.normal(size=(64, 32))).astype(np.float32)
+    targets = CrossVocab(rng.normal(size=(BATCH, SEQ, 48)).astype(np.float32),
+                         (0.3 * rng.normal(size=(64, 48))).astype(np.float32),
+                         rng.random((BATCH, SEQ)) > 1 / 3, buckets, "hybrid", VALID_VOCAB)
+    batch = make_batch(3)
+    loss_cfg = dataclasses.replace(LOSS, divergence="jsd", ce_weight=0.3)
+    chunked = objective_grads(with_chunks(loss_cfg, 3), hidden, head, targets, batch)
+    assert_paths_close(chunked, objective_grads(dataclasses.replace(loss_cfg, chunk_tokens=-1),
+                                                hidden, head, targets, batch))
+    assert float(chunked[0][1]["kd_sum"]) > 0

@@ -2,7 +2,10 @@
 cross-tokenizer path, one tokenizer on both sides gives the online teacher's loss and gradients;
 with teacher rows of their own, a partial vocabulary map and unaligned positions, the loss and
 its gradients are the loss written out (teacher run apart, logits gathered, the divergence
-over the map's buckets or ULD, hard labels everywhere); chunked as unchunked."""
+over the map's buckets, ULD or the hybrid of the two, hard labels everywhere); chunked as
+unchunked. At start-up: a pair of tokenizers with nothing in common is refused for `mapped`, the
+pairs the tests use are not, and the teacher's mass on tokens of no bucket or mapped by prefix
+only is a float64 reference's."""
 
 import dataclasses
 
@@ -11,7 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.losses.cross_vocab import Buckets, mapped_divergence_bt, uld_bt
+from kd_jax.losses.cross_vocab import (
+    Buckets,
+    hybrid_divergence_bt,
+    mapped_divergence_bt,
+    uld_bt,
+)
 from kd_jax.losses.divergences import cross_entropy_bt
 from kd_jax.teacher.cross import CrossTokenizerTeacher
 from kd_jax.teacher.online import OnlineTeacher
@@ -72,7 +80,7 @@ def partial_buckets():
     teacher = np.concatenate([np.arange(13), rng.integers(-1, 13, VALID_VOCAB - 13)])
     student = np.concatenate([np.arange(13), rng.integers(-1, 13, VALID_VOCAB - 13)])
     return Buckets.of(rng.permutation(teacher), rng.permutation(student), 13, 64,
-                      STUDENT.vocab_size)
+                      STUDENT.vocab_size, matched=rng.permutation(np.arange(13) < 6))
 
 
 def written_out(student, teacher, method, batch, buckets):
@@ -91,9 +99,10 @@ def written_out(student, teacher, method, batch, buckets):
             kd = uld_bt(student_logits, gathered, temperature=LOSS.temperature,
                         student_valid=VALID_VOCAB, teacher_valid=VALID_VOCAB)
         else:
-            kd = mapped_divergence_bt(LOSS.divergence, student_logits, gathered, buckets,
-                                      temperature=LOSS.temperature, student_valid=VALID_VOCAB,
-                                      teacher_valid=VALID_VOCAB)
+            divergence = hybrid_divergence_bt if method == "hybrid" else mapped_divergence_bt
+            kd = divergence(LOSS.divergence, student_logits, gathered, buckets,
+                            temperature=LOSS.temperature, student_valid=VALID_VOCAB,
+                            teacher_valid=VALID_VOCAB)
         mask = batch["loss_mask"] > 0
         kd = jnp.where(mask & (index >= 0), kd, 0.0)
         ce = jnp.where(mask, cross_entropy_bt(student_logits, batch["labels"],
@@ -102,7 +111,7 @@ def written_out(student, teacher, method, batch, buckets):
     return loss
 
 
-@pytest.mark.parametrize("method", ["mapped", "uld"])
+@pytest.mark.parametrize("method", ["mapped", "uld", "hybrid"])
 @pytest.mark.parametrize("loss_cfg", [LOSS, CHUNKED], ids=["whole", "chunked"])
 def test_the_cross_tokenizer_loss_is_the_loss_written_out(tiny_models, method, loss_cfg):
     student, student_params, teacher, teacher_params = tiny_models
@@ -162,6 +171,153 @@ def test_packed_rows_feed_the_cross_tokenizer_step(tmp_path):
     loss, metrics = loss_fn(student_params, teacher_params, batch,
                             float(batch["loss_mask"].sum()))
     assert np.isfinite(float(loss)) and float(metrics["kd_sum"]) > 0
+
+
+# --------------------------------------------------------------------------------- start-up
+
+def word_level(path, texts, vocab_size=200):
+    """A byte-level word tokenizer: a WordLevel model over GPT-2's pre-tokens, holding the most
+    common pre-tokens of `texts` that are longer than one byte, and "[UNK]" for every other (it
+    spells "[UNK]"). No token of one byte: next to nothing in common with the byte tokenizer."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from kd_jax.data.tokenizers import load_tokenizer
+
+    pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    counts = Counter(piece for text in texts for piece, _ in pre_tokenizer.pre_tokenize_str(text)
+                     if len(piece) > 1)  # a piece's characters are its bytes
+    vocab = {"[UNK]": 0, **{piece: n + 1 for n, (piece, _) in
+                            enumerate(counts.most_common(vocab_size - 1))}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizer
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(path))
+    return load_tokenizer(str(path))
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    from kd_jax.data.tokenizers import ByteTokenizer
+    from tests.align.test_positions import bpe
+    from tests.align.test_rows import DOCS
+
+    folder = tmp_path_factory.mktemp("cross_start_up")
+    return {"byte": ByteTokenizer(), "merged": bpe(folder / "merged.json"),
+            "split": bpe(folder / "split.json", split_digits=True),
+            "words": word_level(folder / "words.json", [doc.text for doc in DOCS])}
+
+
+def start_up(teacher_tok, student_tok, method="mapped"):
+    """`cross_tokenizer_teacher` on the alignment tests' documents, packed in rows of 32 for
+    `student_tok`, with a tiny teacher of `teacher_tok` whose head has padding rows; T = 2."""
+    from kd_jax.config import Config, DataConfig, LossConfig, ModelConfig
+    from kd_jax.data.packing import pack
+    from kd_jax.models.pure import init_model
+    from kd_jax.teacher.cross import cross_tokenizer_teacher
+    from kd_jax.teacher.loading import LoadedTeacher
+    from tests.align.test_rows import DOCS
+
+    def width(tokenizer):
+        return -(-(tokenizer.vocab_size + 1) // 64) * 64
+
+    cfg = Config(model=ModelConfig(vocab_size=width(student_tok)),
+                 data=DataConfig(seq_len=32),
+                 loss=LossConfig(temperature=2.0, cross_vocab=method))
+    teacher_cfg = ModelConfig(vocab_size=width(teacher_tok), d_model=32, n_layers=1, n_heads=2,
+                              n_kv_heads=2, d_ff=64, max_seq_len=128, seed=2)
+    model, params = init_model(teacher_cfg)
+    loaded = LoadedTeacher(model, params, teacher_cfg, "teacher", None, tokenizer=teacher_tok)
+    data = pack(DOCS, student_tok, 32)
+    return cross_tokenizer_teacher(cfg, student_tok, data, loaded, None), loaded, data
+
+
+def test_a_pair_with_nothing_in_common_is_refused_for_mapped_only(tokenizers):
+    from kd_jax.config import ConfigError
+
+    byte, words = tokenizers["byte"], tokenizers["words"]
+    with pytest.raises(ConfigError) as refused:
+        start_up(byte, words)
+    message = str(refused.value)
+    assert message.startswith("the teacher's tokenizer (the byte tokenizer) and the student's "
+                              f"(tokenizer {words.path}) have almost nothing in common: in the "
+                              "first ")
+    assert "0.0% of the teacher's tokens and 0.0% of the student's spell a token of the " \
+           "other, below 10% on both sides" in message and "\n" not in message
+    for method in ("uld", "hybrid"):  # these need no shared tokens
+        cross, _, _ = start_up(byte, words, method)
+        assert "0.0% of the teacher's tokens and 0.0% of the student's" in cross.note
+
+
+@pytest.mark.parametrize("teacher, student", [("byte", "merged"), ("merged", "byte"),
+                                              ("merged", "split"), ("split", "merged")])
+def test_the_tests_pairs_are_not_refused(tokenizers, teacher, student):
+    cross, _, _ = start_up(tokenizers[teacher], tokenizers[student])
+    assert cross.method == "mapped" and "aligned positions the teacher puts" in cross.note
+    assert "\n" not in cross.note
+
+
+def reference_masses(loaded, student_tok, fields, batch, temperature):
+    """float64 from the teacher's float32 logits over its rows: the probability at the aligned,
+    trained positions on tokens that map to nothing, and on tokens mapped by prefix only, each
+    summed, and the number of positions."""
+    from kd_jax.align.vocabulary import map_vocabularies
+
+    teacher_tok = loaded.tokenizer
+    vocabulary = map_vocabularies(teacher_tok.token_bytes(), student_tok.ids_by_bytes(),
+                                  student_tok.vocab_size)
+    logits = np.asarray(loaded.model.logits(loaded.params, {
+        "tokens": fields["teacher_tokens"], "positions": fields["teacher_positions"],
+        "segment_ids": fields["teacher_segment_ids"]}), np.float64)[..., :teacher_tok.vocab_size]
+    index = fields["teacher_index"]
+    aligned = (index >= 0) & (batch["loss_mask"] > 0)
+    gathered = np.take_along_axis(logits, np.maximum(index, 0)[..., None], axis=1)[aligned]
+    scaled = gathered / temperature
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    return (probs[:, ~vocabulary.mapped].sum(), probs[:, vocabulary.mapped & ~vocabulary.exact]
+            .sum(), int(aligned.sum()))
+
+
+@pytest.mark.parametrize("teacher, student", [("merged", "byte"), ("merged", "split")])
+def test_the_start_up_line_reports_the_teacher_s_mass_off_the_exact_map(tokenizers, teacher,
+                                                                       student):
+    from kd_jax.teacher.cross import PROBE_ROWS
+
+    cross, loaded, data = start_up(tokenizers[teacher], tokenizers[student])
+    probe = np.arange(min(PROBE_ROWS, data.n_rows))
+    batch = data.take(probe)
+    no_bucket, by_prefix, positions = reference_masses(
+        loaded, tokenizers[student], cross.host_fields(probe, batch), batch, 2.0)
+    assert by_prefix > 0 and no_bucket > 0  # merged numerals by prefix; its <s> in no bucket
+    assert (f"over their {positions:,} aligned positions the teacher puts "
+            f"{no_bucket / positions:.2%} of its probability (at T 2) on tokens of no bucket "
+            f"and {by_prefix / positions:.2%} on tokens mapped by prefix only") in cross.note
+
+
+@pytest.mark.parametrize("chunk_positions", [16, 3])
+def test_probe_mass_is_the_float64_mass_on_each_mask(tiny_models, monkeypatch, chunk_positions):
+    """Random teacher rows and alignment (a third unaligned, padding untrained), two random
+    masks over the padded head; logits a chunk of 3 positions at a time as well as whole."""
+    from kd_jax.teacher import cross
+
+    _, _, teacher, teacher_params = tiny_models
+    monkeypatch.setattr(cross, "CHUNK_BYTES", 4 * 64 * chunk_positions)
+    batch = cross_batch(3)
+    rows = {"tokens": batch["teacher_tokens"], "positions": batch["teacher_positions"],
+            "segment_ids": batch["teacher_segment_ids"]}
+    weight = (batch["teacher_index"] >= 0) & (batch["loss_mask"] > 0)
+    masks = np.random.default_rng(4).random((2, 64)) < 0.4
+    got = cross.probe_mass(teacher, teacher_params, rows, batch["teacher_index"], weight, masks,
+                           1.5, VALID_VOCAB)
+    logits = np.asarray(teacher.logits(teacher_params, rows), np.float64)[..., :VALID_VOCAB]
+    gathered = np.take_along_axis(logits, np.maximum(batch["teacher_index"], 0)[..., None],
+                                  axis=1)[weight] / 1.5
+    probs = np.exp(gathered - gathered.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = [probs[:, mask[:VALID_VOCAB]].sum() for mask in masks]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_a_teacher_of_another_tokenizer_is_distilled_online_through_the_cli(teacher_run,
