@@ -38,6 +38,7 @@ class ChatTemplate:
 
     def __init__(self, template: str, special_tokens: dict[str, str], source: str):
         self.source = source  # where it was read from, for messages
+        self.text = template
         self.special_tokens = dict(special_tokens)
         self._template = _compile(template, source)
 

@@ -38,6 +38,7 @@ from kd_jax.align.vocabulary import (
 )
 from kd_jax.align.vocabulary import buckets as vocabulary_buckets
 from kd_jax.config import Config, ConfigError
+from kd_jax.data.chat import ChatTemplate, load_chat_template
 from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer
 from kd_jax.losses.chunked import CHUNK_BYTES
@@ -144,6 +145,34 @@ def vocabulary_of(student: Tokenizer, teacher: Tokenizer, teacher_width: int,
                                 student_bytes))
 
 
+def _chat_template(tokenizer: Tokenizer) -> ChatTemplate | None:
+    path = getattr(tokenizer, "path", None)
+    try:
+        return load_chat_template(path) if path else None
+    except ConfigError:  # none: a base model, which reads plain text
+        return None
+
+
+def check_chat_templates(cfg: Config, student: Tokenizer, teacher: Tokenizer) -> None:
+    """Conversations (`data.messages_column`) are rendered in the student's chat template, and
+    the teacher reads the text of that rendering (its special tokens spell none). A teacher
+    with a chat template of its own, another one, would read conversations without its own
+    markers: refused, as rendering each side in its own template is not done yet."""
+    if not cfg.data.messages_column:
+        return
+    theirs = _chat_template(teacher)
+    if theirs is None:
+        return
+    ours = _chat_template(student)
+    if ours is None or ours.text != theirs.text:
+        raise ConfigError(
+            f"data.messages_column: conversations are rendered in the student's chat template "
+            f"({ours.source if ours else 'none'}), and the teacher's is another "
+            f"({theirs.source}); a teacher of another tokenizer reads them only in the "
+            "student's (each side in its own is not supported): use a teacher without a chat "
+            "template, or prompt_column and response_column")
+
+
 def teacher_feed(cfg: Config, student: Tokenizer, teacher: Tokenizer, train: Rows,
                  max_seq_len: int) -> tuple[int, Callable[[np.ndarray, dict], dict]]:
     """(the teacher's row length, the feed of each batch's teacher rows) for `train`.
@@ -153,6 +182,7 @@ def teacher_feed(cfg: Config, student: Tokenizer, teacher: Tokenizer, train: Row
     changes it) before anything is written. On a token store the teacher rows of every training
     row are made once into <data.store>/teacher_rows (`kd_jax.align.prepared`: by `kd-jax
     prepare`, else here) and read; rows packed in memory have theirs made batch by batch."""
+    check_chat_templates(cfg, student, teacher)
     probe = np.arange(min(PROBE_ROWS, train.n_rows))
     teacher_seq_len = cfg.data.teacher_seq_len or teacher_seq_len_for(
         train.take(probe), student, teacher, train.document_starts(probe), max_seq_len)

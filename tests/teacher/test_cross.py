@@ -348,3 +348,32 @@ def test_a_teacher_of_another_tokenizer_is_distilled_online_through_the_cli(teac
     assert len(losses) == 3 and all(np.isfinite(losses))
     evaluated = [r["eval"] for r in records if "eval" in r]
     assert evaluated and set(evaluated[-1]) == {"student"}  # the teacher's tokens are others
+
+
+@pytest.mark.parametrize("teacher_template, messages, refused", [
+    ("none", "messages", False), ("same", "messages", False), ("other", "messages", True),
+    ("other", "", False)])
+def test_conversations_are_refused_where_the_teacher_has_another_chat_template(
+        tmp_path, teacher_template, messages, refused):
+    """Conversations are rendered in the student's template; a teacher whose own template is
+    another is refused in one line (a base teacher, without one, reads the text as it is)."""
+    from kd_jax.config import Config, ConfigError
+    from kd_jax.data.tokenizers import load_tokenizer
+    from kd_jax.teacher.cross import check_chat_templates
+    from tests.data.test_chat import CHATML, write_checkpoint
+
+    template = {"none": None, "same": CHATML,
+                "other": CHATML.replace("'<|im_start|>' + message['role']", "'### ' + "
+                                        "message['role']")}[teacher_template]
+    assert template != CHATML or teacher_template == "same"
+    student = load_tokenizer(str(write_checkpoint(tmp_path / "student") / "tokenizer.json"))
+    teacher = load_tokenizer(str(write_checkpoint(tmp_path / "teacher",
+                                                  chat_template=template) / "tokenizer.json"))
+    cfg = Config()
+    cfg.data.messages_column = messages
+    if not refused:
+        check_chat_templates(cfg, student, teacher)
+        return
+    with pytest.raises(ConfigError) as err:
+        check_chat_templates(cfg, student, teacher)
+    assert "the teacher's is another" in str(err.value) and "\n" not in str(err.value)
