@@ -4,7 +4,10 @@ A report (`report.json` in the run directory) holds `mode`, `run_dir`, `steps`, 
 (and `teacher` when the config names one), each the evaluation's summary plus `params`, and for
 the student `tokens_per_second`; with several teachers (`teachers:`), `teachers` maps each name
 (`teachers[i]`) to its summary, `params`, `path`, and the student's `student_agreement` and
-`student_kl` with it (the student's own `agreement` and `kl` are with the first).
+`student_kl` with it (the student's own `agreement` and `kl` are with the first). A teacher of
+another tokenizer is scored on its own tokens (its bits per byte over the bytes they spell), and
+compared with the student where positions align (`compared_tokens`, or the student's
+`aligned_tokens`): agreement is both most probable tokens in one bucket, KL over the buckets.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def build_report(mode: str, run_dir: str, steps: int, result: dict[str, dict],
     }
     if "teacher" in result:
         report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
+    if "student~teacher" in result:  # a teacher of another tokenizer: where positions align
+        versus = result["student~teacher"]
+        report["student"].update(agreement=versus.get("agreement"), kl=versus.get("kl"),
+                                 aligned_tokens=versus.get("tokens"))
     # Several teachers: each one's statistics, and the student's agreement and KL with it.
     several = {name: stats for name, stats in result.items() if name.startswith("teachers[")}
     if several:
@@ -78,5 +85,6 @@ def build_report(mode: str, run_dir: str, steps: int, result: dict[str, dict],
             versus = result[f"student~{name}"]
             report["teachers"][name] = dict(
                 stats, params=entry.get("params"), path=entry.get("path"),
-                student_agreement=versus.get("agreement"), student_kl=versus.get("kl"))
+                student_agreement=versus.get("agreement"), student_kl=versus.get("kl"),
+                compared_tokens=versus.get("tokens"))
     return report

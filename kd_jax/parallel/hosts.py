@@ -71,9 +71,9 @@ class BatchPlacement:
         return jax.tree.map(lambda value: jax.ShapeDtypeStruct(
             (self.rows, *value.shape[1:]), value.dtype, sharding=self.sharding), local)
 
-    def share(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """This process's rows of a whole global batch held on the host."""
-        return {key: value[self.positions] for key, value in batch.items()}
+    def share(self, batch: Any) -> Any:
+        """This process's rows of a whole global batch held on the host (a tree of arrays)."""
+        return jax.tree.map(lambda value: value[self.positions], batch)
 
 
 def batch_positions(sharding: NamedSharding, batch_size: int) -> np.ndarray:

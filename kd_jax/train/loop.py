@@ -20,11 +20,13 @@ from kd_jax import config as config_lib
 from kd_jax import run_dir as run_dir_lib
 from kd_jax.config import ConfigError
 from kd_jax.data.prefetch import Prefetcher
-from kd_jax.eval.evaluate import evaluate, make_eval_fn
+from kd_jax.align.rows import teacher_rows, teacher_seq_len_for
+from kd_jax.eval.evaluate import OTHER_ROWS, OtherTokenizer, evaluate, make_eval_fn
 from kd_jax.eval.report import build_report
 from kd_jax.models import attention
 from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
+from kd_jax.teacher.cross import vocabulary_of
 from kd_jax.train import builder, tensorboard
 from kd_jax.train import step as step_lib
 from kd_jax.train.plan import figures_line, memory_figures
@@ -226,26 +228,50 @@ def _mesh_on_this_host(mesh: config_lib.MeshConfig) -> config_lib.MeshConfig:
 
 def _evaluator(built: builder.Run):
     """evaluator(student_params) -> the held-out summary of the student (and its teachers)."""
-    # A teacher of another tokenizer is left out: its statistics are not comparable token by
-    # token.
-    teachers = [(i, loaded) for i, loaded in enumerate(built.loaded_teachers)
-                if loaded is not None and loaded.tokenizer is None]
-    if built.cfg.teachers:  # several: each under its name in teachers:
-        models = {f"teachers[{i}]": loaded.model for i, loaded in teachers}
-        params = {f"teachers[{i}]": loaded.params for i, loaded in teachers}
-    else:
-        models = teachers[0][1].model if teachers else None
-        params = teachers[0][1].params if teachers else None
-    eval_fn = jax.jit(make_eval_fn(built.student, models, built.valid_vocab),
+    named = [(f"teachers[{i}]" if built.cfg.teachers else "teacher", loaded)
+             for i, loaded in enumerate(built.loaded_teachers) if loaded is not None]
+    models, params, others = {}, {}, {}
+    for name, loaded in named:
+        params[name] = loaded.params
+        if loaded.tokenizer is None:
+            models[name] = loaded.model
+            continue
+        # Another tokenizer: scored on rows of its own, compared where positions align.
+        models[name] = OtherTokenizer(
+            loaded.model, vocabulary_of(built.data.tokenizer, loaded.tokenizer,
+                                        loaded.config.vocab_size, built.cfg.model.vocab_size)[1],
+            loaded.tokenizer.byte_lengths(), loaded.tokenizer.vocab_size)
+        others[name] = (loaded.tokenizer, _eval_teacher_seq_len(built, loaded))
+    if not built.cfg.teachers and "teacher" in models and "teacher" not in others:
+        models, params = models["teacher"], params["teacher"]  # one: as the step sees it
+    eval_fn = jax.jit(make_eval_fn(built.student, models or None, built.valid_vocab),
                       out_shardings=replicated(built.mesh))
     byte_lengths = built.data.tokenizer.byte_lengths()
     place = builder.eval_place(built)
 
+    def host_fields(batch: dict, starts: np.ndarray) -> dict:
+        return {OTHER_ROWS: {name: {key: value for key, value in teacher_rows(
+            batch, built.data.tokenizer, tokenizer, length, starts).items()
+            if key != "same_next"} for name, (tokenizer, length) in others.items()}}
+
     def evaluator(student_params) -> dict[str, dict]:
-        return evaluate(eval_fn, student_params, params, built.data.heldout, byte_lengths,
-                        built.eval_placement.rows, built.cfg.train.eval_sequences, place=place)
+        return evaluate(eval_fn, student_params, params or None, built.data.heldout,
+                        byte_lengths, built.eval_placement.rows,
+                        built.cfg.train.eval_sequences, place=place,
+                        host_fields=host_fields if others else None)
 
     return evaluator
+
+
+def _eval_teacher_seq_len(built: builder.Run, loaded) -> int:
+    """The row length of a teacher of another tokenizer on the held-out rows: as in training
+    (`data.teacher_seq_len`, else sized from the first rows)."""
+    if built.cfg.data.teacher_seq_len:
+        return built.cfg.data.teacher_seq_len
+    heldout = built.data.heldout
+    first = np.arange(min(32, heldout.n_rows))
+    return teacher_seq_len_for(heldout.take(first), built.data.tokenizer, loaded.tokenizer,
+                               heldout.document_starts(first), loaded.config.max_seq_len)
 
 
 def _measured_throughput(run_dir: Path) -> float | None:

@@ -347,7 +347,15 @@ def test_a_teacher_of_another_tokenizer_is_distilled_online_through_the_cli(teac
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 3 and all(np.isfinite(losses))
     evaluated = [r["eval"] for r in records if "eval" in r]
-    assert evaluated and set(evaluated[-1]) == {"student"}  # the teacher's tokens are others
+    # The teacher scored on its own tokens, the student compared where positions align.
+    assert evaluated and set(evaluated[-1]) == {"student", "teacher", "student~teacher"}
+    teacher, versus = evaluated[-1]["teacher"], evaluated[-1]["student~teacher"]
+    assert 0 < teacher["bits_per_byte"] < 8 and 0 <= versus["agreement"] <= 1
+    # A byte-level teacher has read every text a BPE student position has.
+    assert versus["tokens"] == evaluated[-1]["student"]["tokens"] > 0
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["teacher"]["bits_per_byte"] == teacher["bits_per_byte"]
+    assert report["student"]["agreement"] == versus["agreement"]
 
 
 @pytest.mark.parametrize("teacher_template, messages, refused", [
