@@ -46,11 +46,11 @@ from flax import struct
 
 from kd_jax.losses.cross_vocab import (
     Buckets,
+    bucket_log_probs,
     hybrid_divergence_bt,
     mapped_divergence_bt,
     uld_bt,
 )
-from kd_jax.losses.cross_vocab import bucket_log_probs
 from kd_jax.losses.divergences import (
     check_ids,
     check_leading_shapes,
