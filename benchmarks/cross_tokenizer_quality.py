@@ -31,6 +31,10 @@ student initialization and data order) trains the hard-label student and the cho
 of each direction on all the demo's training documents, evaluated on the test set. KD beats
 hard labels when the mean gain exceeds the larger of the two seed spreads (max - min).
 
+Last, `boundary_bits` measures on validation rows what the BPE teacher's mapped targets know
+that a byte reader cannot: where a BPE token ends, its first-byte marginal knows that the text
+does not go on into a longer token.
+
 Bits per byte are comparable across tokenizers. Runs resume: rerunning in the same OUT finishes
 what is missing. Writes OUT/cross_quality.json and prints the tables; a full run keeps a copy in
 benchmarks/results/cross_tokenizer_quality.json.
@@ -48,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -60,6 +65,7 @@ from kd_jax.data.sources import load_documents  # noqa: E402
 from kd_jax.data.tokenizers import load_tokenizer  # noqa: E402
 from kd_jax.demo import recipe  # noqa: E402
 from kd_jax.eval.report import format_table  # noqa: E402
+from kd_jax.teacher.loading import load_teacher  # noqa: E402
 from kd_jax.train.builder import load_data  # noqa: E402
 from kd_jax.train.loop import evaluate_checkpoint  # noqa: E402
 from kd_jax.train.loop import run as run_training  # noqa: E402
@@ -188,6 +194,44 @@ def alignment_share(cfg: config_lib.Config, teacher_tokenizer: str, rows: int = 
             "same_next_token": float(out["same_next"][scored].mean())}
 
 
+def boundary_bits(kd_cfg: config_lib.Config, byte_teacher_dir: str, rows: int = 256
+                  ) -> dict[str, float]:
+    """What the mapped targets know that a byte reader cannot, on `rows` held-out rows of
+    `kd_cfg` (a byte student distilled from the BPE teacher), spread evenly over all of them
+    (neighbouring rows are one document's). At the positions where
+    a BPE token ends (where the two tokenizations align), the bits the next byte costs under
+    the BPE teacher's first-byte marginal (the mapped target) and under the byte teacher's
+    next byte; at the other positions, under the byte teacher. Mean bits per position."""
+    data = load_data(kd_cfg)
+    index = np.unique(np.linspace(0, data.heldout.n_rows - 1, rows).astype(np.int64))
+    batch, starts = data.heldout.take(index), data.heldout.document_starts(index)
+    bpe = load_teacher(kd_cfg, data.tokenizer, other_tokenizer=True)
+    byte_cfg = copy.deepcopy(kd_cfg)
+    byte_cfg.teacher.path = byte_teacher_dir
+    byte = load_teacher(byte_cfg, data.tokenizer)
+    feed = teacher_rows(batch, data.tokenizer, bpe.tokenizer, kd_cfg.data.teacher_seq_len,
+                        starts)
+    model_keys = ("tokens", "positions", "segment_ids")
+    byte_logp_btv = jax.nn.log_softmax(
+        byte.model.logits(byte.params, {k: batch[k] for k in model_keys})[..., :256])
+    bpe_rows = {k: feed[f"teacher_{k}"] for k in model_keys}
+    bpe_vocab = bpe.tokenizer.vocab_size
+    bpe_p_btw = jax.nn.softmax(bpe.model.logits(bpe.params, bpe_rows)[..., :bpe_vocab])
+    first_byte = np.array([spelled[0] for spelled in bpe.tokenizer.token_bytes()])
+    marginal_btv = np.asarray(bpe_p_btw) @ np.eye(256)[first_byte]  # [b, teacher t, 256]
+
+    labels, scored = batch["labels"], batch["loss_mask"].astype(bool)
+    aligned = (feed["teacher_index"] >= 0) & scored
+    byte_bits = -np.take_along_axis(np.asarray(byte_logp_btv), labels[..., None],
+                                    axis=-1)[..., 0] / np.log(2)
+    rows_b, cols_t = np.nonzero(aligned)
+    mapped = marginal_btv[rows_b, feed["teacher_index"][rows_b, cols_t], labels[rows_b, cols_t]]
+    return {"positions": int(scored.sum()), "aligned": float(aligned.sum() / scored.sum()),
+            "mapped_target_at_aligned": float(-np.log2(mapped).mean()),
+            "byte_teacher_at_aligned": float(byte_bits[aligned].mean()),
+            "byte_teacher_elsewhere": float(byte_bits[scored & ~aligned].mean())}
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "spread": max(values) - min(values)}
 
@@ -262,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
                 k < h for k, h in zip(kd_bpb, hard_bpb)),
             "beats_by_more_than_spread": gain > margin}
 
+    # What the BPE teacher's mapped targets know that a byte reader cannot (validation rows).
+    probe = student_config(demo, DIRECTIONS[1], bpe, teachers["bpe"].train.run_dir, validation,
+                           args.sweep_seed, SWEEP[0], out / "d1_sweep_kd0")
+    summary["boundary_bits"] = boundary_bits(probe, teachers["byte"].train.run_dir)
     summary.update({"seeds": seeds, "sweep_seed": args.sweep_seed, "sweep": list(sweeps),
                     "student_steps": demo["distilled"].train.steps,
                     "batch": demo["distilled"].train.batch_size, "vocab": VOCAB,
@@ -303,6 +351,11 @@ def print_tables(summary: dict[str, Any]) -> None:
         verdict = "beats" if d["beats_by_more_than_spread"] else "does not beat"
         print(f"KD {verdict} hard labels by more than the spread: gain {d['gain']:+.4f} "
               f"bits/byte, spread {d['margin']:.4f}")
+    bits = summary["boundary_bits"]
+    print(f"\nnext byte where a BPE token ends ({bits['aligned']:.1%} of {bits['positions']:,} "
+          f"validation positions): {bits['mapped_target_at_aligned']:.3f} bits under the BPE "
+          f"teacher's first-byte marginal, {bits['byte_teacher_at_aligned']:.3f} under the byte "
+          f"teacher; elsewhere {bits['byte_teacher_elsewhere']:.3f} under the byte teacher")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None,
             raise ConfigError(difference + OTHER_TOKENIZER_HINT)
         own_tokenizer = _run_tokenizer(path, info)
     model_cfg = dataclasses.replace(teacher_cfg.model, dtype=teacher_dtype(cfg), remat="none")
-    model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
+    model, abstract, shardings = teacher_model(cfg, model_cfg, mesh, own_tokenizer is not None)
     if shardings is not None:
         abstract = checkpoint.placed(abstract, shardings)
     params = checkpoint.restore_params(path, abstract, step)
@@ -171,7 +171,7 @@ def _load_hf_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any, run_dir: str 
         check_teacher_files(run_dir, cfg.teacher.path, files)  # before a weight is read
     dtype = teacher_dtype(cfg)
     model_cfg = ckpt.model_config(ModelConfig(dtype=dtype, param_dtype=dtype))
-    model, abstract, shardings = teacher_model(cfg, model_cfg, mesh)
+    model, abstract, shardings = teacher_model(cfg, model_cfg, mesh, own_tokenizer is not None)
     params = load_params(ckpt, model_cfg, abstract, shardings)
     return LoadedTeacher(model, params, model_cfg, cfg.teacher.path, None, ckpt.digests,
                          own_tokenizer)
@@ -206,11 +206,13 @@ def check_teacher_files(run_dir: str, teacher_path: str, files: dict[str, str]) 
                 "damaged or replaced; restore it, or distill into a new train.run_dir")
 
 
-def teacher_model(cfg: Config, model_cfg: ModelConfig, mesh: Any
+def teacher_model(cfg: Config, model_cfg: ModelConfig, mesh: Any, own_rows: bool = False
                   ) -> tuple[PureModel, Any, Any]:
     """The teacher described by `model_cfg`, as shapes: (model, abstract params, their
-    shardings by `mesh.teacher_layout`, or None without a mesh); checks the sequence fits."""
-    if cfg.data.seq_len > model_cfg.max_seq_len:
+    shardings by `mesh.teacher_layout`, or None without a mesh); checks the student's rows fit,
+    unless the teacher reads rows of its own (`own_rows`: another tokenizer, whose row length
+    `kd_jax.teacher.cross.teacher_feed` checks)."""
+    if not own_rows and cfg.data.seq_len > model_cfg.max_seq_len:
         raise ConfigError(f"data.seq_len ({cfg.data.seq_len}) exceeds the teacher's "
                           f"max_seq_len ({model_cfg.max_seq_len})")
     model, abstract = abstract_model(model_cfg)

@@ -385,3 +385,27 @@ def test_conversations_are_refused_where_the_teacher_has_another_chat_template(
     with pytest.raises(ConfigError) as err:
         check_chat_templates(cfg, student, teacher)
     assert "the teacher's is another" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_student_rows_longer_than_the_teachers_context_are_taken(teacher_run, tmp_path):
+    """A teacher of another tokenizer reads rows of its own: the student's data.seq_len may pass
+    the teacher's max_seq_len, as long as data.teacher_seq_len does not."""
+    from kd_jax import config as config_lib
+    from kd_jax.config import ConfigError
+    from kd_jax.train.builder import build
+    from tests.data.test_tokenizers import write_byte_level_bpe
+    from tests.helpers import distill_config
+
+    root, corpus = teacher_run
+    lines = [line for line in corpus.read_text().splitlines() if line.strip()]
+    tokenizer = write_byte_level_bpe(tmp_path / "tokenizer.json", vocab_size=300, corpus=lines)
+    config = distill_config(tmp_path / "distill.yaml", corpus, root / "teacher",
+                            tmp_path / "run")
+    common = [f"data.tokenizer={tokenizer}", "model.vocab_size=320", "data.seq_len=96",
+              "model.max_seq_len=96"]  # the teacher's max_seq_len is 64
+    built = build(config_lib.load(config, [*common, "data.teacher_seq_len=64"]), "distill")
+    assert isinstance(built.teacher, CrossTokenizerTeacher)
+    assert built.host_batch(0)["teacher_tokens"].shape == (8, 64)
+    with pytest.raises(ConfigError, match=r"data.teacher_seq_len \(128\) exceeds the teacher's "
+                                          r"max_seq_len \(64\)"):
+        build(config_lib.load(config, [*common, "data.teacher_seq_len=128"]), "distill")
