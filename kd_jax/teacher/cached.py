@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kd_jax.align.rows import teacher_rows
 from kd_jax.cache.fingerprints import fingerprints
 from kd_jax.cache.manifest import (
     CROSS_TOKENIZER,
@@ -38,7 +39,7 @@ from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.losses.cross_sparse import CrossDense, CrossTopK
 from kd_jax.losses.cross_vocab import Buckets
-from kd_jax.teacher.cross import vocabulary_of
+from kd_jax.teacher.cross import PROBE_ROWS, check_overlap, vocabulary_of
 from kd_jax.losses.soft_targets import Dense, Sampled, SoftTargets, TopK
 
 # The loss's soft targets of each cache mode. A full cache holds log-probabilities, which serve
@@ -118,9 +119,16 @@ def open_cache(cfg: Config, tokenizer: Tokenizer, train: Rows, teacher: str | No
     vocabulary, buckets = vocabulary_of(tokenizer, cached_tokenizer,
                                         cached_tokenizer.vocab_size, cfg.model.vocab_size)
     teacher_seq_len = manifest[CROSS_TOKENIZER]["teacher_seq_len"]
+    # The first rows written for the teacher again (no teacher run), to say how much the two
+    # tokenizers share there, and to refuse `mapped` where it is almost nothing.
+    probe = np.arange(min(PROBE_ROWS, train.n_rows))
+    probe_batch = train.take(probe)
+    fields = teacher_rows(probe_batch, tokenizer, cached_tokenizer, teacher_seq_len,
+                          train.document_starts(probe))
+    shares = check_overlap(cfg, tokenizer, cached_tokenizer, vocabulary, probe_batch, fields)
     note = (f"cache of a teacher with another tokenizer ({cached_tokenizer.description}, rows "
             f"of {teacher_seq_len} teacher tokens), loss.cross_vocab {cfg.loss.cross_vocab}; "
-            + vocabulary.describe())
+            f"{vocabulary.describe()}; {shares}")
     return CachedTeacher(cache_dir, manifest["mode"], train.row_hashes(),
                          CrossVocabulary(buckets, cfg.loss.cross_vocab), note)
 

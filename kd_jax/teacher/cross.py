@@ -131,6 +131,30 @@ def probe_mass(model: PureModel, params: Any, rows: dict[str, np.ndarray],
     return np.asarray(sums_k, np.float64)  # note: a host sync, once at start-up
 
 
+def check_overlap(cfg: Config, student: Tokenizer, teacher: Tokenizer,
+                  vocabulary: VocabularyMap, probe_batch: dict[str, np.ndarray],
+                  fields: dict[str, np.ndarray]) -> str:
+    """How much the two tokenizers share in the first rows (`probe_batch`, and the teacher's
+    rows of them, `fields`), as a phrase of the start-up line; `mapped` refused below
+    MIN_OVERLAP on both sides."""
+    teacher_bytes, student_bytes = teacher.token_bytes(), student.token_bytes()
+    teacher_share, _ = overlap(fields["teacher_tokens"], fields["teacher_segment_ids"] > 0,
+                               vocabulary.exact, teacher_bytes)
+    student_share, _ = overlap(probe_batch["tokens"], probe_batch["segment_ids"] > 0,
+                               shared_text(student_bytes, teacher_bytes), student_bytes)
+    shares = (f"in the first {len(probe_batch['tokens'])} rows, {teacher_share:.1%} of the "
+              f"teacher's tokens and {student_share:.1%} of the student's spell a token of the "
+              "other")
+    if cfg.loss.cross_vocab == "mapped" and max(teacher_share, student_share) < MIN_OVERLAP:
+        raise ConfigError(
+            f"the teacher's tokenizer ({teacher.description}) and the student's "
+            f"({student.description}) have almost nothing in common: {shares}, below "
+            f"{MIN_OVERLAP:.0%} on both sides, so loss.cross_vocab mapped would compare little "
+            "more than first bytes; use loss.cross_vocab uld or hybrid, which need no shared "
+            "tokens")
+    return shares
+
+
 def vocabulary_of(student: Tokenizer, teacher: Tokenizer, teacher_width: int,
                   student_width: int) -> tuple[VocabularyMap, Buckets]:
     """How the teacher's vocabulary maps onto the student's, and the buckets both fall in,
@@ -232,19 +256,7 @@ def cross_tokenizer_teacher(cfg: Config, student: Tokenizer, train: Rows, loaded
     probe_batch = train.take(probe)
     fields = feed(probe, probe_batch)
 
-    teacher_share, _ = overlap(fields["teacher_tokens"], fields["teacher_segment_ids"] > 0,
-                               vocabulary.exact, teacher_bytes)
-    student_share, _ = overlap(probe_batch["tokens"], probe_batch["segment_ids"] > 0,
-                               shared_text(student_bytes, teacher_bytes), student_bytes)
-    shares = (f"in the first {len(probe)} rows, {teacher_share:.1%} of the teacher's tokens and "
-              f"{student_share:.1%} of the student's spell a token of the other")
-    if cfg.loss.cross_vocab == "mapped" and max(teacher_share, student_share) < MIN_OVERLAP:
-        raise ConfigError(
-            f"the teacher's tokenizer ({teacher.description}) and the student's "
-            f"({student.description}) have almost nothing in common: {shares}, below "
-            f"{MIN_OVERLAP:.0%} on both sides, so loss.cross_vocab mapped would compare little "
-            "more than first bytes; use loss.cross_vocab uld or hybrid, which need no shared "
-            "tokens")
+    shares = check_overlap(cfg, student, teacher, vocabulary, probe_batch, fields)
 
     return CrossTokenizerTeacher(
         loaded.model, buckets, cfg.loss.cross_vocab, teacher.vocab_size, logits_sharding, feed,

@@ -269,3 +269,30 @@ def test_a_teacher_s_tokenizer_json_travels_with_its_cache(teacher_run, tmp_path
     assert ("teacher_tokenizer.json is not the tokenizer of the teacher it was built from (its "
             "fingerprint is not the manifest's fingerprints.teacher_tokenizer)") in err
     shards_lib.verify(tmp_path / "cache")
+
+
+def test_a_cache_of_a_teacher_with_almost_nothing_in_common_is_refused_for_mapped(
+        cross, tmp_path, capsys):
+    """As for the online teacher: a student tokenizer that shares next to nothing with the
+    cached teacher's (a word-level one against bytes) takes uld, and mapped is refused."""
+    from tests.teacher.test_cross import word_level
+
+    _, config, _ = cross
+    lines = [line for line in Path(config_lib.load(config).data.path).read_text().splitlines()
+             if line.strip()]
+    word_level(tmp_path / "words.json", lines)
+    overrides = [f"data.tokenizer={tmp_path / 'words.json'}", "model.vocab_size=256",
+                 "data.teacher_seq_len=64"]
+    cache = tmp_path / "cache"
+    assert cli.main(["precompute", str(config), *overrides, f"cache.dir={cache}",
+                     "cache.mode=topk", f"cache.k={K}"]) == 0
+    argv = ["distill", str(config), *overrides, "teacher.source=cache", f"cache.dir={cache}",
+            f"train.run_dir={tmp_path / 'run'}"]
+    assert "have almost nothing in common" in refused([*argv, "loss.cross_vocab=mapped"], capsys)
+    assert not (tmp_path / "run").exists()
+    run = built(config, overrides, "teacher.source=cache", f"cache.dir={cache}",
+                "loss.cross_vocab=uld")
+    try:
+        assert "of the student's spell a token of the other" in run.teacher.note
+    finally:
+        run.close()
