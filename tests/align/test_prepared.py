@@ -109,7 +109,7 @@ def test_prepare_makes_the_teacher_rows_and_distill_reads_them(teacher_run, tmp_
     config = distill_config(tmp_path / "distill.yaml", corpus, root / "teacher",
                             tmp_path / "unused")
     common = [f"data.tokenizer={tokenizer}", "model.vocab_size=320", "train.steps=2",
-              "train.checkpoint_every=2", "train.eval_sequences=0"]
+              "train.checkpoint_every=2"]
     store = tmp_path / "store"
     assert cli.main(["prepare", str(config), f"data.store={store}", *common]) == 0
     assert "teacher rows of" in capsys.readouterr().out
