@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {target / 'report.json'}")
         elif args.command == "prepare":
             cfg = config_lib.load(args.config, args.overrides)
-            from kd_jax.train.run_data import prepare_data, prepare_teacher_rows
+            from kd_jax.train.run_data import prepare_data, prepare_teacher_data
 
             for summary in prepare_data(cfg):
                 done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{summary['tokens']:,} tokens, {summary['train_rows']:,} training and "
                       f"{summary['heldout_rows']:,} held-out rows of {summary['seq_len']} "
                       "tokens")
-            for line in prepare_teacher_rows(cfg):
+            for line in prepare_teacher_data(cfg):
                 print(line)
         elif args.command == "precompute":
             cfg = config_lib.load(args.config, args.overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Any, Literal
 
@@ -75,3 +76,20 @@ def coerce(value: Any, kind: type, where: str) -> Any:
             return {str(k): v for k, v in value.items()}
         raise ConfigError(f"{where}: expected a mapping of names to names or null, got {value!r}")
     raise ConfigError(f"{where}: expected {kind.__name__}, got {value!r}")
+
+
+def weighted_entry(entry: Any, where: str, keys: tuple[str, ...], required: tuple[str, ...],
+                   needs: str, kind: str) -> float:
+    """The weight of one entry of a weighted list (a mixture's sources, the teachers), after
+    checking it is a mapping holding `required` and no key but `keys`; ConfigError otherwise.
+    `needs` and `kind` name what an entry must hold and what its keys are, for the messages."""
+    if not isinstance(entry, dict) or any(key not in entry for key in required):
+        raise ConfigError(f"{where} must be a mapping with {needs}")
+    unknown = sorted(set(entry) - set(keys))
+    if unknown:
+        raise ConfigError(f"{where}: '{unknown[0]}' is not {kind} ({', '.join(keys)})")
+    weight = coerce(entry["weight"], float, f"{where}.weight")
+    if not (math.isfinite(weight) and weight > 0):
+        raise ConfigError(f"{where}.weight must be a finite number > 0, got {weight}")
+    return weight
+

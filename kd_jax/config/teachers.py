@@ -15,9 +15,9 @@ of the weights' sum (`kd_jax.teacher.several`).
 from __future__ import annotations
 
 import copy
-import math
 
 from kd_jax.config import Config, ConfigError, MeshLayout, TeacherConfig, coerce, section_types
+from kd_jax.config.coercion import weighted_entry
 
 # An entry's keys: those of `teacher:`, and the three a lone teacher takes from other sections.
 TEACHER_KEYS = ("source", "path", "dtype", "license", "source_url")
@@ -30,16 +30,9 @@ def members(cfg: Config) -> list[tuple[float, Config]]:
     out = []
     for i, entry in enumerate(cfg.teachers):
         where = f"teachers[{i}]"
-        if not isinstance(entry, dict) or "weight" not in entry or "source" not in entry:
-            raise ConfigError(f"{where} must be a mapping with a source and a weight "
-                              f"(keys: {', '.join(ENTRY_KEYS)})")
-        unknown = sorted(set(entry) - set(ENTRY_KEYS))
-        if unknown:
-            raise ConfigError(f"{where}: '{unknown[0]}' is not a key of a teacher "
-                              f"({', '.join(ENTRY_KEYS)})")
-        weight = coerce(entry["weight"], float, f"{where}.weight")
-        if not (math.isfinite(weight) and weight > 0):
-            raise ConfigError(f"{where}.weight must be a finite number > 0, got {weight}")
+        weight = weighted_entry(entry, where, ENTRY_KEYS, ("weight", "source"),
+                                f"a source and a weight (keys: {', '.join(ENTRY_KEYS)})",
+                                "a key of a teacher")
         member = copy.deepcopy(cfg)
         member.teachers = []
         member.teacher = TeacherConfig(**{

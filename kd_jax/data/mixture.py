@@ -31,21 +31,15 @@ SOURCE_KEYS = ("source", "path", "name", "split", "heldout_split", "heldout_frac
 def components(cfg: DataConfig) -> list[tuple[float, DataConfig]]:
     """(weight, the data config of its store) for each source of `data.mixture`."""
     from kd_jax.config import coerce, section_types
+    from kd_jax.config.coercion import weighted_entry
 
     types = section_types(DataConfig)
     out = []
     for i, entry in enumerate(cfg.mixture):
         where = f"data.mixture[{i}]"
-        if not isinstance(entry, dict) or "weight" not in entry:
-            raise ConfigError(f"{where} must be a mapping with a weight and source keys "
-                              f"({', '.join(SOURCE_KEYS)})")
-        unknown = sorted(set(entry) - {"weight", *SOURCE_KEYS})
-        if unknown:
-            raise ConfigError(f"{where}: '{unknown[0]}' is not a source key of a mixture "
-                              f"(weight, {', '.join(SOURCE_KEYS)})")
-        weight = coerce(entry["weight"], float, f"{where}.weight")
-        if not (np.isfinite(weight) and weight > 0):
-            raise ConfigError(f"{where}.weight must be a finite number > 0, got {weight}")
+        weight = weighted_entry(entry, where, ("weight", *SOURCE_KEYS), ("weight",),
+                                f"a weight and source keys ({', '.join(SOURCE_KEYS)})",
+                                "a source key of a mixture")
         fields = {key: coerce(value, types[key], f"{where}.{key}")
                   for key, value in entry.items() if key != "weight"}
         out.append((weight, dataclasses.replace(cfg, **fields, store=f"{cfg.store}/{i}",

@@ -84,7 +84,7 @@ def prepare_data(cfg: Config) -> list[dict[str, Any]]:
     return [prepare(source, tokenizer, cfg.train.progress) for source in sources]
 
 
-def prepare_teacher_rows(cfg: Config) -> list[str]:
+def prepare_teacher_data(cfg: Config) -> list[str]:
     """`kd-jax prepare`, after the store: the teacher rows of every training row for each
     teacher of another tokenizer the config names online (`kd_jax.teacher.cross.teacher_feed`),
     made once beside the store; a line for each."""
