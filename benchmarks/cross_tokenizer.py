@@ -11,13 +11,15 @@ student's rows are packed from the rest, 8 x 256 tokens a batch.
 
 - Host: per batch, the student's rows as the data feed takes them, then the teacher's rows and
   the alignment written from them; the median of 20 batches (`--quick`: 4). Also how many of the
-  student's positions align, and how many teacher tokens the same text takes. Then the same
+  student's positions align, and how many teacher tokens the same text takes; and the same
+  rows with the fields `loss.cross_vocab: bytes` reads besides (`backoff`). Then the same
   made once for every row (`kd_jax.align.prepared`, what `kd-jax prepare` does on a token
   store): its time, and a batch's teacher rows read back from it.
 - Step: `throughput.py`'s models (teacher 6 x 512, student 4 x 256; `--quick`: tiny) at these
   vocabularies, the fused distillation step (forward KL, T 2, 0.5 CE), once with the teacher on
   its own rows (as long as `data.teacher_seq_len: 0` makes them) through the vocabulary's
-  buckets, once with a teacher of the student's vocabulary on the student's rows; each compiled
+  buckets (`mapped`), once compared byte by byte (`bytes`: the teacher read at two positions a
+  student position), once with a teacher of the student's vocabulary on the student's rows; each compiled
   once, medians of `--repeats` x `--steps` steps, interleaved. Results in
   `results/cross_tokenizer.json`.
 """
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from kd_jax.data.packing import pack
     from kd_jax.data.sources import Document
     from kd_jax.data.tokenizers import load_tokenizer
+    from kd_jax.losses.cross_bytes import ByteTables
     from kd_jax.losses.cross_vocab import Buckets
     from kd_jax.models.pure import abstract_model, init_params
     from kd_jax.teacher.cross import CrossTokenizerTeacher
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                                       data.document_starts(first), 4 * seq)
 
     # Host: the student's batch, then the teacher's rows and the alignment written from it.
-    take_s, write_s, aligned, teacher_tokens, student_tokens = [], [], [], 0, 0
+    take_s, write_s, backoff_s, aligned, teacher_tokens, student_tokens = [], [], [], [], 0, 0
     rng = np.random.default_rng(0)
     for _ in range(batches):
         rows = rng.integers(0, data.n_rows, batch)
@@ -97,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                               data.document_starts(rows))
         take_s.append(middle - start)
         write_s.append(time.perf_counter() - middle)
+        start = time.perf_counter()
+        teacher_rows(student_batch, student_tok, teacher_tok, teacher_seq,
+                     data.document_starts(rows), backoff=True)
+        backoff_s.append(time.perf_counter() - start)
         real = student_batch["loss_mask"] > 0
         aligned.append(float((fields["teacher_index"] >= 0)[real].mean()))
         teacher_tokens += int((fields["teacher_segment_ids"] > 0).sum())
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             read_s.append(time.perf_counter() - start)
     host = {"take_ms": 1e3 * statistics.median(take_s),
             "teacher_rows_ms": 1e3 * statistics.median(write_s),
+            "teacher_rows_backoff_ms": 1e3 * statistics.median(backoff_s),
             "aligned_fraction": statistics.median(aligned),
             "teacher_tokens_per_student_token": teacher_tokens / student_tokens,
             "prepare_rows": data.n_rows, "prepare_seconds": prepare_s,
@@ -139,14 +147,19 @@ def main(argv: list[str] | None = None) -> int:
     cross_batch = dict(student_batch, **{
         key: value for key, value in teacher_rows(
             student_batch, student_tok, teacher_tok, teacher_seq,
-            data.document_starts(rows)).items() if key != "same_next"})
+            data.document_starts(rows), backoff=True).items() if key != "same_next"})
+    tables = ByteTables.of(teacher_tok.token_bytes(), student_tok.token_bytes(),
+                           own_cfg.vocab_size, student_cfg.vocab_size)
     tx, schedule = step_lib.make_optimizer(opt_cfg, 1000)
     student, _ = abstract_model(student_cfg)
     variants = {}
     for name, cfg, teacher_of, batch_arrays in (
             ("same tokenizer", same_cfg, lambda model: OnlineTeacher(model), student_batch),
             ("other tokenizer", own_cfg, lambda model: CrossTokenizerTeacher(
-                model, bucket_set, "mapped", teacher_tok.vocab_size), cross_batch)):
+                model, bucket_set, "mapped", teacher_tok.vocab_size), cross_batch),
+            ("other, bytes", own_cfg, lambda model: CrossTokenizerTeacher(
+                model, bucket_set, "bytes", teacher_tok.vocab_size, byte_tables=tables),
+             cross_batch)):
         teacher_model, _ = abstract_model(cfg)
         teacher_params = jax.jit(lambda cfg=cfg: init_params(cfg))()
         state = step_lib.init_state_on(student_cfg, tx, 0, None)
@@ -179,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{jax.default_backend()}")
     print(vocabulary.describe())
     print(f"host, per batch: student rows {host['take_ms']:.1f} ms, teacher rows and "
-          f"alignment {host['teacher_rows_ms']:.1f} ms; {host['aligned_fraction']:.1%} of "
+          f"alignment {host['teacher_rows_ms']:.1f} ms ({host['teacher_rows_backoff_ms']:.1f} "
+          f"ms with the back-off fields); {host['aligned_fraction']:.1%} of "
           f"student positions aligned; {host['teacher_tokens_per_student_token']:.2f} teacher "
           "tokens a student token")
     print(f"prepared once: {host['prepare_rows']:,} rows in {host['prepare_seconds']:.1f} s "

@@ -88,6 +88,13 @@ SWEEP = (
     {"temperature": 2.0, "kd_weight": 1.0, "ce_weight": 1.0},
 )
 DIRECTIONS = ("byte teacher -> BPE student", "BPE teacher -> byte student")
+# Each direction's loss.cross_vocab: a BPE student from a byte teacher compares next tokens in
+# the buckets of their first bytes (`mapped`); a byte student from a BPE teacher compares next
+# bytes, the teacher's taken back to where its token started (`bytes`: the mapped targets of
+# this benchmark's first version carried the teacher's token ends, `boundary_bits`).
+METHODS = {DIRECTIONS[0]: "mapped", DIRECTIONS[1]: "bytes"}
+# Run directory names: a direction's runs of another method than its first version's are apart.
+RUN_PREFIX = {DIRECTIONS[0]: "d0", DIRECTIONS[1]: "d1b"}
 
 
 def validation_data(out: Path, demo_data: config_lib.DataConfig) -> config_lib.DataConfig:
@@ -152,7 +159,7 @@ def student_config(demo: dict, direction: str, bpe: str, teacher_dir: str,
                    data: config_lib.DataConfig, seed: int, kd: dict | None, run_dir: Path
                    ) -> config_lib.Config:
     """A student of `direction` on `data`, trained on hard labels (`kd` None) or distilled
-    with the `mapped` loss at the settings `kd`."""
+    with the direction's loss (METHODS) at the settings `kd`."""
     cfg = copy.deepcopy(demo["distilled"])
     cfg.data = copy.deepcopy(data)
     cfg = (with_tokenizer(cfg, bpe, BPE_STUDENT_ROW) if direction == DIRECTIONS[0]
@@ -165,7 +172,8 @@ def student_config(demo: dict, direction: str, bpe: str, teacher_dir: str,
         cfg.teacher = config_lib.TeacherConfig(source="checkpoint", path=teacher_dir)
         cfg.data.teacher_seq_len = (BYTE_TEACHER_ROW if direction == DIRECTIONS[0]
                                     else BPE_TEACHER_ROW)  # the rows it was trained on
-        cfg.loss = config_lib.LossConfig(divergence="forward_kl", cross_vocab="mapped", **kd)
+        cfg.loss = config_lib.LossConfig(divergence="forward_kl",
+                                         cross_vocab=METHODS[direction], **kd)
     cfg.train.run_dir = str(run_dir)
     config_lib.validate(cfg)
     return cfg
@@ -196,12 +204,15 @@ def alignment_share(cfg: config_lib.Config, teacher_tokenizer: str, rows: int = 
 
 def boundary_bits(kd_cfg: config_lib.Config, byte_teacher_dir: str, rows: int = 256
                   ) -> dict[str, float]:
-    """What the mapped targets know that a byte reader cannot, on `rows` held-out rows of
-    `kd_cfg` (a byte student distilled from the BPE teacher), spread evenly over all of them
-    (neighbouring rows are one document's). At the positions where
-    a BPE token ends (where the two tokenizations align), the bits the next byte costs under
-    the BPE teacher's first-byte marginal (the mapped target) and under the byte teacher's
-    next byte; at the other positions, under the byte teacher. Mean bits per position."""
+    """What the BPE teacher's targets for a byte student know that a byte reader cannot, on
+    `rows` held-out rows of `kd_cfg` (a byte student distilled from the BPE teacher), spread
+    evenly over all of them (neighbouring rows are one document's). Mean bits the next byte
+    costs, per position: where a BPE token ends (where the two tokenizations align), under the
+    BPE teacher's first-byte marginal there (`mapped`'s target), under its backed-off next byte
+    (`bytes`' target, `kd_jax.losses.cross_bytes`) and under the byte teacher; at the other
+    positions (inside a BPE token), under the backed-off target and the byte teacher."""
+    from kd_jax.losses.cross_bytes import ByteTables, backed_off_log_probs
+
     data = load_data(kd_cfg)
     index = np.unique(np.linspace(0, data.heldout.n_rows - 1, rows).astype(np.int64))
     batch, starts = data.heldout.take(index), data.heldout.document_starts(index)
@@ -210,13 +221,14 @@ def boundary_bits(kd_cfg: config_lib.Config, byte_teacher_dir: str, rows: int = 
     byte_cfg.teacher.path = byte_teacher_dir
     byte = load_teacher(byte_cfg, data.tokenizer)
     feed = teacher_rows(batch, data.tokenizer, bpe.tokenizer, kd_cfg.data.teacher_seq_len,
-                        starts)
+                        starts, backoff=True)
     model_keys = ("tokens", "positions", "segment_ids")
     byte_logp_btv = jax.nn.log_softmax(
         byte.model.logits(byte.params, {k: batch[k] for k in model_keys})[..., :256])
     bpe_rows = {k: feed[f"teacher_{k}"] for k in model_keys}
     bpe_vocab = bpe.tokenizer.vocab_size
-    bpe_p_btw = jax.nn.softmax(bpe.model.logits(bpe.params, bpe_rows)[..., :bpe_vocab])
+    bpe_logits_btw = bpe.model.logits(bpe.params, bpe_rows)[..., :bpe_vocab]
+    bpe_p_btw = jax.nn.softmax(bpe_logits_btw)
     first_byte = np.array([spelled[0] for spelled in bpe.tokenizer.token_bytes()])
     marginal_btv = np.asarray(bpe_p_btw) @ np.eye(256)[first_byte]  # [b, teacher t, 256]
 
@@ -226,9 +238,27 @@ def boundary_bits(kd_cfg: config_lib.Config, byte_teacher_dir: str, rows: int = 
                                     axis=-1)[..., 0] / np.log(2)
     rows_b, cols_t = np.nonzero(aligned)
     mapped = marginal_btv[rows_b, feed["teacher_index"][rows_b, cols_t], labels[rows_b, cols_t]]
+
+    # The backed-off target at every position with a covering token in the row.
+    tables = ByteTables.of(bpe.tokenizer.token_bytes(), data.tokenizer.token_bytes(),
+                           bpe_vocab, 256)
+    logp_btw = np.asarray(jax.nn.log_softmax(bpe_logits_btw))
+    back, here = feed["teacher_back"], feed["teacher_index"]
+    token = np.take_along_axis(feed["teacher_tokens"], np.maximum(back + 1, 0), axis=1)
+    log_btc = np.asarray(backed_off_log_probs(
+        np.take_along_axis(logp_btw, np.maximum(back, 0)[..., None], axis=1),
+        np.take_along_axis(logp_btw, np.maximum(here, 0)[..., None], axis=1), token,
+        feed["teacher_inside"], feed["teacher_lo"], feed["teacher_hi"], tables))
+    backed_bits = -(np.take_along_axis(log_btc, labels[..., None], axis=-1)[..., 0]
+                    - np.logaddexp.reduce(log_btc, axis=-1)) / np.log(2)
+    has_back = (back >= 0) & scored
     return {"positions": int(scored.sum()), "aligned": float(aligned.sum() / scored.sum()),
             "mapped_target_at_aligned": float(-np.log2(mapped).mean()),
+            "backed_off_target_at_aligned": float(backed_bits[aligned & has_back].mean()),
             "byte_teacher_at_aligned": float(byte_bits[aligned].mean()),
+            "backed_off": float(has_back.sum() / scored.sum()),
+            "backed_off_target_inside": float(backed_bits[has_back & ~aligned].mean()),
+            "byte_teacher_inside": float(byte_bits[has_back & ~aligned].mean()),
             "byte_teacher_elsewhere": float(byte_bits[scored & ~aligned].mean())}
 
 
@@ -279,17 +309,18 @@ def main(argv: list[str] | None = None) -> int:
     for number, direction in enumerate(DIRECTIONS):
         name = teacher_of[direction]
         # 1. The sweep: one unreported seed, scored on the validation set.
+        prefix = RUN_PREFIX[direction]  # the hard-label runs are every method's
         sweep_hard = student(direction, validation, args.sweep_seed, None,
                              f"d{number}_sweep_hard")[1]
         candidates = [student(direction, validation, args.sweep_seed, kd,
-                              f"d{number}_sweep_kd{index}")[1]
+                              f"{prefix}_sweep_kd{index}")[1]
                       for index, kd in enumerate(sweeps)]
         chosen = min(candidates, key=lambda result: result["bits_per_byte"])["kd"]
         # 2. The reported seeds, scored on the test set with the chosen setting.
         hard, distilled, cfg = {}, {}, None
         for seed in seeds:
             hard[seed] = student(direction, test, seed, None, f"d{number}_hard_s{seed}")[1]
-            cfg, distilled[seed] = student(direction, test, seed, chosen, f"d{number}_kd_s{seed}")
+            cfg, distilled[seed] = student(direction, test, seed, chosen, f"{prefix}_kd_s{seed}")
         alignment = alignment_share(cfg, teachers[name].data.tokenizer)
         hard_bpb = [hard[seed]["bits_per_byte"] for seed in seeds]
         kd_bpb = [distilled[seed]["bits_per_byte"] for seed in seeds]
@@ -297,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         gain = hard_stats["mean"] - kd_stats["mean"]
         margin = max(hard_stats["spread"], kd_stats["spread"])
         summary["directions"][direction] = {
-            "teacher": name, "alignment": alignment,
+            "teacher": name, "method": METHODS[direction], "alignment": alignment,
             "sweep": {"seed": args.sweep_seed, "split": "validation",
                       "hard_labels": sweep_hard, "kd": candidates, "chosen": chosen},
             "hard_labels": {"seeds": {str(s): r for s, r in hard.items()}, **hard_stats},

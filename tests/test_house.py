@@ -29,7 +29,7 @@ ALLOWED = {
     "parallel": {"config", "checks"},
     "run_dir": {"config", "checks"},
     "checkpoint": {"config"},
-    "cache": {"config", "checks", "data", "checkpoint"},
+    "cache": {"config", "checks", "data", "align", "checkpoint"},
     "eval": {"config", "checks", "data", "models", "losses"},
     "teacher": {"config", "checks", "data", "align", "models", "losses", "parallel", "cache",
                 "checkpoint", "run_dir"},

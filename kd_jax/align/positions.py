@@ -17,6 +17,10 @@ Whether the two next tokens are also the same text (`same_next`) is a second que
 they are not (the student predicts "1", the teacher "12"), a loss over matched vocabulary
 entries compares different events, and one over sorted probabilities (ULD) does not care.
 
+Where a student position ends inside a teacher token, or at its end, `covering` names that
+teacher token and how many of its bytes the student has read: what a loss needs to take the
+teacher's distribution back to where the token started (`kd_jax.losses.cross_bytes`).
+
 Bytes are what each tokenizer's `token_bytes()` says a token spells, so the two tokenizations
 must spell the row's text to the byte; one leading space that a SentencePiece tokenizer adds
 (its dummy prefix) is allowed for, anything else (a normalizer that lowercases, strips accents,
@@ -94,3 +98,32 @@ def align_ids(student_ids: np.ndarray, student_bytes: Sequence[bytes], teacher_i
     raw = text.encode("utf-8")
     return align(byte_ends(student_ids, student_bytes, raw, "the student's tokenizer"),
                  byte_ends(teacher_ids, teacher_bytes, raw, "the teacher's tokenizer"))
+
+
+@dataclass(frozen=True)
+class Covering:
+    """Per student position: `token` the teacher position of the teacher token that holds the
+    last byte the student has read (int32, -1 where none does: a position that has read
+    nothing, or past the teacher's tokens), and `inside` how many of that token's bytes the
+    student has read (int32, from 1 to its length; 0 where `token` is -1). The student has
+    read the teacher's text up to the token's start, then the token's first `inside` bytes."""
+
+    token: np.ndarray
+    inside: np.ndarray
+
+
+def covering(student_ends: np.ndarray, teacher_ends: np.ndarray, teacher_lengths: np.ndarray
+             ) -> Covering:
+    """The teacher token each student position ends in (`Covering`), from the two byte ends
+    (`byte_ends`) and the bytes each teacher token spells (`teacher_lengths`, which holds the
+    dummy prefix's space where `byte_ends` took it off)."""
+    student_ends = np.asarray(student_ends, dtype=np.int64)
+    teacher_ends = np.asarray(teacher_ends, dtype=np.int64)
+    # The first teacher token ending at or after the student's end; tokens that spell nothing
+    # (a BOS) end where the one before them does, and are never first to reach past it.
+    token = np.searchsorted(teacher_ends, student_ends, side="left")
+    found = (student_ends > 0) & (token < len(teacher_ends))
+    at = np.minimum(token, len(teacher_ends) - 1)
+    start = teacher_ends[at] - np.asarray(teacher_lengths, dtype=np.int64)[at]
+    inside = np.where(found, student_ends - start, 0)
+    return Covering(np.where(found, token, -1).astype(np.int32), inside.astype(np.int32))

@@ -6,7 +6,8 @@ is done once, by `kd-jax prepare` (or the first run that needs it), for every tr
 written into
 
     <data.store>/teacher_rows/<key>/
-        shard-00000.{tokens,positions,segment_ids,index,hashes}.npy   SHARD_ROWS rows each
+        shard-00000.{tokens,positions,segment_ids,index,back,inside,lo,hi,hashes}.npy
+                              SHARD_ROWS rows each
         shard-00000.json      written last: the shard is whole
         manifest.json         written last of all: every shard is whole
 
@@ -34,12 +35,14 @@ from kd_jax.data.packing import Rows
 from kd_jax.data.prepare import write_array, write_json
 from kd_jax.data.tokenizers import Tokenizer
 
-VERSION = "kd_jax.teacher_rows/1"
+VERSION = "kd_jax.teacher_rows/2"
 SHARD_ROWS = 4096
 MANIFEST = "manifest.json"
 # The arrays of a shard, and the batch key each one is read back as.
 ARRAYS = {"tokens": "teacher_tokens", "positions": "teacher_positions",
-          "segment_ids": "teacher_segment_ids", "index": "teacher_index"}
+          "segment_ids": "teacher_segment_ids", "index": "teacher_index",
+          "back": "teacher_back", "inside": "teacher_inside", "lo": "teacher_lo",
+          "hi": "teacher_hi"}
 
 
 def key(data: Rows, student: Tokenizer, teacher: Tokenizer, teacher_seq_len: int) -> str:
@@ -125,14 +128,17 @@ def prepare_teacher_rows(root: str | Path, data: Rows, student: Tokenizer, teach
     directory.mkdir(parents=True, exist_ok=True)
     n_rows = data.n_rows
     n_shards = -(-n_rows // SHARD_ROWS)
+    max_length = max((len(spelled) for spelled in teacher.token_bytes()), default=0)
     types = {"tokens": _dtype(teacher.vocab_size), "positions": _dtype(teacher_seq_len),
-             "segment_ids": _dtype(data.seq_len), "index": _dtype(teacher_seq_len, signed=True)}
+             "segment_ids": _dtype(data.seq_len), "index": _dtype(teacher_seq_len, signed=True),
+             "back": _dtype(teacher_seq_len, signed=True), "inside": _dtype(max_length),
+             "lo": _dtype(teacher.vocab_size), "hi": _dtype(teacher.vocab_size)}
     for shard in range(n_shards):
         rows = np.arange(shard * SHARD_ROWS, min((shard + 1) * SHARD_ROWS, n_rows))
         done = directory / f"shard-{shard:05d}.json"
         if not done.is_file():
             made = teacher_rows(data.take(rows), student, teacher, teacher_seq_len,
-                                data.document_starts(rows))
+                                data.document_starts(rows), backoff=True)
             for name, batch_key in ARRAYS.items():
                 write_array(directory / f"shard-{shard:05d}.{name}.npy",
                             made[batch_key].astype(types[name]))

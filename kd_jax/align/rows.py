@@ -7,7 +7,11 @@ piece's last position predicts), tokenized by the teacher's tokenizer, after the
 document prefix (its BOS) where the piece starts a document. The teacher's pieces fill a row of
 `teacher_seq_len` in the same order. Every student position then has `teacher_index`, the
 position in the teacher's row that has read exactly the text it has (`kd_jax.align.positions`),
-or -1, and `same_next`, whether the two next tokens are the same text.
+or -1, and `same_next`, whether the two next tokens are the same text. With `backoff`, also
+what `kd_jax.losses.cross_bytes` reads: `teacher_back`, the teacher position before the token
+the student position ends in (-1 where there is none in the row), `teacher_inside`, how many of
+that token's bytes the student has read, and `teacher_lo`, `teacher_hi`, the run of the
+teacher's sorted spellings that start with them (`kd_jax.align.vocabulary.SortedSpellings`).
 
 Two cases leave a piece's positions unaligned: a piece that starts inside a character (a
 byte-level student cut a multi-byte character at a row boundary: the teacher can only read from
@@ -24,13 +28,23 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from kd_jax.align.positions import align, byte_ends
+from kd_jax.align.positions import align, byte_ends, covering
+from kd_jax.align.vocabulary import SortedSpellings
 from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer
 
 # The arrays `teacher_rows` returns: the teacher's row, and per student position its alignment.
 TEACHER_KEYS = ("teacher_tokens", "teacher_positions", "teacher_segment_ids")
 ALIGNMENT_KEYS = ("teacher_index", "same_next")
+BACKOFF_KEYS = ("teacher_back", "teacher_inside", "teacher_lo", "teacher_hi")
+_SORTED: dict[str, SortedSpellings] = {}  # by tokenizer fingerprint
+
+
+def sorted_spellings(tokenizer: Tokenizer) -> SortedSpellings:
+    """The tokenizer's spellings sorted, made once a process."""
+    if tokenizer.fingerprint not in _SORTED:
+        _SORTED[tokenizer.fingerprint] = SortedSpellings(tokenizer.token_bytes())
+    return _SORTED[tokenizer.fingerprint]
 
 
 def _whole_characters(raw: bytes) -> tuple[int, int]:
@@ -62,13 +76,14 @@ def _pieces(segment_ids_s: np.ndarray) -> list[tuple[int, int]]:
 
 
 def teacher_rows(batch: dict[str, np.ndarray], student: Tokenizer, teacher: Tokenizer,
-                 teacher_seq_len: int, document_start: np.ndarray) -> dict[str, np.ndarray]:
+                 teacher_seq_len: int, document_start: np.ndarray, backoff: bool = False
+                 ) -> dict[str, np.ndarray]:
     """The teacher's rows and the alignment for a batch of packed student rows (`tokens`,
     `labels`, `segment_ids`: int [rows, seq_len]); `document_start` [rows, seq_len] is True
     where a piece starts a document (then the teacher's piece starts with its document prefix).
     Returns int32 `teacher_tokens`, `teacher_positions`, `teacher_segment_ids` [rows,
     teacher_seq_len] (0 past the pieces) and int32 `teacher_index`, bool `same_next` [rows,
-    seq_len]."""
+    seq_len]; with `backoff`, int32 BACKOFF_KEYS [rows, seq_len] too (the module docstring)."""
     tokens, labels = np.asarray(batch["tokens"]), np.asarray(batch["labels"])
     segment_ids = np.asarray(batch["segment_ids"])
     rows, seq_len = tokens.shape
@@ -90,6 +105,9 @@ def teacher_rows(batch: dict[str, np.ndarray], student: Tokenizer, teacher: Toke
     out = {key: np.zeros((rows, teacher_seq_len), np.int32) for key in TEACHER_KEYS}
     teacher_index = np.full((rows, seq_len), -1, np.int32)
     same_next = np.zeros((rows, seq_len), bool)
+    backed = {key: np.zeros((rows, seq_len), np.int32) for key in BACKOFF_KEYS}
+    backed["teacher_back"][:] = -1
+    spellings = sorted_spellings(teacher) if backoff else None
     filled = np.zeros(rows, np.int64)
     for (row, start, end, raw, skip), text, ids in zip(pieces, texts, encoded):
         piece_ids = np.concatenate([prefix, ids]) if document_start[row, start] else ids
@@ -111,17 +129,34 @@ def teacher_rows(batch: dict[str, np.ndarray], student: Tokenizer, teacher: Toke
         inside = (position >= 0) & (position < len(kept))
         teacher_index[row, start:end] = np.where(inside, at + position, -1)
         same_next[row, start:end] = inside & next_same
-    return {**out, "teacher_index": teacher_index, "same_next": same_next}
+        if backoff:
+            lengths = np.array([len(teacher_bytes[int(t)]) for t in piece_ids], np.int64)
+            cover = covering(student_ends[:-1], teacher_ends, lengths)
+            # A token read from the position before it, both in the row.
+            has = (cover.token >= 1) & (cover.token < len(kept))
+            for offset in np.flatnonzero(has):
+                token = int(piece_ids[cover.token[offset]])
+                read = int(cover.inside[offset])
+                lo, hi = spellings.run(teacher_bytes[token][:read])
+                backed["teacher_lo"][row, start + offset] = lo
+                backed["teacher_hi"][row, start + offset] = hi
+            backed["teacher_back"][row, start:end] = np.where(has, at + cover.token - 1, -1)
+            backed["teacher_inside"][row, start:end] = np.where(has, cover.inside, 0)
+    return {**out, "teacher_index": teacher_index, "same_next": same_next,
+            **(backed if backoff else {})}
 
 
-def teacher_fields(data: Rows, student: Tokenizer, teacher: Tokenizer, teacher_seq_len: int
-                   ) -> Callable[[np.ndarray, dict], dict[str, np.ndarray]]:
+def teacher_fields(data: Rows, student: Tokenizer, teacher: Tokenizer, teacher_seq_len: int,
+                   backoff: bool = False) -> Callable[[np.ndarray, dict], dict[str, np.ndarray]]:
     """A teacher's `host_fields(rows, batch)`: for `batch`, rows `rows` of `data`, the teacher's
-    rows and `teacher_index` (what the step reads; `same_next` stays on the host)."""
+    rows and `teacher_index`, and with `backoff` BACKOFF_KEYS (what the step reads; `same_next`
+    stays on the host)."""
+    keys = (*TEACHER_KEYS, "teacher_index", *(BACKOFF_KEYS if backoff else ()))
 
     def fields(rows: np.ndarray, batch: dict) -> dict[str, np.ndarray]:
-        out = teacher_rows(batch, student, teacher, teacher_seq_len, data.document_starts(rows))
-        return {key: out[key] for key in (*TEACHER_KEYS, "teacher_index")}
+        out = teacher_rows(batch, student, teacher, teacher_seq_len, data.document_starts(rows),
+                           backoff)
+        return {key: out[key] for key in keys}
 
     return fields
 

@@ -25,6 +25,7 @@ side's tokens in its rows, the share whose text the other vocabulary holds as on
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -56,8 +57,9 @@ class VocabularyMap:
                 f"{self.student_vocab:,}")
 
 
-def _longest_prefix(spelled: bytes, ids_by_bytes: Mapping[bytes, int], longest: int) -> int:
-    """The id of the longest key of `ids_by_bytes` that `spelled` starts with, or -1."""
+def longest_prefix(spelled: bytes, ids_by_bytes: Mapping[bytes, int], longest: int) -> int:
+    """The id of the longest key of `ids_by_bytes` that `spelled` starts with (itself first),
+    or -1; `longest` is the length of the longest key, computed once by the caller."""
     for length in range(min(len(spelled), longest), 0, -1):
         token_id = ids_by_bytes.get(spelled[:length])
         if token_id is not None:
@@ -70,7 +72,7 @@ def map_vocabularies(teacher_bytes: Sequence[bytes], student_ids_by_bytes: Mappi
     """The map from the teacher's `token_bytes()` and the student's `ids_by_bytes()` (which
     picks among student ids spelling the same bytes: an ordinary token over a byte piece)."""
     longest = max((len(key) for key in student_ids_by_bytes), default=0)
-    student_id = np.array([_longest_prefix(spelled, student_ids_by_bytes, longest)
+    student_id = np.array([longest_prefix(spelled, student_ids_by_bytes, longest)
                            for spelled in teacher_bytes], dtype=np.int32)
     exact = np.array([bool(spelled) and spelled in student_ids_by_bytes
                       for spelled in teacher_bytes], dtype=bool)
@@ -86,7 +88,7 @@ def buckets(vocabulary: VocabularyMap, teacher_bytes: Sequence[bytes],
     longest = max((len(key) for key in bucket_by_bytes), default=0)
 
     def of(spelled: Sequence[bytes]) -> np.ndarray:
-        return np.array([_longest_prefix(text, bucket_by_bytes, longest) for text in spelled],
+        return np.array([longest_prefix(text, bucket_by_bytes, longest) for text in spelled],
                         dtype=np.int32)
 
     return of(teacher_bytes), of(student_bytes), len(image)
@@ -108,6 +110,28 @@ def matched_buckets(teacher_bucket: np.ndarray, student_bucket: np.ndarray, coun
     np.maximum.at(longest, student_bucket[in_student], student_lengths[in_student])
     has_teacher = np.bincount(teacher_bucket[in_teacher], minlength=count) > 0
     return has_teacher & (longest == own)  # a bucket of no student member keeps own at max
+
+
+class SortedSpellings:
+    """A vocabulary's spellings in sorted order: the tokens that start with some bytes are a
+    run of them (`run`), which `kd_jax.losses.cross_bytes` selects by each token's place in the
+    order (`ByteTables.rank_w`, made by the same sort)."""
+
+    def __init__(self, token_bytes: Sequence[bytes]):
+        self.spellings = sorted(token_bytes)
+        self._runs: dict[bytes, tuple[int, int]] = {}
+
+    def run(self, prefix: bytes) -> tuple[int, int]:
+        """[lo, hi): the places of the spellings that start with `prefix` (non-empty)."""
+        found = self._runs.get(prefix)
+        if found is None:
+            lo = bisect.bisect_left(self.spellings, prefix)
+            # Past every spelling that starts with `prefix`: its last byte below 255 raised.
+            stem = prefix.rstrip(b"\xff")
+            hi = (bisect.bisect_left(self.spellings, stem[:-1] + bytes([stem[-1] + 1]), lo)
+                  if stem else len(self.spellings))
+            found = self._runs[prefix] = (lo, hi)
+        return found
 
 
 def _lengths(token_bytes: Sequence[bytes]) -> np.ndarray:

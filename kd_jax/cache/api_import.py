@@ -1,12 +1,23 @@
 """`kd-jax cache import`: a `topk` teacher cache from API logprobs, to distill from a teacher
-that only exposes an API. Each line is parsed by `kd_jax.cache.api_responses`.
+that only exposes an API. Each line is parsed by `kd_jax.cache.api_responses`, which also says
+how an API whose tokenizer is not the student's is read.
 
-Rows: one response a row, never packed with another. seq = prompt ids + response ids, tokens =
-seq[:-1], labels = seq[1:], positions 0.., segment_ids 1 on the pairs and 0 on padding,
-loss_mask 1 exactly where the label is a response token, zero-padded to seq_len. A sequence
-with more than seq_len pairs loses the start of its prompt; one whose response alone does not
-fit (more than seq_len response labels) is a CacheError naming the line: nothing is silently
-cut from what the teacher said, raise seq_len or drop the line.
+Two ways, decided for the whole file. When every API token (generated or in top_logprobs) is a
+student token and tokenizing each response gives the API's tokens back, the targets are the
+API's, on its own tokens. Otherwise the responses are re-tokenized by the student's tokenizer and
+the targets mapped onto it: a student position gets the entries of the API position that has
+read exactly the same text, each credited to the student token it spells or else the longest one
+it starts with (an API entry longer than any student token there is credited to its prefix), and
+a student position inside an API token gets no target (no entries, tail 0: a divergence of 0)
+while its hard label is trained on. The manifest then says so (`mapped_from_api`, with the share
+of the cached response positions that are aligned), and so does the summary (`aligned_share`).
+
+Rows: one response a row, never packed with another. seq = prompt ids + response ids (the
+student's), tokens = seq[:-1], labels = seq[1:], positions 0.., segment_ids 1 on the pairs and 0
+on padding, loss_mask 1 exactly where the label is a response token, zero-padded to seq_len. A
+sequence with more than seq_len pairs loses the start of its prompt; one whose response alone
+does not fit (more than seq_len response labels) is a CacheError naming the line: nothing is
+silently cut from what the teacher said, raise seq_len or drop the line.
 
 Targets: k is the most entries any position of the file has; shorter positions are padded with
 id 0, log-probability -inf (probability 0: the cache stores -inf exactly, as float16 and as
@@ -41,7 +52,7 @@ from typing import Any
 import numpy as np
 
 from kd_jax.cache import shards
-from kd_jax.cache.api_responses import fit, parse, read_lines
+from kd_jax.cache.api_responses import StudentVocabulary, fit, parse, read_lines
 from kd_jax.cache.fingerprints import packing_fingerprint
 from kd_jax.cache.manifest import (
     VALUE_DTYPES,
@@ -126,19 +137,19 @@ def _check_empty(cache_dir: Path) -> None:
 def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: int,
             heldout_fraction: float, seed: int, value_dtype: str,
             rows_per_shard: int) -> dict[str, Any]:
-    ids_by_bytes = tokenizer.ids_by_bytes()
+    vocabulary = StudentVocabulary.of(tokenizer)
 
     # Pass 1: parse and check every line, build its row, and spill its targets to scratch files
     # (they are k times the rows, so they are not held in memory); k is known only at the end.
     scratch_ids = open(staging / "entries.ids.tmp", "wb")
     scratch_logprobs = open(staging / "entries.logprobs.tmp", "wb")
     digest = hashlib.sha256()
-    line_numbers, sequences, first_pairs, counts, tails = [], [], [], [], []
-    k, duplicates_merged, prompts_cut = 1, 0, 0
+    line_numbers, sequences, first_pairs, counts, tails, aligned = [], [], [], [], [], []
+    k, duplicates_merged, prompts_cut, own_tokens = 1, 0, 0, True
     with scratch_ids, scratch_logprobs:
         for number, text in read_lines(jsonl_path, digest):
             where = f"{jsonl_path} line {number}"
-            response = parse(text, where, tokenizer, ids_by_bytes)
+            response = parse(text, where, vocabulary)
             sequence, first_pair = fit(response, seq_len, where)
             prompts_cut += len(sequence) < len(response.prompt_ids) + len(response.response_ids)
             # With no prompt, response token 0 is an input only: its targets are not stored.
@@ -155,6 +166,8 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
             first_pairs.append(max(first_pair, 0))
             counts.append(line_counts)
             tails.append(response.tails[labelled])
+            aligned.append(int(response.aligned[labelled].sum()))
+            own_tokens &= response.own_tokens
     if not sequences:
         raise CacheError(f"{jsonl_path} holds no responses")
 
@@ -162,6 +175,13 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
     is_heldout = np.zeros(len(sequences), dtype=bool)
     is_heldout[heldout] = True
     train = np.flatnonzero(~is_heldout)
+    # How many of the cached positions have a target: all of them where the tokens are the
+    # student's own.
+    train_positions = sum(len(counts[index]) for index in train)
+    train_aligned = sum(aligned[index] for index in train)
+    mapped = None if own_tokens else {
+        "aligned_positions": train_aligned, "response_positions": train_positions,
+        "aligned_share": round(train_aligned / max(train_positions, 1), 4)}
     rows = {"train": _empty_rows(len(train), seq_len),
             "heldout": _empty_rows(len(heldout), seq_len)}
     for split, indices in (("train", train), ("heldout", heldout)):
@@ -183,7 +203,8 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
         "topk", {"k": k, "temperature": 1.0}, vocab_size=tokenizer.vocab_size, seq_len=seq_len,
         n_rows=len(train), rows_per_shard=rows_per_shard, value_dtype=value_dtype,
         fingerprints={"teacher": f"api:{jsonl_hash}", "tokenizer": tokenizer.fingerprint,
-                      "data": jsonl_hash, "packing": packing})
+                      "data": jsonl_hash, "packing": packing},
+        mapped_from_api=mapped)
     manifest = create_manifest(staging, manifest)
 
     # Pass 2: the train rows' targets, shard by shard, gathered from the scratch files.
@@ -192,7 +213,10 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
     position_starts = np.concatenate([[0], np.cumsum([len(c) for c in counts], dtype=np.int64)])
     tails_flat = np.concatenate(tails)
     n_entries = int(entry_starts[-1])
-    # Every labelled position has at least one entry (see api_responses.parse): n_entries > 0.
+    if n_entries == 0:
+        raise CacheError(f"no response position of {jsonl_path} has a target (none is aligned "
+                         "with an API token whose entries map to student tokens): there is "
+                         "nothing to distill")
     all_ids = np.memmap(staging / "entries.ids.tmp", dtype="<i4", mode="r", shape=(n_entries,))
     all_logprobs = np.memmap(staging / "entries.logprobs.tmp", dtype="<f8", mode="r",
                              shape=(n_entries,))
@@ -229,6 +253,8 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
             "train_rows": len(train), "heldout_rows": len(heldout),
             "train_labels": n_labels["train"], "heldout_labels": n_labels["heldout"],
             "prompts_cut": int(prompts_cut), "duplicates_merged": duplicates_merged,
+            "mapped_from_api": not own_tokens,
+            "aligned_share": 1.0 if own_tokens else mapped["aligned_share"],
             "shards": n_shards(manifest), "fingerprints": manifest["fingerprints"]}
 
 

@@ -10,17 +10,36 @@ generated token: `token`, `logprob`, `bytes` (null for some APIs: then the UTF-8
 `top_logprobs`, up to 20 entries of the same shape: the teacher's distribution at that position.
 
 `prompt` is the text exactly as the model saw it, chat template and all, applied by the user:
-it is tokenized as plain text with `tokenizer.encode`, with nothing added. The response is not
-re-tokenized: its ids come from the bytes of the API's tokens (`Tokenizer.ids_by_bytes`), so the
-student is trained on the teacher's own segmentation, which must therefore be one its tokenizer
-can spell token by token.
+it is tokenized as plain text with `tokenizer.encode`, with nothing added. The response is the
+text its tokens' bytes spell, tokenized the same way, apart from the prompt, so that the
+response's student tokens start where the prompt's end. The API's tokens need not be the
+student's (a GPT-style API teacher for a SmolLM student): the two tokenizations of the response
+are matched by the text each position has read (`kd_jax.align.positions`). The position that
+predicts student token j has read the prompt and the response up to j's first byte; it is
+aligned when an API position has read exactly that text, i.e. when some API token starts where
+student token j starts (the response's first token always does). A student position inside an
+API token (the API merged " 2024", the student reads " 2", "0", "2", "4") is unaligned.
 
-Targets of response token j: the top_logprobs of content[j], deduplicated (two entries that map
-to one id are merged by logsumexp), most probable first. A position whose top_logprobs is empty
-or missing uses the generated token and its logprob as its one entry. tail = log(1 - sum p) in
+Targets of student response token j, aligned with API token m: the top_logprobs of content[m]
+(the generated token and its logprob when top_logprobs is empty or missing), each mapped to the
+student token that spells its bytes, else to the longest student token its bytes start with
+(`kd_jax.align.vocabulary.longest_prefix`, the `mapped` rule: the API's " 2024" is credited to
+the student's " 2", the token its text would start with); entries mapped to one id are merged
+by logsumexp, most probable first. An entry no student token starts (one that spells nothing)
+is dropped: its mass stays outside the stored entries, in the tail. tail = log(1 - sum p) in
 float64, floored at log(`FULL_MASS_SLACK`): an API model's softmax never leaves exactly nothing
 outside its top entries, and a sum that reaches 1 is the rounding of its logprobs (an empty tail
-would make a reverse KL infinite wherever the student has mass there).
+would make a reverse KL infinite wherever the student has mass there). An unaligned position has
+no target: no entries and tail 0 (all the mass outside them), which a top-k loss compares as one
+bucket with one bucket, a divergence of 0 (`kd_jax.losses.soft_targets.topk_divergence_bt`);
+its hard label is still trained on.
+
+When the API's tokens are the student's own (every generated token and entry spells one student
+token, and tokenizing the response gives those tokens back: `Response.own_tokens`), every
+position is aligned with its own API token and every entry maps to its own id: the targets are
+the API's, unchanged. The response's bytes must be UTF-8 text that the student's tokens spell
+back to the byte (one SentencePiece dummy-prefix space aside); a tokenizer whose normalizer
+changes the text is refused.
 
 Errors name the line (1-based, as an editor counts) and the response token (0-based: its index in
 the content list), and whether the generated token or a top_logprobs entry is at fault.
@@ -38,27 +57,67 @@ from typing import Any
 
 import numpy as np
 
+from kd_jax.align.positions import align, byte_ends
+from kd_jax.align.vocabulary import longest_prefix
 from kd_jax.cache.manifest import CacheError
+from kd_jax.config import ConfigError
 from kd_jax.data.tokenizers import Tokenizer
 
 # A tail mass below this is the rounding of the API's logprobs: the tail is taken as this much.
 # It is below what a float16 log-probability near 0 resolves (its spacing at -0.01 is 7.6e-6).
 FULL_MASS_SLACK = 1e-6
 
+# The tail of a position with no target: all of its (absent) teacher's mass outside the entries.
+NO_TARGET_TAIL = 0.0
+
 # A log-probability up to this much above 0 is rounding (stored as 0); more is a broken line.
 _POSITIVE_SLACK = 1e-3
 
 
+@dataclasses.dataclass(frozen=True)
+class StudentVocabulary:
+    """The student's tokenizer and what its ids spell, read once a file (an HF tokenizer's
+    `token_bytes` is a pass over its vocabulary)."""
+
+    tokenizer: Tokenizer
+    token_bytes: list[bytes]
+    ids_by_bytes: dict[bytes, int]
+    longest: int  # the bytes of the longest token: where a prefix search starts
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> StudentVocabulary:
+        ids_by_bytes = tokenizer.ids_by_bytes()
+        return cls(tokenizer, tokenizer.token_bytes(), ids_by_bytes,
+                   max((len(spelled) for spelled in ids_by_bytes), default=0))
+
+    def student_id(self, spelled: bytes) -> int:
+        """The student token that spells `spelled`, else the longest one it starts with; -1
+        where none does."""
+        return longest_prefix(spelled, self.ids_by_bytes, self.longest)
+
+
 @dataclasses.dataclass
 class Response:
-    """One line, mapped to ids; targets [j] are the teacher's entries for response token j."""
+    """One line in the student's tokens; targets [j] are the teacher's entries for response
+    token j, none where that token's position is not aligned with an API position."""
 
     prompt_ids: np.ndarray  # int32 [P]
     response_ids: np.ndarray  # int32 [R]
     entry_ids: list[np.ndarray]  # R arrays of int32 [c_j], most probable first, unique
     entry_logprobs: list[np.ndarray]  # R arrays of float64 [c_j]
     tails: np.ndarray  # float64 [R]
+    aligned: np.ndarray  # bool [R]: the position predicting token j is aligned
     duplicates_merged: int
+    own_tokens: bool  # the API's tokens are the student's own (the module docstring)
+
+
+@dataclasses.dataclass
+class _ApiToken:
+    """One content entry: the generated token's bytes and logprob, and its top_logprobs."""
+
+    spelled: bytes
+    logprob: float
+    top: list[tuple[bytes, float]]
 
 
 def read_lines(path: Path, digest: Any) -> Iterator[tuple[int, str]]:
@@ -119,37 +178,76 @@ def _entry(entry: Any, where: str) -> tuple[bytes, float]:
     return spelled, min(float(logprob), 0.0)
 
 
-def parse(text: str, where: str, tokenizer: Tokenizer,
-          ids_by_bytes: dict[bytes, int]) -> Response:
+def _api_token(item: Any, where: str) -> _ApiToken:
+    spelled, logprob = _entry(item, where)
+    top = item.get("top_logprobs") or []
+    if not isinstance(top, list):
+        raise CacheError(f"{where}: \"top_logprobs\" is not a list")
+    return _ApiToken(spelled, logprob,
+                     [_entry(entry, f"{where}, top_logprobs entry") for entry in top])
+
+
+def _read_from(ends: np.ndarray) -> np.ndarray:
+    """Where each token starts, from where each ends: what the position predicting it has read
+    of the response."""
+    starts = np.zeros(len(ends), dtype=np.int64)
+    starts[1:] = ends[:-1]
+    return starts
+
+
+def _student_tokens(spelled: bytes, where: str, vocabulary: StudentVocabulary
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """(the student's ids of the response the API's tokens spell, where each starts), or
+    CacheError where that is not text the student's tokenizer spells back."""
+    try:
+        text = spelled.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CacheError(f"{where}: the response's tokens do not spell UTF-8 text ({err.reason} "
+                         f"at byte {err.start}), which the student's tokenizer cannot "
+                         "tokenize") from None
+    ids = np.asarray(vocabulary.tokenizer.encode(text), dtype=np.int32)
+    try:
+        ends = byte_ends(ids, vocabulary.token_bytes, spelled, "the student's tokenizer")
+    except ConfigError as err:
+        raise CacheError(f"{where}: {err}") from None
+    return ids, _read_from(ends)
+
+
+def parse(text: str, where: str, vocabulary: StudentVocabulary) -> Response:
     try:
         record = json.loads(text)
     except ValueError as err:
         raise CacheError(f"{where} is not JSON ({err})") from None
     prompt, content = _content(record, where)
-    response_ids = np.empty(len(content), dtype=np.int32)
+    tokens = [_api_token(item, f"{where}, response token {j}") for j, item in enumerate(content)]
+    response_ids, student_starts = _student_tokens(
+        b"".join(token.spelled for token in tokens), where, vocabulary)
+    api_starts = _read_from(np.cumsum([len(token.spelled) for token in tokens], dtype=np.int64))
+    api_position = align(student_starts, api_starts).teacher_position
+    ids_by_bytes = vocabulary.ids_by_bytes
+    own_tokens = (all(token.spelled in ids_by_bytes
+                      and all(spelled in ids_by_bytes for spelled, _ in token.top)
+                      for token in tokens)
+                  and np.array_equal(response_ids,
+                                     [ids_by_bytes[token.spelled] for token in tokens]))
+
     entry_ids, entry_logprobs = [], []
-    tails = np.empty(len(content), dtype=np.float64)
+    tails = np.full(len(response_ids), NO_TARGET_TAIL, dtype=np.float64)
     merged = 0
-    for j, item in enumerate(content):
-        here = f"{where}, response token {j}"
-        spelled, logprob = _entry(item, here)
-        if spelled not in ids_by_bytes:
-            raise CacheError(f"{here}: generated token {spelled!r} is not a token of "
-                             f"{tokenizer.description}")
-        response_ids[j] = ids_by_bytes[spelled]
-        top = item.get("top_logprobs") or []
-        if not isinstance(top, list):
-            raise CacheError(f"{here}: \"top_logprobs\" is not a list")
-        # The teacher's mass per id, merged by logsumexp when two entries map to one id.
+    for j, api_index in enumerate(api_position):
+        if api_index < 0:  # inside an API token: no target
+            entry_ids.append(np.zeros(0, dtype=np.int32))
+            entry_logprobs.append(np.zeros(0, dtype=np.float64))
+            continue
+        token = tokens[api_index]
+        # No distribution given: the generated token's own probability is known.
+        entries = token.top or [(token.spelled, token.logprob)]
+        # The teacher's mass per student id, merged by logsumexp when entries map to one id.
         by_id: dict[int, list[float]] = {}
-        for entry in top:
-            entry_bytes, entry_logprob = _entry(entry, f"{here}, top_logprobs entry")
-            if entry_bytes not in ids_by_bytes:
-                raise CacheError(f"{here}: top_logprobs entry {entry_bytes!r} is not a token "
-                                 f"of {tokenizer.description}")
-            by_id.setdefault(ids_by_bytes[entry_bytes], []).append(entry_logprob)
-        if not top:  # no distribution given: the generated token's own probability is known
-            by_id = {int(response_ids[j]): [logprob]}
+        for spelled, logprob in entries:
+            student_id = vocabulary.student_id(spelled)
+            if student_id >= 0:  # else its mass stays in the tail
+                by_id.setdefault(student_id, []).append(logprob)
         merged += sum(len(values) - 1 for values in by_id.values())
         ids = np.fromiter(by_id, dtype=np.int32, count=len(by_id))
         logprobs = np.array([np.logaddexp.reduce(np.array(values, dtype=np.float64))
@@ -160,9 +258,10 @@ def parse(text: str, where: str, tokenizer: Tokenizer,
         entry_logprobs.append(logprobs[order])
         rest = 1.0 - float(np.sum(np.exp(logprobs)))
         tails[j] = math.log(max(rest, FULL_MASS_SLACK))
-    prompt_ids = np.asarray(tokenizer.encode(prompt), dtype=np.int32)
+    prompt_ids = np.asarray(vocabulary.tokenizer.encode(prompt), dtype=np.int32)
     return Response(prompt_ids=prompt_ids, response_ids=response_ids, entry_ids=entry_ids,
-                    entry_logprobs=entry_logprobs, tails=tails, duplicates_merged=merged)
+                    entry_logprobs=entry_logprobs, tails=tails, aligned=api_position >= 0,
+                    duplicates_merged=merged, own_tokens=bool(own_tokens))
 
 
 def fit(response: Response, seq_len: int, where: str) -> tuple[np.ndarray, int]:

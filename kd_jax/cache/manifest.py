@@ -19,6 +19,11 @@ manifest has two keys more: the fingerprint `teacher_tokenizer`, and `cross_toke
 teacher's tokenizer is read from (`teacher_tokenizer.json` in the cache, or "byte") and how long
 its rows were (`teacher_seq_len`, which decides what aligns). Its `vocab_size` is the teacher
 tokenizer's: the vocabulary of the cached ids and log-probabilities.
+
+A cache that `kd-jax cache import` mapped from an API whose tokens are not the student's
+(`kd_jax.cache.api_responses`) is in the student's vocabulary, and its manifest has one key more,
+`mapped_from_api`: how many of its response positions are aligned with an API position (and so
+have a target), of how many, and the share.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ CROSS_TOKENIZER = "cross_tokenizer"
 TEACHER_TOKENIZER = "teacher_tokenizer"  # the fingerprint's part
 TEACHER_TOKENIZER_FILE = "teacher_tokenizer.json"
 CROSS_KEYS = {"teacher_tokenizer": str, "teacher_seq_len": int}
+# A cache imported from an API whose tokens are not the student's (the module docstring); absent
+# from any other manifest, as `cross_tokenizer` is.
+MAPPED_FROM_API = "mapped_from_api"
+MAPPED_KEYS = {"aligned_positions": int, "response_positions": int, "aligned_share": float}
+# The keys a manifest may have besides MANIFEST_KEYS.
+OPTIONAL_KEYS = (CROSS_TOKENIZER, MAPPED_FROM_API)
 
 
 MANIFEST_NAME = "manifest.json"
@@ -69,10 +80,11 @@ class CacheError(ConfigError):
 
 def make_manifest(mode: str, params: dict[str, Any], *, vocab_size: int, seq_len: int,
                   n_rows: int, rows_per_shard: int, fingerprints: dict[str, str],
-                  value_dtype: str = "float16", cross_tokenizer: dict[str, Any] | None = None
-                  ) -> dict[str, Any]:
+                  value_dtype: str = "float16", cross_tokenizer: dict[str, Any] | None = None,
+                  mapped_from_api: dict[str, Any] | None = None) -> dict[str, Any]:
     """A validated manifest; `fingerprints` has the parts teacher, tokenizer, data, packing (and
-    teacher_tokenizer with `cross_tokenizer`, for a teacher of another tokenizer)."""
+    teacher_tokenizer with `cross_tokenizer`, for a teacher of another tokenizer);
+    `mapped_from_api` for an import mapped from an API's tokens."""
     manifest = {
         "format_version": FORMAT_VERSION, "mode": mode, "params": dict(params),
         "vocab_size": vocab_size, "seq_len": seq_len,
@@ -81,6 +93,8 @@ def make_manifest(mode: str, params: dict[str, Any], *, vocab_size: int, seq_len
         "fingerprints": dict(fingerprints)}
     if cross_tokenizer is not None:
         manifest[CROSS_TOKENIZER] = dict(cross_tokenizer)
+    if mapped_from_api is not None:
+        manifest[MAPPED_FROM_API] = dict(mapped_from_api)
     return validate_manifest(manifest)
 
 
@@ -93,7 +107,7 @@ def validate_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """A normalized copy (ints as int, floats as float), or CacheError naming the bad key."""
     if not isinstance(manifest, dict):
         raise CacheError(f"a cache manifest must be a mapping, got {type(manifest).__name__}")
-    _check_keys(manifest, (*MANIFEST_KEYS, CROSS_TOKENIZER), "manifest", required=MANIFEST_KEYS)
+    _check_keys(manifest, (*MANIFEST_KEYS, *OPTIONAL_KEYS), "manifest", required=MANIFEST_KEYS)
     out = {
         "format_version": _typed(manifest["format_version"], int, "format_version"),
         "mode": manifest["mode"],
@@ -138,11 +152,12 @@ def validate_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(value, str):
             raise CacheError(f"fingerprints.{part} must be a string, got {value!r}")
     out["fingerprints"] = {part: fingerprints[part] for part in FINGERPRINT_PARTS}
-    if CROSS_TOKENIZER not in manifest and TEACHER_TOKENIZER not in fingerprints:
-        return {key: out[key] for key in MANIFEST_KEYS}
-    out["fingerprints"][TEACHER_TOKENIZER] = _cross_fingerprint(fingerprints)
-    out[CROSS_TOKENIZER] = _cross_tokenizer(manifest.get(CROSS_TOKENIZER), out["mode"])
-    return {key: out[key] for key in (*MANIFEST_KEYS, CROSS_TOKENIZER)}
+    if MAPPED_FROM_API in manifest:
+        out[MAPPED_FROM_API] = _mapped_from_api(manifest[MAPPED_FROM_API])
+    if CROSS_TOKENIZER in manifest or TEACHER_TOKENIZER in fingerprints:
+        out["fingerprints"][TEACHER_TOKENIZER] = _cross_fingerprint(fingerprints)
+        out[CROSS_TOKENIZER] = _cross_tokenizer(manifest.get(CROSS_TOKENIZER), out["mode"])
+    return {key: out[key] for key in (*MANIFEST_KEYS, *OPTIONAL_KEYS) if key in out}
 
 
 def _cross_fingerprint(fingerprints: dict[str, Any]) -> str:
@@ -169,6 +184,21 @@ def _cross_tokenizer(cross: Any, mode: str) -> dict[str, Any]:
                          f"{out['teacher_seq_len']}")
     if mode == "sample":  # kd_jax.train.precompute refuses to write one
         raise CacheError("a sample cache cannot hold a teacher of another tokenizer")
+    return out
+
+
+def _mapped_from_api(mapped: Any) -> dict[str, Any]:
+    """A manifest's `mapped_from_api`, checked: aligned positions of response positions."""
+    if not isinstance(mapped, dict):
+        raise CacheError(f"manifest {MAPPED_FROM_API} must be a mapping, got {mapped!r}")
+    _check_keys(mapped, MAPPED_KEYS, MAPPED_FROM_API, required=MAPPED_KEYS)
+    out = {key: _typed(mapped[key], kind, f"{MAPPED_FROM_API}.{key}")
+           for key, kind in MAPPED_KEYS.items()}
+    if not 0 <= out["aligned_positions"] <= out["response_positions"] \
+            or not 0.0 <= out["aligned_share"] <= 1.0:
+        raise CacheError(f"manifest {MAPPED_FROM_API}: {out['aligned_positions']} aligned of "
+                         f"{out['response_positions']} positions, share "
+                         f"{out['aligned_share']}, is not a share")
     return out
 
 
@@ -239,7 +269,8 @@ def create_manifest(cache_dir: str | Path, manifest: dict[str, Any]) -> dict[str
         stored = read_manifest(cache_dir)
         # The fingerprints explain a difference best; id_bits only follows vocab_size.
         order = ["fingerprints", CROSS_TOKENIZER, "mode", "params", "vocab_size", "seq_len",
-                 "n_rows", "rows_per_shard", "value_dtype", "format_version", "id_bits"]
+                 "n_rows", "rows_per_shard", "value_dtype", MAPPED_FROM_API, "format_version",
+                 "id_bits"]
         keys = sorted(set(_flatten(stored)) | set(_flatten(manifest)),
                       key=lambda key: (order.index(key.split(".")[0]), key))
         error = _mismatch(cache_dir, stored, manifest, keys)

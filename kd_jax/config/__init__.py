@@ -31,7 +31,7 @@ RopeScaling = Literal["none", "linear", "llama3"]
 # cache: the rows of `kd-jax cache import`
 DataSource = Literal["stdlib", "text", "json", "parquet", "csv", "hub", "cache"]
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse"]
-CrossVocab = Literal["mapped", "uld", "hybrid"]  # loss.cross_vocab (kd_jax.losses.cross_vocab)
+CrossVocab = Literal["mapped", "uld", "hybrid", "bytes"]  # loss.cross_vocab (kd_jax.losses.cross_vocab)
 HiddenKind = Literal["mse", "cosine"]  # loss.hidden_kind (kd_jax.losses.whitebox)
 Schedule = Literal["cosine", "constant"]
 CacheMode = Literal["topk", "sample", "full"]
@@ -189,7 +189,9 @@ class LossConfig:
     # A teacher with another tokenizer (kd_jax.align, kd_jax.losses.cross_vocab): mapped, the
     # divergence over buckets of tokens that start with the same text; uld, the distance between
     # the sorted probabilities (no map); hybrid, the divergence over the tokens both vocabularies
-    # spell alike (and one bucket for the rest) plus uld between the rest's probabilities.
+    # spell alike (and one bucket for the rest) plus uld between the rest's probabilities;
+    # bytes, the divergence between the next byte's distributions, the teacher's taken back to
+    # where its token started (kd_jax.losses.cross_bytes: for students of bytes or characters).
     cross_vocab: CrossVocab = "mapped"
     # White-box terms (kd_jax.losses.whitebox; weight 0: off) between [student, teacher] layers
     hidden_weight: float = 0.0  # projected layer outputs against the teacher's (TinyBERT)

@@ -254,6 +254,11 @@ class CrossVocab:
     method: str = struct.field(pytree_node=False, default="mapped")
     teacher_valid: int | None = struct.field(pytree_node=False, default=None)
 
+    @property
+    def width(self) -> int:
+        """The widest [tokens, width] arrays per position, for the chunk's size."""
+        return self.head.shape[0]
+
     def refusal(self, divergence: str) -> str | None:
         if divergence == "mse" and self.method != "uld":
             return ("divergence 'mse' compares logits column by column and is not defined "

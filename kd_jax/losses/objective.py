@@ -50,7 +50,9 @@ def objective(student, soft_targets: SoftTargets | None, labels_bt, loss_mask_bt
     if soft_targets is not None:
         soft_targets = soft_targets.where(mask_bt)
     on_logits = functools.partial(objective_on_logits, inputs_masked=True)
-    positions = chunk_positions(config.chunk_tokens, b, t, student.head_vd.shape[0])
+    # A teacher of another vocabulary may hold wider [tokens, width] arrays than the student's.
+    width = max(student.head_vd.shape[0], getattr(soft_targets, "width", 0))
+    positions = chunk_positions(config.chunk_tokens, b, t, width)
     if positions:
         return chunked_objective(on_logits, hidden_btd, student.head_vd, soft_targets, labels_bt,
                                  loss_mask_bt, positions=positions, config=config,

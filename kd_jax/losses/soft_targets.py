@@ -181,6 +181,12 @@ class Weighted:
     members: tuple
     weights: tuple[float, ...] = struct.field(pytree_node=False)
 
+    @property
+    def width(self) -> int:
+        """The widest [tokens, width] arrays a member holds per position (a teacher of another
+        vocabulary's), 0 if none says: for the chunk's size."""
+        return max((getattr(member, "width", 0) for member in self.members), default=0)
+
     def refusal(self, divergence: str) -> str | None:
         for i, member in enumerate(self.members):
             reason = member.refusal(divergence)
@@ -241,6 +247,11 @@ def topk_divergence_bt(kind: str, student_logits_btv, ids_btk, logprobs_btk, tai
     full one, with equality when k covers the valid vocabulary (empty tail). The gap is top-k's
     bias; `benchmarks/sparse_bias.py` measures it.
 
+    A position with no entry (every slot -inf) and a finite tail has no target: both sides are
+    one bucket, "everything", so every divergence is 0; it is returned as exactly 0, without the
+    rounding of the student's total mass (`kd-jax cache import` stores one, tail 0, where the
+    student's position falls inside an API token: `kd_jax.cache.api_responses`).
+
     The targets must have been built at this `temperature` (their normalizer needed the whole
     vocabulary, so it cannot be changed afterwards), and their ids must be < valid_vocab.
     """
@@ -268,7 +279,10 @@ def topk_divergence_bt(kind: str, student_logits_btv, ids_btk, logprobs_btk, tai
     teacher_btc = jnp.concatenate([logprobs_btk, tail_bt[..., None]], axis=-1)
     log_p_btc = jax.nn.log_softmax(teacher_btc.astype(jnp.float32), axis=-1)
     scale = temperature * temperature  # Hinton et al. 2015, as in divergence_bt
-    return scale * distribution_divergence_bt(kind, log_p_btc, log_q_btc, beta, skew)
+    value_bt = scale * distribution_divergence_bt(kind, log_p_btc, log_q_btc, beta, skew)
+    # where, after finite arithmetic (the tail is finite): no gradient reaches a position
+    # without a target.
+    return jnp.where(jnp.any(present_btk, axis=-1), value_bt, 0.0)
 
 
 def sampled_kl_bt(student_logits_btv, ids_btn, counts_btn, entropy_bt, *, temperature,

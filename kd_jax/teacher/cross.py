@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kd_jax.align.prepared import is_prepared, prepare_teacher_rows
-from kd_jax.align.rows import teacher_fields, teacher_seq_len_for
+from kd_jax.align.rows import BACKOFF_KEYS, teacher_fields, teacher_seq_len_for
 from kd_jax.align.vocabulary import (
     VocabularyMap,
     map_vocabularies,
@@ -42,6 +42,7 @@ from kd_jax.data.chat import ChatTemplate, load_chat_template
 from kd_jax.data.packing import Rows
 from kd_jax.data.tokenizers import Tokenizer
 from kd_jax.losses.chunked import CHUNK_BYTES
+from kd_jax.losses.cross_bytes import MAX_INSIDE, ByteTables, CrossBytes
 from kd_jax.losses.cross_vocab import Buckets, CrossVocab
 from kd_jax.losses.divergences import student_log_probs_btv
 from kd_jax.losses.soft_targets import vocabulary_logits
@@ -75,19 +76,34 @@ class CrossTokenizerTeacher:
     # (rows, their batch) -> the teacher's rows and `teacher_index` (`align.rows.teacher_fields`)
     feed: Callable[[np.ndarray, dict], dict] | None = None
     note: str = ""  # the start-up line: the two tokenizers and how the vocabularies map
+    byte_tables: ByteTables | None = None  # what method "bytes" reads of the vocabularies
 
-    def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> CrossVocab:
+    def soft_targets(self, params: Any, batch: dict[str, jax.Array]) -> CrossVocab | CrossBytes:
         rows = {ours: batch[theirs] for theirs, ours in TEACHER_ROW_KEYS.items()}
         outputs = self.model.apply(params, rows,
                                    activation_sharding=activation_sharding(self.logits_sharding))
         outputs = jax.lax.stop_gradient(outputs)  # the teacher is frozen
+
+        def at(index_bt, aligned_bt):
+            # -1 reads position 0, then is cleared: an unaligned position's targets are uniform.
+            hidden_btd = jnp.take_along_axis(outputs.hidden_btd,
+                                             jnp.maximum(index_bt, 0)[..., None], axis=1)
+            return jnp.where(aligned_bt[..., None], hidden_btd, 0)
+
         index_bt = batch["teacher_index"]
-        aligned_bt = index_bt >= 0
-        # -1 reads position 0, then is cleared: an unaligned position's targets are uniform.
-        hidden_btd = jnp.take_along_axis(outputs.hidden_btd, jnp.maximum(index_bt, 0)[..., None],
-                                         axis=1)
-        hidden_btd = jnp.where(aligned_bt[..., None], hidden_btd, 0)
-        return CrossVocab(hidden_btd, outputs.head_vd, aligned_bt, self.buckets, self.method,
+        if self.method != "bytes":
+            aligned_bt = index_bt >= 0
+            return CrossVocab(at(index_bt, aligned_bt), outputs.head_vd, aligned_bt,
+                              self.buckets, self.method, self.teacher_valid)
+        back_bt, inside_bt = batch["teacher_back"], batch["teacher_inside"]
+        # Backed off, or read whole at the start of the teacher's piece (`inside` 0 there).
+        aligned_bt = ((back_bt >= 0) | (index_bt >= 0)) & (inside_bt <= MAX_INSIDE)
+        token_bt = jnp.take_along_axis(rows["tokens"], jnp.maximum(back_bt + 1, 0), axis=1)
+        # Where the student has read the covering token whole, the position after it is the
+        # aligned one (`teacher_index`); elsewhere `here` is not read.
+        return CrossBytes(at(back_bt, aligned_bt), at(index_bt, aligned_bt & (index_bt >= 0)),
+                          jnp.where(aligned_bt, token_bt, 0), inside_bt, batch["teacher_lo"],
+                          batch["teacher_hi"], aligned_bt, outputs.head_vd, self.byte_tables,
                           self.teacher_valid)
 
     def host_fields(self, rows: np.ndarray, batch: dict | None = None) -> dict[str, Any]:
@@ -213,8 +229,9 @@ def teacher_feed(cfg: Config, student: Tokenizer, teacher: Tokenizer, train: Row
     if teacher_seq_len > max_seq_len:
         raise ConfigError(f"data.teacher_seq_len ({teacher_seq_len}) exceeds the teacher's "
                           f"max_seq_len ({max_seq_len})")
+    backoff = cfg.loss.cross_vocab == "bytes"
     if not cfg.data.store:
-        feed = teacher_fields(train, student, teacher, teacher_seq_len)
+        feed = teacher_fields(train, student, teacher, teacher_seq_len, backoff)
         feed(probe, train.take(probe))  # tried whatever the length
         return teacher_seq_len, feed
     root = Path(cfg.data.store) / "teacher_rows"
@@ -228,7 +245,14 @@ def teacher_feed(cfg: Config, student: Tokenizer, teacher: Tokenizer, train: Row
               disable=not cfg.train.progress) as bar:
         prepared = prepare_teacher_rows(root, train, student, teacher, teacher_seq_len,
                                         bar.update)
-    return teacher_seq_len, prepared.fields
+    if backoff:
+        return teacher_seq_len, prepared.fields
+
+    def fields(rows: np.ndarray, batch: dict | None = None) -> dict[str, np.ndarray]:
+        out = prepared.fields(rows, batch)
+        return {key: value for key, value in out.items() if key not in BACKOFF_KEYS}
+
+    return teacher_seq_len, fields
 
 
 def cross_tokenizer_teacher(cfg: Config, student: Tokenizer, train: Rows, loaded: LoadedTeacher,
@@ -258,12 +282,16 @@ def cross_tokenizer_teacher(cfg: Config, student: Tokenizer, train: Rows, loaded
 
     shares = check_overlap(cfg, student, teacher, vocabulary, probe_batch, fields)
 
+    byte_tables = (ByteTables.of(teacher_bytes, student_bytes, loaded.config.vocab_size,
+                                 cfg.model.vocab_size)
+                   if cfg.loss.cross_vocab == "bytes" else None)
     return CrossTokenizerTeacher(
         loaded.model, buckets, cfg.loss.cross_vocab, teacher.vocab_size, logits_sharding, feed,
         f"teacher tokenizer {teacher.description}, not the student's: rows of "
         f"{teacher_seq_len} teacher tokens, loss.cross_vocab {cfg.loss.cross_vocab}; "
         f"{vocabulary.describe()}; {shares}; "
-        + _mass_line(loaded, cfg.loss.temperature, vocabulary, buckets, fields, probe_batch))
+        + _mass_line(loaded, cfg.loss.temperature, vocabulary, buckets, fields, probe_batch),
+        byte_tables)
 
 
 def _mass_line(loaded: LoadedTeacher, temperature: float, vocabulary: VocabularyMap,

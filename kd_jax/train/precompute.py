@@ -161,6 +161,11 @@ def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
     other = teacher.tokenizer
     feed, cross_tokenizer = None, None
     if other is not None:
+        if cfg.loss.cross_vocab == "bytes":
+            raise ConfigError("loss.cross_vocab bytes reads the teacher at two positions per "
+                              "student position, which a cache of its targets at the aligned "
+                              "one does not hold: distill from this teacher online, or cache "
+                              "it for mapped, uld or hybrid")
         feed, teacher_seq_len = teacher_row_feed(cfg, tokenizer, train, teacher)
         copied = isinstance(other, HFTokenizer)  # else the byte tokenizer, which has no file
         cross_tokenizer = {"teacher_tokenizer": TEACHER_TOKENIZER_FILE if copied else "byte",

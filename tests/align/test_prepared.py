@@ -40,8 +40,9 @@ def test_prepared_rows_are_the_rows_made_per_batch(pair, tmp_path, small_shards)
                  np.array([data.n_rows - 1, 0, 8])):
         got = made.fields(rows)
         want = teacher_rows(data.take(rows), student, teacher, TEACHER_SEQ,
-                            data.document_starts(rows))
-        assert sorted(got) == ["teacher_index", "teacher_positions", "teacher_segment_ids",
+                            data.document_starts(rows), backoff=True)
+        assert sorted(got) == ["teacher_back", "teacher_hi", "teacher_index", "teacher_inside",
+                               "teacher_lo", "teacher_positions", "teacher_segment_ids",
                                "teacher_tokens"]
         for name, value in got.items():
             assert value.dtype == np.int32

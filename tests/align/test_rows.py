@@ -166,3 +166,56 @@ def test_the_teacher_row_length_is_sized_from_the_rows(tokenizers):
         if got < longest:
             np.testing.assert_array_equal(
                 cut, teacher_rows(batch, s_tok, t_tok, longest, starts)["teacher_index"])
+
+
+@pytest.mark.parametrize("student,teacher,teacher_seq_len", [
+    ("byte", "merged", 64), ("split", "bos", 40), ("byte", "sentencepiece", 64),
+    ("merged", "merged", 40), ("byte", "merged", 12)])
+def test_each_position_backs_off_to_the_start_of_the_teacher_token_it_ends_in(
+        tokenizers, student, teacher, teacher_seq_len):
+    """With `backoff`: the teacher position before the covering token has read the student's
+    text up to that token, and the token's first `teacher_inside` bytes are the rest of it;
+    `teacher_lo`:`teacher_hi` is every spelling that starts with them; a position with no such
+    token in the row (the first token of a piece without a BOS, past a cut row) has -1."""
+    s_tok, t_tok = tokenizers[student], tokenizers[teacher]
+    batch, starts = packed(s_tok, 16)
+    got = teacher_rows(batch, s_tok, t_tok, teacher_seq_len, starts, backoff=True)
+    plain = teacher_rows(batch, s_tok, t_tok, teacher_seq_len, starts)
+    for key in plain:  # the rest is what it is without
+        np.testing.assert_array_equal(got[key], plain[key])
+    s_bytes, t_bytes = s_tok.token_bytes(), t_tok.token_bytes()
+    ordered = sorted(t_bytes)
+    backed = missing = 0
+    for row in range(batch["tokens"].shape[0]):
+        for piece in np.unique(batch["segment_ids"][row][batch["segment_ids"][row] > 0]):
+            s_at = np.flatnonzero(batch["segment_ids"][row] == piece)
+            t_at = np.flatnonzero(got["teacher_segment_ids"][row] == piece)
+            s_read = read(s_bytes, batch["tokens"][row, s_at])
+            t_read = read(t_bytes, got["teacher_tokens"][row, t_at])
+            whole = b"".join(s_bytes[int(i)] for i in batch["tokens"][row, s_at]) + s_bytes[
+                int(batch["labels"][row, s_at[-1]])]
+            if _whole_characters(whole)[0]:
+                continue  # no teacher position has read what the student has
+            # The teacher's dummy space, read first where the student's text has none.
+            dummy = (b" " if t_read and t_read[-1][:1] == b" " and not whole.startswith(b" ")
+                     else b"")
+            for k, seen in enumerate(s_read):
+                back = got["teacher_back"][row, s_at[k]]
+                # By brute force: the first teacher token whose text reaches past `seen`.
+                reach = [n for n, other in enumerate(t_read) if len(other) >= len(dummy + seen)]
+                if back == -1:
+                    assert not reach or reach[0] == 0 or reach[0] >= len(t_read) or (
+                        t_at[reach[0]] >= teacher_seq_len), (row, piece, k)
+                    missing += 1
+                    continue
+                n = int(np.flatnonzero(t_at == back)[0]) + 1
+                assert reach[0] == n, (row, piece, k)
+                token = t_bytes[int(got["teacher_tokens"][row, t_at[n]])]
+                inside = got["teacher_inside"][row, s_at[k]]
+                assert 1 <= inside <= len(token)
+                assert t_read[n - 1] + token[:inside] == dummy + seen, (row, piece, k)
+                lo, hi = got["teacher_lo"][row, s_at[k]], got["teacher_hi"][row, s_at[k]]
+                assert ordered[lo:hi] == sorted(w for w in t_bytes
+                                                if w.startswith(token[:inside]))
+                backed += 1
+    assert backed > 25 and missing > 0  # both cases met

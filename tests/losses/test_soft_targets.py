@@ -399,3 +399,22 @@ def test_topk_slots_at_minus_infinity_are_absent_not_impossible():
         grads = jax.grad(lambda s, kind=kind: topk_divergence_bt(
             kind, s, ids, logprobs, tail, temperature=1.0).sum())(student)
         assert np.isfinite(np.asarray(grads)).all(), kind
+
+
+def test_a_topk_position_without_entries_has_no_target():
+    """Every slot -inf and tail 0 (how `kd-jax cache import` stores a student position inside
+    an API token): divergence and gradient exactly 0 there, the other position untouched."""
+    rng = np.random.default_rng(6)
+    student = jnp.asarray(3 * rng.normal(size=(1, 2, 8)), jnp.float32)
+    ids = jnp.asarray([[[3, 5, 0, 0], [0, 0, 0, 0]]], jnp.int32)
+    logprobs = jnp.asarray([[[-0.5, -1.5, -jnp.inf, -jnp.inf], [-jnp.inf] * 4]], jnp.float32)
+    tail = jnp.asarray([[np.log1p(-np.exp([-0.5, -1.5]).sum()), 0.0]], jnp.float32)
+    both = [value[:, [0, 0]] for value in (ids, logprobs, tail)]  # position 0's targets twice
+    for kind in ("forward_kl", "jsd"):
+        got = topk_divergence_bt(kind, student, ids, logprobs, tail, temperature=2.0)
+        want = topk_divergence_bt(kind, student[:, [0, 0]], *both, temperature=2.0)
+        assert got[0, 1] == 0.0 and got[0, 0] == want[0, 0], kind
+        grads = jax.grad(lambda s, kind=kind: topk_divergence_bt(
+            kind, s, ids, logprobs, tail, temperature=2.0).sum())(student)
+        assert np.isfinite(np.asarray(grads)).all(), kind
+        np.testing.assert_array_equal(np.asarray(grads[0, 1]), 0.0, err_msg=kind)

@@ -173,6 +173,78 @@ def test_packed_rows_feed_the_cross_tokenizer_step(tmp_path):
     assert np.isfinite(float(loss)) and float(metrics["kd_sum"]) > 0
 
 
+@pytest.fixture(scope="module")
+def byte_student_and_bpe_teacher(tmp_path_factory):
+    """A byte-level student, a teacher with a BPE of its own, packed rows and their teacher
+    rows with the back-off fields."""
+    from kd_jax.align.rows import teacher_fields
+    from kd_jax.config import ModelConfig
+    from kd_jax.data.packing import pack
+    from kd_jax.data.tokenizers import ByteTokenizer
+    from kd_jax.models.pure import init_model
+    from tests.align.test_positions import bpe
+    from tests.align.test_rows import DOCS
+
+    student_tok = ByteTokenizer()
+    teacher_tok = bpe(tmp_path_factory.mktemp("bytes") / "teacher.json")
+    student, student_params = init_model(ModelConfig(
+        vocab_size=256, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+        max_seq_len=64, seed=1))
+    teacher, teacher_params = init_model(ModelConfig(
+        vocab_size=448, d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64,
+        max_seq_len=64, seed=2))
+    data = pack(DOCS, student_tok, 32)
+    rows = np.arange(4)
+    batch = data.take(rows)
+    batch.update(teacher_fields(data, student_tok, teacher_tok, 32, backoff=True)(rows, batch))
+    return (student_tok, teacher_tok, student, student_params, teacher, teacher_params,
+            {key: np.asarray(value) for key, value in batch.items()})
+
+
+@pytest.mark.parametrize("loss_cfg", [LOSS, CHUNKED], ids=["whole", "chunked"])
+def test_the_bytes_loss_is_the_loss_written_out(byte_student_and_bpe_teacher, loss_cfg):
+    """`loss.cross_vocab: bytes` in the step: the teacher run apart, its logits gathered at the
+    position before each covering token and at the aligned one, `bytes_divergence_bt` where the
+    student position has a covering token with a position before it, or is aligned (the start
+    of a piece), hard labels everywhere."""
+    from kd_jax.losses.cross_bytes import ByteTables, bytes_divergence_bt
+
+    (student_tok, teacher_tok, student, student_params, teacher, teacher_params,
+     batch) = byte_student_and_bpe_teacher
+    tables = ByteTables.of(teacher_tok.token_bytes(), student_tok.token_bytes(), 448, 256)
+    cross = CrossTokenizerTeacher(teacher, None, "bytes", teacher_valid=teacher_tok.vocab_size,
+                                  byte_tables=tables)
+    loss, grads, metrics = loss_and_grads(make_loss_fn(student, cross, loss_cfg, 256),
+                                          student_params, teacher_params, batch)
+    back, index = batch["teacher_back"], batch["teacher_index"]
+    mask = batch["loss_mask"] > 0
+    assert (mask & (back >= 0)).sum() > 1.5 * (mask & (index >= 0)).sum()  # inside tokens too
+
+    def reference(student_params):
+        student_logits = student.logits(student_params, batch)
+        teacher_logits = np.asarray(teacher.logits(teacher_params, {
+            "tokens": batch["teacher_tokens"], "positions": batch["teacher_positions"],
+            "segment_ids": batch["teacher_segment_ids"]}))
+
+        def at(where):
+            return np.take_along_axis(teacher_logits, np.maximum(where, 0)[..., None], axis=1)
+
+        token = np.take_along_axis(batch["teacher_tokens"], np.maximum(back + 1, 0), axis=1)
+        kd = bytes_divergence_bt(
+            LOSS.divergence, student_logits, at(back), at(index), token,
+            batch["teacher_inside"], batch["teacher_lo"], batch["teacher_hi"],
+            (back >= 0) | (index >= 0),
+            tables, temperature=LOSS.temperature, teacher_valid=teacher_tok.vocab_size)
+        kd = jnp.where(mask, kd, 0.0)
+        ce = jnp.where(mask, cross_entropy_bt(student_logits, batch["labels"]), 0.0)
+        return (LOSS.kd_weight * kd.sum() + LOSS.ce_weight * ce.sum()) / mask.sum()
+
+    want_loss, want_grads = jax.value_and_grad(reference)(student_params)
+    np.testing.assert_allclose(loss, float(want_loss), rtol=1e-5)
+    assert_trees_close(grads, want_grads)
+    assert float(metrics["kd_sum"]) > 0
+
+
 # --------------------------------------------------------------------------------- start-up
 
 def word_level(path, texts, vocab_size=200):
