@@ -10,7 +10,8 @@ training documents and scored on its held-out documents (the test set):
 
 - the student's own-tokenizer teacher alone (plain distillation, one vocabulary);
 - both teachers (`teachers:`, weights 1 and 1: each teacher's term half of the distillation
-  term), the other-tokenizer one through the vocabularies' buckets.
+  term), the other-tokenizer one compared as in that direction (`loss.cross_vocab`: `mapped`
+  for the BPE student, `bytes` for the byte student).
 
 Both use the KD setting `cross_tokenizer_quality.py` chose on its validation sweep for that
 student kind (its direction with the other-tokenizer teacher), fixed a priori here; the
@@ -67,13 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{reported['teacher']} teacher alone (other tokenizer)": [
                     reported["kd"]["seeds"][str(s)]["bits_per_byte"] for s in seeds],
                 f"{own} teacher alone (same tokenizer)": [], "both teachers": []}
+        # The direction's loss.cross_vocab names runs of another method than the first one's.
+        method = single.METHODS[direction]
+        prefix = f"several_{kind}" + ("" if method == "mapped" else f"_{method}")
         for seed in seeds:
             alone = single.student_config(demo, direction, bpe, teacher_dirs[own], test, seed,
-                                          kd, out / f"several_{kind}_own_s{seed}")
+                                          kd, out / f"{prefix}_own_s{seed}")
             rows[f"{own} teacher alone (same tokenizer)"].append(
                 single.train_student(alone, kd)["bits_per_byte"])
             both = copy.deepcopy(alone)
-            both.train.run_dir = str(out / f"several_{kind}_both_s{seed}")
+            both.train.run_dir = str(out / f"{prefix}_both_s{seed}")
             both.teacher = config_lib.TeacherConfig()
             both.teachers = [{"source": "checkpoint", "path": path, "weight": 1}
                              for path in teacher_dirs.values()]
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         gain = stats[better]["mean"] - stats["both teachers"]["mean"]
         margin = max(stats[better]["spread"], stats["both teachers"]["spread"])
         summary["students"][kind] = {
-            "kd": kd, "runs": stats, "better_alone": better, "gain_over_better": gain,
+            "kd": kd, "method": method, "runs": stats, "better_alone": better, "gain_over_better": gain,
             "margin": margin, "beats_better_by_more_than_spread": gain > margin,
             "row": single.BYTE_STUDENT_ROW if kind == "byte" else single.BPE_STUDENT_ROW}
         print(f"\n{kind} student (KD {single.setting(kd)}), test bits/byte")
