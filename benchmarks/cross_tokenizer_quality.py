@@ -373,20 +373,30 @@ def print_tables(summary: dict[str, Any]) -> None:
         rows += [[f"KD {setting(r['kd'])}", r["bits_per_byte"]] for r in sweep["kd"]]
         print(format_table(["student", "validation bits/byte"], rows))
         seeds = list(d["hard_labels"]["seeds"])
-        print(f"\n{direction}: test bits/byte (KD {setting(sweep['chosen'])}; "
+        print(f"\n{direction}: test bits/byte (KD {setting(sweep['chosen'])}, "
+              f"loss.cross_vocab {d.get('method', 'mapped')}; "
               f"{d['alignment']['aligned']:.1%} of student positions aligned)")
         rows = [[label, *(part["seeds"][s]["bits_per_byte"] for s in seeds), part["mean"],
                  part["spread"]] for label, part in (("hard labels", d["hard_labels"]),
                                                       ("cross-tokenizer KD", d["kd"]))]
         print(format_table(["student", *(f"seed {s}" for s in seeds), "mean", "spread"], rows))
         verdict = "beats" if d["beats_by_more_than_spread"] else "does not beat"
+        gains = [d["hard_labels"]["seeds"][s]["bits_per_byte"]
+                 - d["kd"]["seeds"][s]["bits_per_byte"] for s in seeds]
         print(f"KD {verdict} hard labels by more than the spread: gain {d['gain']:+.4f} "
-              f"bits/byte, spread {d['margin']:.4f}")
+              f"bits/byte, spread {d['margin']:.4f}; at each seed "
+              + ", ".join(f"{gain:+.4f}" for gain in gains))
     bits = summary["boundary_bits"]
     print(f"\nnext byte where a BPE token ends ({bits['aligned']:.1%} of {bits['positions']:,} "
           f"validation positions): {bits['mapped_target_at_aligned']:.3f} bits under the BPE "
-          f"teacher's first-byte marginal, {bits['byte_teacher_at_aligned']:.3f} under the byte "
-          f"teacher; elsewhere {bits['byte_teacher_elsewhere']:.3f} under the byte teacher")
+          f"teacher's first-byte marginal (mapped), "
+          f"{bits.get('backed_off_target_at_aligned', float('nan')):.3f} under its backed-off "
+          f"next byte (bytes), {bits['byte_teacher_at_aligned']:.3f} under the byte teacher; "
+          f"elsewhere {bits['byte_teacher_elsewhere']:.3f} under the byte teacher")
+    if "backed_off_target_inside" in bits:
+        print(f"inside a BPE token ({bits['backed_off'] - bits['aligned']:.1%} of them with a "
+              f"backed-off target): {bits['backed_off_target_inside']:.3f} bits under the "
+              f"backed-off next byte, {bits['byte_teacher_inside']:.3f} under the byte teacher")
 
 
 if __name__ == "__main__":
