@@ -4,9 +4,15 @@ The step of the configured run is compiled for the configured mesh on this host'
 placeholder devices (`--devices`): nothing is allocated, no weight and no data are read (a
 Hugging Face checkpoint's config.json, or a teacher run's config.yaml, gives the shapes). Per
 device it reports the bytes of the student's parameters, its optimizer state, the teacher's
-parameters (every teacher's, with `teachers:`), the batch and XLA's temporaries, whether their sum fits `--device-memory`, and the
-largest temporaries by name (from XLA's buffer assignment). A real run prints the same figures
-when its step compiles (`memory_figures`).
+parameters (every teacher's, with `teachers:`), the batch and XLA's temporaries, whether their
+sum fits `--device-memory`, and the largest temporaries by name (from XLA's buffer assignment).
+A real run prints the same figures when its step compiles (`memory_figures`).
+
+A teacher of another tokenizer is planned as a run compiles it (`kd_jax.teacher.cross`): on
+rows of its own of `data.teacher_seq_len` tokens, carried in the batch beside the student's with
+`teacher_index`, and the cross-vocabulary loss over the buckets of the two vocabularies (both
+tokenizers are read, no data). `data.teacher_seq_len` must be set: 0 sizes the rows from the
+first rows of the data, which plan does not read.
 
 The CPU compiler's plan is close to, not equal to, an accelerator's: fusion and scheduling
 differ, so temporaries may differ by tens of percent; parameters, optimizer state and batch are
@@ -25,18 +31,22 @@ from typing import Any
 import jax
 import numpy as np
 
+from kd_jax.align.rows import BACKOFF_KEYS, TEACHER_KEYS
 from kd_jax.checkpoint import placed
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.config.teachers import members
+from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
+from kd_jax.losses.cross_bytes import ByteTables
 from kd_jax.losses.whitebox import WhiteBox
-from kd_jax.models.pure import abstract_model, logical_axes
+from kd_jax.models.pure import PureModel, abstract_model, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement
-from kd_jax.teacher.loading import teacher_model
+from kd_jax.teacher.cross import CrossTokenizerTeacher, vocabulary_of
+from kd_jax.teacher.loading import is_hf_checkpoint, teacher_model, teacher_tokenizer
 from kd_jax.teacher.online import OnlineTeacher
-from kd_jax.teacher.several import MEMBERS_KEY, SeveralTeachers
+from kd_jax.teacher.several import SeveralTeachers
 from kd_jax.train import step as step_lib
-from kd_jax.train.resolve import resolve_model, teacher_model_config
+from kd_jax.train.resolve import resolve_model, teacher_model_config, tokenizer_spec
 
 GIB = 1024**3
 BATCH_FIELDS = ("tokens", "labels", "positions", "segment_ids", "loss_mask")
@@ -73,7 +83,8 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
         teacher_params = tuple(params for _, params, _ in online)
     elif cfg.teacher.source in ("checkpoint", "hf"):
         teacher, teacher_params, teacher_cfg = _online_teacher(cfg, mesh)
-        whitebox = WhiteBox.of(cfg.loss, cfg.model, teacher_cfg)
+        if isinstance(teacher, OnlineTeacher):  # white-box terms: the student's tokenizer
+            whitebox = WhiteBox.of(cfg.loss, cfg.model, teacher_cfg)
     tx, schedule = step_lib.make_optimizer(cfg.optimizer, cfg.train.steps)
     aux = whitebox.init_aux if whitebox is not None else dict  # white-box projections
     abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, 0, aux()), abstract)
@@ -81,8 +92,8 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     placement = BatchPlacement.on(mesh, cfg.train.batch_size)
     local = {key: np.zeros((len(placement.positions), cfg.data.seq_len), np.int32)
              for key in BATCH_FIELDS}
-    if cfg.teachers:
-        local[MEMBERS_KEY] = tuple({} for _ in planned)  # online teachers read the batch itself
+    if teacher is not None:  # what each teacher reads beside the rows, as `Run.host_batch` adds
+        local.update(teacher.host_fields(placement.positions, local))
     batch = placement.abstract(local)
     update = step_lib.make_update(
         student, teacher, tx, schedule, cfg.loss, cfg.train.microbatches, cfg.model.vocab_size,
@@ -99,22 +110,86 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
     figures.update(devices=jax.device_count(), mesh=dict(mesh.shape), largest=largest,
                    device_memory=device_memory_gb * GIB if device_memory_gb else None,
                    student=cfg.model.family, seq_len=cfg.data.seq_len,
+                   teacher_seq_len=cfg.data.teacher_seq_len if _reads_own_rows(teacher) else None,
                    batch_size=cfg.train.batch_size, microbatches=cfg.train.microbatches)
     return figures
 
 
-def _online_teacher(cfg: Config, mesh: Any) -> tuple[OnlineTeacher, Any, ModelConfig]:
+def _online_teacher(cfg: Config, mesh: Any) -> tuple[OnlineTeacher | CrossTokenizerTeacher,
+                                                     Any, ModelConfig]:
     """The teacher of `cfg` as the planned step runs it: its model, placeholder parameters laid
-    out by `mesh.teacher_layout`, and its architecture. A teacher of another tokenizer is
-    planned on the student's rows."""
+    out by `mesh.teacher_layout`, and its architecture. A teacher of another tokenizer reads rows
+    of its own (`_cross_tokenizer_teacher`)."""
     teacher_cfg = dataclasses.replace(teacher_model_config(cfg), dtype=cfg.teacher.dtype,
                                       param_dtype=cfg.teacher.dtype)
-    model, teacher_abstract, teacher_shardings = teacher_model(cfg, teacher_cfg, mesh)
+    tokenizers = _other_tokenizer(cfg)
+    model, teacher_abstract, teacher_shardings = teacher_model(cfg, teacher_cfg, mesh,
+                                                               tokenizers is not None)
     rules = mesh_lib.rules_for(cfg.mesh.teacher_layout, cfg.mesh.teacher_rules,
                                "mesh.teacher_rules")
-    teacher = OnlineTeacher(model, mesh_lib.logits_sharding(mesh, rules,
-                                                            teacher_cfg.vocab_size))
-    return teacher, placed(teacher_abstract, teacher_shardings), teacher_cfg
+    logits_sharding = mesh_lib.logits_sharding(mesh, rules, teacher_cfg.vocab_size)
+    params = placed(teacher_abstract, teacher_shardings)
+    if tokenizers is None:
+        return OnlineTeacher(model, logits_sharding), params, teacher_cfg
+    return (_cross_tokenizer_teacher(cfg, model, teacher_cfg, *tokenizers, logits_sharding),
+            params, teacher_cfg)
+
+
+def _reads_own_rows(teacher: Any) -> bool:
+    """Whether the planned teacher (or one of several) has another tokenizer, and its rows."""
+    planned = teacher.members if isinstance(teacher, SeveralTeachers) else (teacher,)
+    return any(isinstance(member, CrossTokenizerTeacher) for member in planned)
+
+
+def _other_tokenizer(cfg: Config) -> tuple[Tokenizer, Tokenizer] | None:
+    """(the student's tokenizer, the teacher's) where the teacher of `cfg` has another one; None
+    where it has the student's, or where its Hugging Face folder holds no tokenizer.json to tell
+    (shapes alone: a config.json)."""
+    if is_hf_checkpoint(cfg) and not (Path(cfg.teacher.path) / "tokenizer.json").is_file():
+        return None
+    student = load_tokenizer(tokenizer_spec(cfg))
+    teacher = teacher_tokenizer(cfg, student)
+    return None if teacher is None else (student, teacher)
+
+
+def _cross_tokenizer_teacher(cfg: Config, model: PureModel, teacher_cfg: ModelConfig,
+                             student: Tokenizer, teacher: Tokenizer,
+                             logits_sharding: Any) -> CrossTokenizerTeacher:
+    """The teacher of another tokenizer as `kd_jax.teacher.cross.cross_tokenizer_teacher` makes
+    it for a run, from the two tokenizers alone: what the loss reads of the two vocabularies,
+    and zeros for the fields the batch carries (`kd_jax.align.rows.teacher_fields`): its rows of
+    `data.teacher_seq_len` tokens, and per student position `teacher_index` (and, for
+    `loss.cross_vocab bytes`, the back-off fields)."""
+    for term, on in (("loss.hidden_weight", cfg.loss.hidden_weight > 0),
+                     ("loss.attention_weight", cfg.loss.attention_weight > 0)):
+        if on:
+            raise ConfigError(f"{term} needs a teacher with the student's tokenizer; this "
+                              f"teacher's ({teacher.description}) is another")
+    teacher_seq_len = cfg.data.teacher_seq_len
+    if not teacher_seq_len:
+        raise ConfigError(
+            f"kd-jax plan needs data.teacher_seq_len for a teacher of another tokenizer "
+            f"({teacher.description}): 0 sizes its rows from the first rows of the data, which "
+            "plan does not read (a run's start-up line says the length it takes: rows of N "
+            "teacher tokens)")
+    if teacher_seq_len > teacher_cfg.max_seq_len:
+        raise ConfigError(f"data.teacher_seq_len ({teacher_seq_len}) exceeds the teacher's "
+                          f"max_seq_len ({teacher_cfg.max_seq_len})")
+    _, buckets = vocabulary_of(student, teacher, teacher_cfg.vocab_size, cfg.model.vocab_size)
+    backoff = cfg.loss.cross_vocab == "bytes"
+    byte_tables = (ByteTables.of(teacher.token_bytes(), student.token_bytes(),
+                                 teacher_cfg.vocab_size, cfg.model.vocab_size)
+                   if backoff else None)
+    per_position = ("teacher_index", *(BACKOFF_KEYS if backoff else ()))
+
+    def placeholder_fields(rows: np.ndarray, batch: dict) -> dict[str, np.ndarray]:
+        teacher_rows = {key: np.zeros((len(rows), teacher_seq_len), np.int32)
+                        for key in TEACHER_KEYS}
+        return {**teacher_rows, **{key: np.zeros(batch["tokens"].shape, np.int32)
+                                   for key in per_position}}
+
+    return CrossTokenizerTeacher(model, buckets, cfg.loss.cross_vocab, teacher.vocab_size,
+                                 logits_sharding, placeholder_fields, byte_tables=byte_tables)
 
 
 def _device_bytes(tree: Any) -> int:
@@ -192,10 +267,11 @@ def plan_table(figures: dict[str, Any]) -> str:
     rows = [("student parameters", "student_params"), ("optimizer state", "optimizer_state"),
             ("teacher parameters", "teacher_params"), ("batch", "batch"),
             ("temporaries", "temporaries"), ("total", "total")]
+    teacher_rows = (f" (and the teacher's rows of {figures['teacher_seq_len']} tokens)"
+                    if figures.get("teacher_seq_len") else "")
     lines = [f"per device, {figures['devices']} devices, mesh {figures['mesh']}; batch "
-             f"{figures['batch_size']} x {figures['seq_len']} tokens in "
-             f"{figures['microbatches']} "
-             "microbatches"]
+             f"{figures['batch_size']} x {figures['seq_len']} tokens{teacher_rows} in "
+             f"{figures['microbatches']} microbatches"]
     lines += [f"  {label:20s} {_size(figures[key]):>12s}" for label, key in rows]
     if figures.get("device_memory"):
         fits = figures["total"] <= figures["device_memory"]

@@ -30,7 +30,6 @@ from tests.helpers import (
     RTOL,
     VALID_VOCAB,
     make_batch,
-    write_config,
     write_tokenizer,
 )
 
@@ -94,10 +93,13 @@ def opened(config, overrides=()) -> tuple[CachedTeacher, object]:
 def test_a_cache_that_does_not_fit_is_refused(setup, tmp_path, capsys, case, message):
     root, corpus, config = setup
     overrides = ["teacher.source=cache", f"train.run_dir={tmp_path / 'run'}"]
-    if case == "teacher":  # same architecture, other weights
-        other = write_config(tmp_path / "other.yaml", corpus, tmp_path / "other_teacher")
-        assert cli.main(["train", str(other), "model.seed=7"]) == 0
-        overrides.append(f"teacher.path={tmp_path / 'other_teacher'}")
+    if case == "teacher":  # same architecture, other weights: the run without its last checkpoint
+        teacher = config_lib.load(config).teacher.path
+        other = shutil.copytree(teacher, tmp_path / "other_teacher")
+        latest = checkpoint.latest_step(other)
+        shutil.rmtree(checkpoint.checkpoint_dir(other) / str(latest))
+        assert 0 < checkpoint.latest_step(other) < latest
+        overrides.append(f"teacher.path={other}")
     elif case == "tokenizer":
         tokenizer = write_tokenizer(tmp_path / "tokenizer.json", corpus)
         overrides += [f"data.tokenizer={tokenizer}", "teacher.path="]

@@ -29,7 +29,14 @@ from kd_jax.teacher.sparse import topk_targets
 from kd_jax.train import builder
 from kd_jax.train.step import make_loss_fn
 from tests.data.test_tokenizers import write_byte_level_bpe
-from tests.helpers import RTOL, assert_trees_close, distill_config, losses_by_step, write_config
+from tests.helpers import (
+    RTOL,
+    assert_trees_close,
+    distill_config,
+    fast_jit,
+    losses_by_step,
+    write_config,
+)
 
 K = 8
 
@@ -81,7 +88,7 @@ def with_method(teacher, method):
 def loss_and_grads(run, teacher, loss_cfg, params, batch):
     loss_fn = make_loss_fn(run.student, teacher, loss_cfg, run.valid_vocab)
     num_valid = float(np.sum(batch["loss_mask"]))
-    (loss, _), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+    (loss, _), grads = fast_jit(jax.value_and_grad(loss_fn, has_aux=True))(
         params, run.teacher_params, batch, num_valid)
     return float(loss), grads
 

@@ -1,8 +1,8 @@
 """kd_jax.teacher.several and `teachers:`: several teachers in one step. The loss and gradients
 of several teachers are the weighted sum of each alone (online, online with another tokenizer,
 whole or chunked); a run with an online teacher and a cache takes the same first step as the
-weighted sum of the runs with each alone, and its report has each teacher's agreement; the
-config's mistakes are one line each."""
+weighted sum of the first steps with each alone, and its report has each teacher's agreement;
+the config's mistakes are one line each."""
 
 import dataclasses
 import json
@@ -18,7 +18,15 @@ from kd_jax.teacher.cross import CrossTokenizerTeacher
 from kd_jax.teacher.online import OnlineTeacher
 from kd_jax.teacher.several import MEMBERS_KEY, SeveralTeachers
 from kd_jax.train.step import make_loss_fn
-from tests.helpers import LOSS, VALID_VOCAB, assert_trees_close, losses_by_step, write_config
+from tests.helpers import (
+    FAST_COMPILE,
+    LOSS,
+    VALID_VOCAB,
+    assert_trees_close,
+    fast_jit,
+    losses_by_step,
+    write_config,
+)
 from tests.teacher.test_cross import CHUNKED, cross_batch, loss_and_grads, partial_buckets
 
 WEIGHTS = (0.5, 0.3, 0.2)
@@ -67,9 +75,9 @@ def test_several_teachers_split_into_microbatches(tiny_models):
         (0.6, 0.4))
     loss_fn = make_loss_fn(student, several, LOSS, VALID_VOCAB)
     full = {**batch, MEMBERS_KEY: ({}, own)}
-    one = accumulate_gradients(loss_fn, student_params, (teacher_params, teacher_params), full, 1)
-    four = accumulate_gradients(loss_fn, student_params, (teacher_params, teacher_params),
-                                full, 4)
+    one, four = (fast_jit(lambda params, teachers, batch, k=k: accumulate_gradients(
+        loss_fn, params, teachers, batch, k))(student_params, (teacher_params, teacher_params),
+                                              full) for k in (1, 4))
     assert_trees_close(four[0], one[0])
     np.testing.assert_allclose(float(four[1]["loss_sum"]), float(one[1]["loss_sum"]),
                                rtol=1e-5)
@@ -114,10 +122,31 @@ def test_mistakes_in_the_teachers_list_are_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+ONE_STEP = ["train.steps=1", "train.microbatches=1"]
+
+
+def first_step_loss(config) -> float:
+    """The loss of step 1 of `config`'s one-step distillation, as metrics.jsonl records it, from
+    the run's own step on its first batch (nothing evaluated or written; compiled with
+    FAST_COMPILE)."""
+    from kd_jax.train import builder
+
+    run = builder.build(config_lib.load(config, ONE_STEP), "distill")
+    try:
+        state, batch = run.fresh_state(), run.placement.place(run.host_batch(0))
+        update = run.update_fn().lower(state, run.teacher_params, batch).compile(
+            compiler_options=FAST_COMPILE)
+        _, metrics = update(state, run.teacher_params, batch)
+    finally:
+        run.close()
+    return float(metrics["loss_sum"]) / float(metrics["tokens"])
+
+
 @pytest.fixture(scope="module")
 def runs(sampled_cache, tmp_path_factory):
-    """One step of the sampled cache's distillation: from the online teacher alone, the cache
-    alone, and both (weights 3 and 1); root -> run directories."""
+    """One step of the sampled cache's distillation from both teachers (weights 3 and 1)
+    through the CLI, and the first-step losses of the online teacher alone and the cache
+    alone: name -> the run directory ("both") or the loss."""
     _, corpus, _ = sampled_cache
     root = tmp_path_factory.mktemp("several")
     base_cfg = config_lib.load(sampled_cache[2])
@@ -130,17 +159,15 @@ def runs(sampled_cache, tmp_path_factory):
         "both": (f"teachers:\n  - {{source: checkpoint, path: {teacher}, weight: 3}}\n"
                  f"  - {{source: cache, path: {teacher}, cache: {cache}, weight: 1}}\n"),
     }
-    out = {}
-    for name, text in settings.items():
-        config = write_config(root / f"{name}.yaml", corpus, root / name, text + extra)
-        assert cli.main(["distill", str(config), "train.steps=1", "train.microbatches=1"]) == 0
-        out[name] = root / name
-    return out
+    configs = {name: write_config(root / f"{name}.yaml", corpus, root / name, text + extra)
+               for name, text in settings.items()}
+    assert cli.main(["distill", str(configs["both"]), *ONE_STEP]) == 0
+    return {"both": root / "both", **{name: first_step_loss(configs[name])
+                                      for name in ("online", "cached")}}
 
 
 def test_a_run_with_two_teachers_takes_the_weighted_sum_step(runs):
-    online, cached, both = (losses_by_step(runs[name])[1] for name in ("online", "cached",
-                                                                      "both"))
+    online, cached, both = runs["online"], runs["cached"], losses_by_step(runs["both"])[1]
     assert abs(online - cached) > 1e-4  # sampled targets differ from the exact ones
     np.testing.assert_allclose(both, 0.75 * online + 0.25 * cached, rtol=1e-5)
 

@@ -109,3 +109,61 @@ def test_bad_input_is_one_line(config, tmp_path):
     assert code == 2 and output.strip().splitlines()[-1].startswith("kd-jax: error:")
     code, output = plan(config, "--devices", "3", "mesh.data=2")
     assert code == 2 and "kd-jax: error:" in output and "Traceback" not in output
+
+
+def test_a_teacher_of_another_tokenizer_is_planned_on_its_own_rows(teacher_run, tmp_path):
+    """The session's byte-level teacher for a student of a byte-level BPE, in rows of 32 tokens:
+    the planned batch carries the teacher's rows of data.teacher_seq_len (48) and, per student
+    position, teacher_index (and for loss.cross_vocab bytes the back-off fields), as a real
+    run's batch does; with `teachers:`, each member's. White-box terms, which the run refuses
+    with such a teacher, and a row length that only the data would size are refused."""
+    from kd_jax import config as config_lib
+    from kd_jax.config import ConfigError
+    from kd_jax.teacher.cross import CrossTokenizerTeacher
+    from kd_jax.train.builder import build
+    from kd_jax.train.plan import plan as plan_of
+    from kd_jax.train.plan import plan_table
+    from tests.data.test_tokenizers import write_byte_level_bpe
+    from tests.helpers import distill_config
+
+    root, corpus = teacher_run
+    lines = [line for line in corpus.read_text().splitlines() if line.strip()]
+    tokenizer = write_byte_level_bpe(tmp_path / "tokenizer.json", vocab_size=300, corpus=lines)
+    config = distill_config(tmp_path / "distill.yaml", corpus, root / "teacher",
+                            tmp_path / "run")
+    overrides = [f"data.tokenizer={tokenizer}", "model.vocab_size=320",
+                 "data.teacher_seq_len=48"]
+    # 8 rows of int32: the student's 5 fields of 32 tokens; a teacher's 3 of 48 and, per student
+    # position, teacher_index (mapped) or teacher_index and 4 back-off fields (bytes).
+    rows, seq_len, teacher_seq_len = 8, 32, 48
+    student_row = 5 * seq_len
+    teacher_row = {"mapped": 3 * teacher_seq_len + seq_len,
+                   "bytes": 3 * teacher_seq_len + 5 * seq_len}
+
+    cfg = config_lib.load(config, overrides)
+    figures = plan_of(cfg)
+    assert figures["batch"] == rows * 4 * (student_row + teacher_row["mapped"])
+    assert "batch 8 x 32 tokens (and the teacher's rows of 48 tokens)" in plan_table(figures)
+    run = build(cfg, "distill")
+    assert isinstance(run.teacher, CrossTokenizerTeacher)
+    assert figures["batch"] == sum(value.nbytes for value in run.host_batch(0).values())
+
+    # Two such teachers with loss.cross_vocab bytes: each member's fields, back-off included.
+    bytes_run = build(config_lib.load(config, [*overrides, "loss.cross_vocab=bytes"]), "distill")
+    assert sum(value.nbytes for value in bytes_run.host_batch(0).values()) == rows * 4 * (
+        student_row + teacher_row["bytes"])
+    teachers = (f"teachers=[{{source: checkpoint, path: {root / 'teacher'}, weight: 1}}, "
+                f"{{source: checkpoint, path: {root / 'teacher'}, weight: 2}}]")
+    several = plan_of(config_lib.load(config, [*overrides, "loss.cross_vocab=bytes",
+                                               "teacher.source=none", "teacher.path=",
+                                               teachers]))
+    assert several["batch"] == rows * 4 * (student_row + 2 * teacher_row["bytes"])
+    assert several["teacher_params"] == 2 * figures["teacher_params"]
+
+    for more, message in [(["loss.hidden_weight=1"], "loss.hidden_weight needs a teacher with "
+                                                     "the student's tokenizer"),
+                          (["data.teacher_seq_len=0"], "kd-jax plan needs data.teacher_seq_len"),
+                          (["data.teacher_seq_len=128"], r"data.teacher_seq_len \(128\) exceeds "
+                                                         r"the teacher's max_seq_len \(64\)")]:
+        with pytest.raises(ConfigError, match=message):
+            plan_of(config_lib.load(config, [*overrides, *more]))
