@@ -58,6 +58,7 @@ from kd_jax.cache.manifest import (
     VALUE_DTYPES,
     CacheError,
     check_fingerprints,
+    copy_student_tokenizer,
     create_manifest,
     make_manifest,
     n_shards,
@@ -65,7 +66,7 @@ from kd_jax.cache.manifest import (
     shard_rows,
 )
 from kd_jax.data.packing import Packed, covered_bytes, row_hashes
-from kd_jax.data.tokenizers import Tokenizer
+from kd_jax.data.tokenizers import HFTokenizer, Tokenizer
 
 ROWS_NAME = "rows.npz"
 # rows.npz names each array as the format first did: the labels are stored as "targets".
@@ -206,6 +207,8 @@ def _import(jsonl_path: Path, tokenizer: Tokenizer, staging: Path, *, seq_len: i
                       "data": jsonl_hash, "packing": packing},
         mapped_from_api=mapped)
     manifest = create_manifest(staging, manifest)
+    if isinstance(tokenizer, HFTokenizer):  # what `data.tokenizer: auto` reads back
+        copy_student_tokenizer(staging, tokenizer.path)
 
     # Pass 2: the train rows' targets, shard by shard, gathered from the scratch files.
     counts_flat = np.concatenate(counts)

@@ -7,6 +7,8 @@ Layout::
       shards/000000.kdc   shard i holds rows [i*R, min((i+1)*R, n_rows)), R = rows_per_shard
                           (`kd_jax.cache.shards`)
       teacher_tokenizer.json   a teacher with another tokenizer: its tokenizer.json, copied
+      tokenizer/          the student's tokenizer files (a Hugging Face tokenizer), copied:
+                          what `data.tokenizer: auto` reads when distilling from the cache
 
 The manifest names the cache's mode and parameters, its sizes, and four fingerprints (teacher,
 tokenizer, data, packing): a cache built from anything else is refused with one line naming the
@@ -72,6 +74,11 @@ OPTIONAL_KEYS = (CROSS_TOKENIZER, MAPPED_FROM_API)
 
 
 MANIFEST_NAME = "manifest.json"
+# The student's tokenizer, copied into a cache (tokenizer.json and, where the tokenizer has them,
+# the files beside it that hold its chat template), so a run that reads the cache resolves
+# `data.tokenizer: auto` to the tokenizer its rows were made with.
+STUDENT_TOKENIZER_DIR = "tokenizer"
+STUDENT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 class CacheError(ConfigError):
@@ -327,6 +334,17 @@ def shard_rows(manifest: dict[str, Any], shard_index: int) -> tuple[int, int]:
         raise CacheError(f"shard {shard_index} is not in [0, {n_shards(manifest)})")
     first = shard_index * manifest["rows_per_shard"]
     return first, min(first + manifest["rows_per_shard"], manifest["n_rows"])
+
+
+def copy_student_tokenizer(cache_dir: str | Path, tokenizer_json: Path) -> None:
+    """Copy the student's tokenizer.json, and the files beside it of STUDENT_TOKENIZER_FILES,
+    into `cache_dir`'s STUDENT_TOKENIZER_DIR (each file whole or absent)."""
+    folder = Path(cache_dir) / STUDENT_TOKENIZER_DIR
+    folder.mkdir(exist_ok=True)
+    for name in STUDENT_TOKENIZER_FILES:
+        source = tokenizer_json if name == "tokenizer.json" else tokenizer_json.parent / name
+        if source.is_file():
+            write_atomically(folder / name, [source.read_bytes()], checksum=False)
 
 
 def write_atomically(path: Path, chunks: Iterable, checksum: bool) -> None:

@@ -87,7 +87,7 @@ class HFTokenizer:
         self.description = f"tokenizer {path}"
         self._tokenizer = RustTokenizer.from_str(raw.decode("utf-8"))
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        self.fingerprint = "sha256:" + hashlib.sha256(raw).hexdigest()
+        self.fingerprint = file_fingerprint(raw)
         self._spellings: list[tuple[bytes, int]] | None = None  # computed on first use
         self.document_prefix = self._special_prefix()
 
@@ -218,6 +218,13 @@ def _decoder_spelling(decoder: Any) -> tuple[bool, bool, str | None]:
         byte_fallback |= child_fallback
         marker = marker or child_marker
     return byte_level, byte_fallback, marker
+
+
+def file_fingerprint(source: bytes | Path) -> str:
+    """A tokenizer.json's fingerprint (its bytes, or the file holding them), as
+    `HFTokenizer.fingerprint` is."""
+    raw = source if isinstance(source, bytes) else Path(source).read_bytes()
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
 
 
 def load_tokenizer(spec: str) -> ByteTokenizer | HFTokenizer:

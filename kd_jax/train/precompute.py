@@ -37,6 +37,7 @@ from kd_jax.cache.fingerprints import (
 from kd_jax.cache.manifest import (
     MANIFEST_NAME,
     TEACHER_TOKENIZER_FILE,
+    copy_student_tokenizer,
     create_manifest,
     make_manifest,
     n_shards,
@@ -191,6 +192,8 @@ def _precompute(cfg: Config, preemption: Preemption) -> dict[str, Any]:
         if isinstance(other, HFTokenizer):  # distillation reads the teacher's tokenizer here
             write_atomically(Path(cache_dir) / TEACHER_TOKENIZER_FILE, [other.path.read_bytes()],
                              checksum=False)
+        if isinstance(tokenizer, HFTokenizer):  # and `data.tokenizer: auto` the student's
+            copy_student_tokenizer(cache_dir, tokenizer.path)
     barrier("precompute manifest")
 
     shards = shards_lib.shards_to_write(cache_dir, manifest, jax.process_index(),

@@ -2,7 +2,8 @@
 
 `data.tokenizer: auto` becomes the tokenizer.json of the checkpoint involved (the student's
 `model.path`, else a Hugging Face teacher's `teacher.path`, else the first Hugging Face teacher of
-`teachers:`), or `byte`. A student initialized from
+`teachers:`), else, reading a cache (`teacher.source: cache`), the tokenizer its rows were made
+with (`_cache_tokenizer`), or `byte`. A student initialized from
 a checkpoint (`model.init: hf`) or from the teacher (`model.init: teacher`) takes its
 architecture from there. The run directory records the resolved config, so evaluating, resuming
 and exporting a run never read the source checkpoint's config again.
@@ -13,8 +14,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from kd_jax.cache.manifest import STUDENT_TOKENIZER_DIR, CacheError, read_manifest
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.config.validation import check_architecture
+from kd_jax.data.tokenizers import ByteTokenizer, file_fingerprint
 from kd_jax.models import surgery
 from kd_jax.models.families import model_config
 from kd_jax.models.pretrained import read_config
@@ -54,6 +57,8 @@ def tokenizer_spec(cfg: Config) -> str:
         source = (cfg.model.path if cfg.model.init == "hf" else
                   cfg.teacher.path if cfg.teacher.source == "hf" else
                   hf_teachers[0] if hf_teachers else "")
+        if not source and cfg.teacher.source == "cache":
+            return _cache_tokenizer(cfg)
         if not source:
             return "byte"
         if not (Path(source) / "tokenizer.json").is_file():
@@ -64,6 +69,28 @@ def tokenizer_spec(cfg: Config) -> str:
         return spec
     path = Path(spec).expanduser()
     return str(path / "tokenizer.json" if path.is_dir() else path)
+
+
+def _cache_tokenizer(cfg: Config) -> str:
+    """The tokenizer `cache.dir`'s rows were made with, as its manifest's fingerprint names it:
+    `byte`, its copy in the cache (`copy_student_tokenizer`), or `teacher.path`'s where that is
+    the checkpoint the cache came from (a cache written before the copy). A missing or damaged
+    cache resolves to `byte` here and is refused, in one line, where it is read."""
+    try:
+        wanted = read_manifest(cfg.cache.dir)["fingerprints"]["tokenizer"]
+    except CacheError:
+        return "byte"
+    if wanted == ByteTokenizer.fingerprint:
+        return "byte"
+    candidates = [Path(cfg.cache.dir) / STUDENT_TOKENIZER_DIR / "tokenizer.json"]
+    if cfg.teacher.path:
+        candidates.append(Path(cfg.teacher.path).expanduser() / "tokenizer.json")
+    for candidate in candidates:
+        if candidate.is_file() and file_fingerprint(candidate) == wanted:
+            return str(candidate)
+    raise ConfigError(f"data.tokenizer is auto but the cache {cfg.cache.dir} was made with a "
+                      f"tokenizer ({wanted[:19]}...) that neither it nor teacher.path holds: set "
+                      "data.tokenizer to the tokenizer.json its rows were made with")
 
 
 def teacher_model_config(cfg: Config) -> ModelConfig:

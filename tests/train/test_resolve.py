@@ -5,6 +5,7 @@ Hugging Face teacher."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,9 @@ import yaml
 from kd_jax import cli
 from kd_jax import config as config_lib
 from kd_jax.config import ConfigError
+from kd_jax.run_dir import read_run
 from kd_jax.teacher.loading import teacher_dtype_choice
-from kd_jax.train.resolve import resolve, resolve_model
+from kd_jax.train.resolve import resolve, resolve_model, tokenizer_spec
 
 
 def test_tokenizer_auto_is_the_checkpoints_or_bytes(hf_pair, tmp_path):
@@ -142,3 +144,49 @@ def test_precompute_from_a_hf_teacher_then_distill_from_the_cache(hf_pair, tmp_p
                      f"train.run_dir={tmp_path / 'other'}"]) == 2
     assert "teacher" in capsys.readouterr().err
     assert not Path(tmp_path / "other").exists()
+
+
+def test_tokenizer_auto_reads_the_tokenizer_a_cache_was_made_with(hf_pair, tmp_path, capsys):
+    """The recipe of docs/offline.md: the distill config is the precompute config with
+    teacher.source=cache. A student from scratch has no checkpoint to name the tokenizer, so
+    auto resolves to the tokenizer the cache's rows were made with (its copy in the cache, or
+    teacher.path's where that matches), not to bytes."""
+    _, corpus, teacher, _ = hf_pair
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    config = tmp_path / "d.yaml"
+    config.write_text(f"""
+teacher: {{source: hf, path: {teacher}}}
+model: {{vocab_size: 208, d_model: 32, n_layers: 1, n_heads: 2, n_kv_heads: 1, d_ff: 64,
+        max_seq_len: 64}}
+data: {{source: text, path: {corpus}, seq_len: 32, heldout_fraction: 0.1}}
+loss: {{temperature: 2.0, ce_weight: 0.5}}
+cache: {{dir: {cache}, mode: topk, k: 8, rows_per_shard: 8, temperature: 2.0}}
+train: {{run_dir: {run_dir}, steps: 2, batch_size: 4, log_every: 1, checkpoint_every: 2,
+        eval_sequences: 4, progress: false}}
+""")
+    assert cli.main(["precompute", str(config)]) == 0
+    copied = cache / "tokenizer" / "tokenizer.json"
+    assert copied.read_bytes() == (teacher / "tokenizer.json").read_bytes()
+
+    cached = config_lib.load(config, ["teacher.source=cache"])
+    assert tokenizer_spec(cached) == str(copied)
+    assert cli.main(["distill", str(config), "teacher.source=cache"]) == 0
+    assert read_run(run_dir)[0].data.tokenizer == str(copied)
+
+    # A cache without the copy (written before it was made) finds teacher.path's instead.
+    shutil.rmtree(cache / "tokenizer")
+    assert tokenizer_spec(cached) == str(teacher / "tokenizer.json")
+    # Neither: one line saying what to set, before anything is written.
+    capsys.readouterr()
+    assert cli.main(["distill", str(config), "teacher.source=cache", "teacher.path=",
+                     f"train.run_dir={tmp_path / 'other'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.tokenizer is auto" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "other").exists()
+    # A cache of the byte tokenizer resolves to bytes.
+    byte_cache = config_lib.load(None, ["teacher.source=cache", f"cache.dir={tmp_path / 'b'}"])
+    (tmp_path / "b").mkdir()
+    manifest = json.loads((cache / "manifest.json").read_text())
+    manifest["fingerprints"]["tokenizer"] = "byte-v1"
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    assert tokenizer_spec(byte_cache) == "byte"
