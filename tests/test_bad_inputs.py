@@ -69,6 +69,9 @@ CASES = {
     "resumed with another loss": ["train", "{config}", "train.run_dir={tmp}/existing",
         "loss.ce_weight=0.5"],
     "no data file matches": ["train", "{config}", "data.path={tmp}/none*.txt"],
+    "held-out files not found": ["train", "{config}", "data.heldout_path={tmp}/none*.txt"],
+    "held-out files trained on too": ["train", "{config}", "data.heldout_path={tmp}/afile.txt",
+        "data.path={tmp}/*.txt"],
     "empty data file": ["train", "{config}", "data.path={tmp}/empty.txt"],
     "missing tokenizer file": ["train", "{config}", "data.tokenizer={tmp}/no/tokenizer.json"],
     "tokenizer file that is not one": ["train", "{config}", "data.tokenizer={tmp}/broken.yaml"],
@@ -151,6 +154,7 @@ def world(teacher_run, sampled_cache, tmp_path_factory):
     (tmp / "afile").write_text("not a directory")
     (tmp / "afile_dir").mkdir()
     (tmp / "empty.txt").write_text("")
+    (tmp / "afile.txt").write_text("a held-out file")
     write_tokenizer(tmp / "tokenizer.json", corpus)
     word_level(tmp / "words.json", [line for line in corpus.read_text().splitlines() if line])
     existing = tmp / "existing"

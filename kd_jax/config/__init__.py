@@ -143,6 +143,10 @@ class DataConfig:
     split: str = "train"
     heldout_split: str = ""  # a split of the source to evaluate on; empty: hold out documents
     heldout_fraction: float = 0.05  # fraction of documents held out when heldout_split is empty
+    # Held-out files (comma-separated, globs allowed), read as data.path is (same source kind and
+    # columns): the rows evaluated on are exactly theirs, and data.path is trained on whole.
+    # Empty: heldout_split (hub) or heldout_fraction.
+    heldout_path: str = ""
     text_column: str = "text"
     prompt_column: str = ""  # with response_column: chat-style data, loss on the response only
     response_column: str = ""

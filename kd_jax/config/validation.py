@@ -87,7 +87,10 @@ def check(config: Config) -> None:
             raise ConfigError(f"optimizer.{name} must be in [0, 1), got {getattr(opt, name)}")
     if loss.kd_weight < 0 or loss.ce_weight < 0:
         raise ConfigError("loss.kd_weight and loss.ce_weight must be >= 0")
-    if not 0.0 < d.heldout_fraction < 1.0 and not d.heldout_split:
+    if d.heldout_path and d.heldout_split:
+        raise ConfigError("data.heldout_path and data.heldout_split both name held-out data; "
+                          "set one")
+    if not 0.0 < d.heldout_fraction < 1.0 and not (d.heldout_split or d.heldout_path):
         raise ConfigError(f"data.heldout_fraction must be in (0, 1), got {d.heldout_fraction}")
     if bool(d.prompt_column) != bool(d.response_column):
         raise ConfigError("data.prompt_column and data.response_column must be set together")

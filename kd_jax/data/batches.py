@@ -134,7 +134,7 @@ def fingerprint(cfg: DataConfig, tokenizer: Tokenizer) -> str:
         identity["python"] = platform.python_version()
     if cfg.add_bos and tokenizer.document_prefix:  # absent otherwise: older caches stay valid
         identity["document_prefix"] = list(tokenizer.document_prefix)
-    for key in ("messages_column", "mixture"):  # likewise
+    for key in ("messages_column", "mixture", "heldout_path"):  # likewise
         if getattr(cfg, key):
             identity[key] = getattr(cfg, key)
     encoded = json.dumps(identity, sort_keys=True).encode("utf-8")

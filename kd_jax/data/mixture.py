@@ -24,6 +24,7 @@ BLOCK = 4096  # stream positions whose sources follow the weights exactly
 _MIXTURE_STREAM = 0x4D49  # second seed word of the block orders, apart from epochs' [seed, e]
 # The data keys a mixture's source may set; the others (tokenizer, seq_len, ...) are shared.
 SOURCE_KEYS = ("source", "path", "name", "split", "heldout_split", "heldout_fraction",
+               "heldout_path",
                "text_column", "prompt_column", "response_column", "messages_column",
                "streaming", "max_documents")
 

@@ -31,7 +31,13 @@ from kd_jax.data.packing import (
     row_hashes,
     tokenize,
 )
-from kd_jax.data.sources import Document, check_source, heldout_mask, iter_documents
+from kd_jax.data.sources import (
+    Document,
+    check_source,
+    heldout_mask,
+    heldout_source,
+    iter_documents,
+)
 from kd_jax.data.tokenizers import Tokenizer
 
 # Rows derived at once while hashing: bounds the temporaries of `derive_rows`.
@@ -75,12 +81,18 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True) -> dic
                               "store; choose an empty or new directory")
         write_json(directory / store_lib.PREPARING, preparing)
 
-    parts = [cfg.split] + ([cfg.heldout_split] if cfg.heldout_split else [])
+    # Each part a (config, split) read whole: the training source, then what is held out
+    # whole (a hub split, or files), if anything is.
+    parts = [(cfg, cfg.split)]
+    if cfg.heldout_split:
+        parts.append((cfg, cfg.heldout_split))
+    elif cfg.heldout_path:
+        parts.append((heldout_source(cfg), cfg.split))
     bar = tqdm(unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
                dynamic_ncols=True, leave=False)
     try:
-        for part, split in enumerate(parts):
-            _tokenize_part(cfg, tokenizer, directory, part, split, bar)
+        for part, (part_cfg, split) in enumerate(parts):
+            _tokenize_part(part_cfg, tokenizer, directory, part, split, bar)
     finally:
         bar.close()
     manifest = _finish(cfg, tokenizer, directory, len(parts), expected)
@@ -203,7 +215,7 @@ def _finish(cfg: DataConfig, tokenizer: Tokenizer, directory: Path, n_parts: int
     write_array(directory / "untrained.ends.npy", spans[:, 1])
     token_starts = np.cumsum(lengths) - lengths
 
-    if n_parts == 2:  # data.heldout_split: the second part is held out whole
+    if n_parts == 2:  # data.heldout_split or heldout_path: the second part is held out whole
         train = np.arange(part_documents[0])
         heldout = np.arange(part_documents[0], part_documents[0] + part_documents[1])
     else:

@@ -46,6 +46,9 @@ def load_documents(cfg: DataConfig) -> tuple[list[Document], list[Document]]:
     check_source(cfg)
     if cfg.source == "stdlib":
         train, heldout = _hold_out(_stdlib_documents(), cfg)
+    elif cfg.source in _FILE_BUILDERS and cfg.heldout_path:
+        train = _dataset_documents(cfg, cfg.split)
+        heldout = _dataset_documents(heldout_source(cfg), cfg.split)
     elif cfg.source in _FILE_BUILDERS:
         train, heldout = _hold_out(_dataset_documents(cfg, cfg.split), cfg)
     else:
@@ -70,8 +73,24 @@ def check_source(cfg: DataConfig) -> None:
                           "source holds out files by data.heldout_fraction")
     if cfg.heldout_split and cfg.source != "hub":
         raise ConfigError(f"data.heldout_split applies to source 'hub' only; for local "
-                          f"'{cfg.source}' files, documents are held out by "
-                          f"data.heldout_fraction")
+                          f"'{cfg.source}' files, name the held-out files in "
+                          f"data.heldout_path (or hold documents out by data.heldout_fraction)")
+    if cfg.heldout_path and cfg.source not in _FILE_BUILDERS:
+        raise ConfigError(f"data.heldout_path names held-out files for a source of files "
+                          f"({', '.join(_FILE_BUILDERS)}); source '{cfg.source}' "
+                          + ("holds out a split: data.heldout_split" if cfg.source == "hub"
+                             else "holds out files by data.heldout_fraction"))
+    if cfg.heldout_path:
+        overlap = ({os.path.realpath(file) for file in data_files(cfg)}
+                   & {os.path.realpath(file) for file in data_files(cfg, heldout=True)})
+        if overlap:
+            raise ConfigError(f"data.heldout_path: {sorted(overlap)[0]} is in data.path too; "
+                              "held-out files must not be trained on")
+
+
+def heldout_source(cfg: DataConfig) -> DataConfig:
+    """The config that reads `data.heldout_path`'s files as `data.path`'s are read."""
+    return dataclasses.replace(cfg, path=cfg.heldout_path, heldout_path="", max_documents=0)
 
 
 def _describe(cfg: DataConfig) -> str:
@@ -95,16 +114,19 @@ def _stdlib_documents() -> list[Document]:
     return documents
 
 
-def data_files(cfg: DataConfig) -> list[str]:
-    patterns = [pattern.strip() for pattern in cfg.path.split(",") if pattern.strip()]
+def data_files(cfg: DataConfig, heldout: bool = False) -> list[str]:
+    """The files `data.path` (or with `heldout`, `data.heldout_path`) matches, in order."""
+    key = "data.heldout_path" if heldout else "data.path"
+    path = cfg.heldout_path if heldout else cfg.path
+    patterns = [pattern.strip() for pattern in path.split(",") if pattern.strip()]
     if not patterns:
-        raise ConfigError(f"data.path must list the {cfg.source} files to read")
+        raise ConfigError(f"{key} must list the {cfg.source} files to read")
     files = []
     for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         matches = [match for match in matches if os.path.isfile(match)]
         if not matches:
-            raise ConfigError(f"data.path: no file matches '{pattern}'")
+            raise ConfigError(f"{key}: no file matches '{pattern}'")
         files.extend(matches)
     return files
 

@@ -10,7 +10,7 @@ from the stream and a pair index, the same rows `packing.pack` builds in memory.
     p0-00000.untrained.npy  int64 [spans, 2]: token ranges of the shard never trained on as labels
     p0-00000.json           the shard's counts; written last, so it marks the shard whole
     p0.json                 the part is tokenized whole: its shard count
-    p1-...                  part 1 (data.heldout_split), when there is one
+    p1-...                  part 1 (data.heldout_split or data.heldout_path), when there is one
     train.token_starts.npy  int64 [documents]: the split's packed documents in the token stream,
     train.pair_starts.npy   and in the pair stream (the pair index)
     train.hashes.npy        uint64 [rows]: `row_hashes` of each row, checked at every read
@@ -57,6 +57,8 @@ def identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]
     data: dict[str, Any] = {"data.source": cfg.source, "data.path": cfg.path,
                             "data.name": cfg.name, "data.split": cfg.split,
                             "data.heldout_split": cfg.heldout_split}
+    if cfg.heldout_path:  # absent otherwise: stores prepared before it stay valid
+        data["data.heldout_path"] = cfg.heldout_path
     for key in ("text_column", "prompt_column", "response_column", "messages_column"):
         if getattr(cfg, key):
             data[f"data.{key}"] = getattr(cfg, key)
@@ -68,9 +70,13 @@ def identity(cfg: DataConfig, tokenizer: Tokenizer) -> dict[str, dict[str, Any]]
     elif cfg.source != "hub":
         data["files of data.path"] = [
             [file, os.stat(file).st_size, os.stat(file).st_mtime_ns] for file in data_files(cfg)]
+        if cfg.heldout_path:
+            data["files of data.heldout_path"] = [
+                [file, os.stat(file).st_size, os.stat(file).st_mtime_ns]
+                for file in data_files(cfg, heldout=True)]
     packing: dict[str, Any] = {"data.seq_len": cfg.seq_len,
                                "data.max_documents": cfg.max_documents}
-    if not cfg.heldout_split:
+    if not (cfg.heldout_split or cfg.heldout_path):
         packing.update({"data.heldout_fraction": cfg.heldout_fraction, "data.seed": cfg.seed})
     return {"tokenizer": {"data.tokenizer": tokenizer.fingerprint}, "data": data,
             "packing": packing}

@@ -107,6 +107,53 @@ def test_a_prefix_tokenizer_and_a_hub_style_heldout_split(tmp_path):
     assert streamed == docs_heldout
 
 
+def test_heldout_files_named_by_the_user_are_the_heldout_rows(tmp_path):
+    """data.heldout_path: the held-out rows are exactly the named files' rows and data.path is
+    trained on whole (heldout_fraction unused), in memory and in a store; a store of the
+    fraction's split, or of other held-out files, is another store."""
+    train_file = write_corpus(tmp_path / "train.jsonl", 90, seed=3)
+    first, second = (write_corpus(tmp_path / f"validation-{i}.jsonl", 20, seed=4 + i)
+                     for i in range(2))
+    cfg = data_config(train_file, tmp_path / "store",
+                      heldout_path=f"{tmp_path / 'validation-*.jsonl'}")
+    tokenizer = ByteTokenizer()
+    docs_train, docs_heldout = load_documents(cfg)
+    assert [doc.text for doc in docs_heldout] == [
+        doc.text for doc in iter_documents(data_config(first, None), "train")] + [
+        doc.text for doc in iter_documents(data_config(second, None), "train")]
+    assert [doc.text for doc in docs_train] == [
+        doc.text for doc in iter_documents(data_config(train_file, None), "train")]
+
+    prepare(cfg, tokenizer, progress=False)
+    train, heldout = open_store(cfg, tokenizer)
+    assert_same_rows(train, pack(docs_train, tokenizer, cfg.seq_len))
+    assert_same_rows(heldout, pack(docs_heldout, tokenizer, cfg.seq_len))
+    with pytest.raises(StoreError, match="was prepared with other data .*heldout_path"):
+        open_store(DataConfig(**{**cfg.__dict__, "heldout_path": str(first)}), tokenizer)
+    with pytest.raises(StoreError, match="was prepared with other data"):
+        open_store(DataConfig(**{**cfg.__dict__, "heldout_path": ""}), tokenizer)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"heldout_path": "{train}"}, "is in data.path too"),
+    ({"heldout_path": "{dir}/none-*.jsonl"}, "no file matches"),
+    ({"heldout_path": "{train}", "heldout_split": "test"}, "set one"),
+    ({"source": "stdlib", "path": "", "heldout_path": "{train}"},
+     "source 'stdlib' holds out files by data.heldout_fraction"),
+])
+def test_bad_heldout_paths_are_one_line_errors(tmp_path, overrides, message):
+    from kd_jax.config import validate
+
+    train_file = write_corpus(tmp_path / "train.jsonl", 10)
+    fields = {key: value.format(train=train_file, dir=tmp_path) if isinstance(value, str)
+              else value for key, value in overrides.items()}
+    cfg = Config(data=data_config(train_file, tmp_path / "store", **fields))
+    with pytest.raises(ConfigError, match=message) as caught:
+        validate(cfg)
+        load_documents(cfg.data)
+    assert "\n" not in str(caught.value)
+
+
 def test_chat_rows_train_on_exactly_the_assistant_tokens(tmp_path):
     folder = write_checkpoint(tmp_path / "checkpoint")
     conversations = []
