@@ -13,9 +13,18 @@ from kd_jax.parallel.cpu import keep_cpu_step_memory
 USAGE_ERROR = 2
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, as every other refusal is (its usage block is what
+    --help prints)."""
+
+    def error(self, message: str):
+        # A missing config is reported with the overrides that may follow it, which may not.
+        message = message.replace("config, overrides", "config")
+        raise ConfigError(f"{message} ({self.prog} --help shows the usage)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kd-jax", description="Knowledge distillation in JAX.")
+    parser = _Parser(prog="kd-jax", description="Knowledge distillation in JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("train", "train a model on hard labels (a teacher, or a baseline)"),
                        ("distill", "distill a frozen teacher into a student")):
@@ -81,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kd_jax_demo", help="run directory (default ./kd_jax_demo)")
     p.add_argument("--quick", action="store_true",
                    help="a much smaller budget, to check the pipeline (numbers not meaningful)")
+    parser.commands = tuple(sub.choices)  # type: ignore[attr-defined]
     return parser
 
 
@@ -124,8 +134,14 @@ def _cache_command(args) -> None:
         print(f"{args.dir}: {summary}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    commands = list(parser.commands)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        # argparse's own wording of this differs between Python versions
+        raise ConfigError(f"unknown command '{argv[0]}'; the commands are "
+                          f"{', '.join(commands)} (kd-jax --help shows the usage)")
     # Overrides may follow options too (`plan CONFIG --devices 8 mesh.fsdp=8`): argparse leaves
     # positionals after an option unparsed; they join the overrides.
     args, extra = parser.parse_known_args(argv)
@@ -134,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
                 item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _arguments(argv)
+    except ConfigError as err:
+        print(f"kd-jax: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
     # Before JAX starts its CPU client: each step's temporaries stay mapped between steps.
     keep_cpu_step_memory()
     preemption = None

@@ -52,11 +52,13 @@ def check_writable(run_dir: Path) -> None:
                           "writable directory)")
 
 
-def check_resume(cfg: Config) -> None:
-    """Resuming needs the same model, data, loss, optimizer, teacher and batch."""
+def check_resume(cfg: Config, saved_a_checkpoint: bool = True) -> None:
+    """Resuming needs the same model, data, loss, optimizer, teacher and batch. A run that
+    never saved a checkpoint (`saved_a_checkpoint` False: it stopped on its first steps, a
+    non-finite loss say) has nothing to resume: it starts again, with whatever config."""
     run_dir = Path(cfg.train.run_dir)
     check_writable(run_dir.absolute())
-    if not (run_dir / "config.yaml").is_file():
+    if not (run_dir / "config.yaml").is_file() or not saved_a_checkpoint:
         return
     saved, _ = read_run(run_dir)
     for section in _RESUME_SECTIONS:

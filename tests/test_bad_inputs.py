@@ -31,6 +31,9 @@ ONLINE = ["teacher.source=checkpoint", "teacher.path={teacher}"]
 # name -> the command line, with {config}, {tmp}, {teacher}, {cache}, {cache_config} filled in.
 # The message each must print is in docs/errors.md.
 CASES = {
+    "command without its config": ["train"],
+    "unknown command": ["trian", "{config}"],
+    "unknown option": ["train", "{config}", "--steps=3"],
     "unknown key": ["train", "{config}", "train.setps=3"],
     "unknown section": ["train", "{config}", "trian.steps=3"],
     "override without a value": ["train", "{config}", "train.steps"],
@@ -238,12 +241,10 @@ def test_each_bad_input_is_one_line_exit_2_and_changes_nothing(name, world, caps
                world["teacher"]]
     before = [_digest(directory) for directory in watched]
     capsys.readouterr()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:  # argparse's own usage errors
-        code = exit_.code
+    code = cli.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2, (name, err)
+    assert len(err) == 1, (name, err)  # nothing before the refusal: no progress, no log line
     last = _normalize(err[-1], world)
     assert last.startswith("kd-jax: error: ") or last.startswith("kd-jax "), (name, err)
     assert "Traceback" not in "\n".join(err)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -88,7 +89,10 @@ def prepare(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True) -> dic
         parts.append((cfg, cfg.heldout_split))
     elif cfg.heldout_path:
         parts.append((heldout_source(cfg), cfg.split))
-    bar = tqdm(unit="B", unit_scale=True, desc="tokenizing", disable=not progress,
+    # On a terminal only: in a log, a bar is a run of carriage returns, and a refusal would
+    # follow it on the same line.
+    bar = tqdm(unit="B", unit_scale=True, desc="tokenizing",
+               disable=not (progress and sys.stderr.isatty()),
                dynamic_ncols=True, leave=False)
     try:
         for part, (part_cfg, split) in enumerate(parts):

@@ -132,11 +132,18 @@ def data_files(cfg: DataConfig, heldout: bool = False) -> list[str]:
 
 
 def _load_dataset(cfg: DataConfig, split: str, streaming: bool) -> Any:
-    """The `datasets` dataset of `cfg` (an IterableDataset when `streaming`)."""
+    """The `datasets` dataset of `cfg` (an IterableDataset when `streaming`).
+
+    `datasets` is made quiet for the whole process: its progress bars ("Generating train
+    split") and its log lines (a parser's "Failed to load JSON ...") would come before the one
+    line a refusal is, and what they say is in that line; progress is kd-jax's own."""
     try:
         import datasets
+        import datasets.utils.logging
     except ImportError:
         raise ConfigError(f"data.source '{cfg.source}' needs the 'datasets' package") from None
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
     if cfg.source != "hub":
         files = data_files(cfg)
         if all(os.path.getsize(file) == 0 for file in files):

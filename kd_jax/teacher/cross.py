@@ -19,6 +19,7 @@ forward pass of the teacher over them).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -242,7 +243,7 @@ def teacher_feed(cfg: Config, student: Tokenizer, teacher: Tokenizer, train: Row
                           f"teacher's tokenizer are not prepared; a multi-process run reads "
                           "prepared ones: run kd-jax prepare with this config first")
     with tqdm(total=train.n_rows, unit="row", desc="teacher rows",
-              disable=not cfg.train.progress) as bar:
+              disable=not (cfg.train.progress and sys.stderr.isatty())) as bar:
         prepared = prepare_teacher_rows(root, train, student, teacher, teacher_seq_len,
                                         bar.update)
     if backoff:

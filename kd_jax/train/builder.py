@@ -190,7 +190,7 @@ def build(cfg: Config, mode: str) -> Run:
     if mode != "eval":  # evaluation reads a run directory's config, resolved already
         cfg = resolve(cfg)
     if mode in ("train", "distill"):
-        check_resume(cfg)
+        check_resume(cfg, checkpoint.latest_step(cfg.train.run_dir) is not None)
     data = load_data(cfg)
     if cfg.model.init == "hf" and mode in ("train", "distill"):
         check_same_tokenizer(Path(cfg.model.path), "model.path", data.tokenizer)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoint, cli
+from kd_jax.run_dir import read_run
 from tests.helpers import MESH, cli_env, distill_config, losses_by_step, run_cli, write_config
 
 
@@ -171,6 +172,16 @@ def test_a_non_finite_step_stops_the_run_or_is_skipped(teacher_run, tmp_path, ca
         "kd-jax: error: non-finite gradient of embedding at step 2: the update was not "
         "applied; stopped, no checkpoint saved (train.on_nonfinite=skip skips such steps "
         "instead)")
+    # It saved no checkpoint: the same directory takes the corrected config, from step 1,
+    # and keeps none of the stopped attempt's metrics.
+    assert cli.main(["train", str(config)]) == 0
+    losses = losses_by_step(tmp_path / "stop")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and all(map(np.isfinite, losses.values()))
+    assert read_run(tmp_path / "stop")[0].optimizer.lr == 1e-3
+    # One that saved a checkpoint refuses another config, as before.
+    capsys.readouterr()
+    assert cli.main(["train", str(config), "optimizer.lr=2e-3"]) == 2
+    assert "was started with optimizer.lr=0.001" in capsys.readouterr().err
     assert cli.main(["train", str(config), *diverge, "train.on_nonfinite=skip",
                      f"train.run_dir={tmp_path / 'skip'}"]) == 0
     records = [json.loads(line) for line in
