@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -300,4 +301,10 @@ def restore_params(run_dir: str | Path, abstract_params: Any, step: int | None =
 
 
 def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+    """Why a read failed, in one line: the innermost cause (orbax wraps TensorStore's error,
+    which names the array and what is wrong with its file, in one of its own that prints the
+    whole array spec), without TensorStore's bracketed details ([source locations='...'])."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return re.sub(r"\s*\[[a-z_ ]+='[^']*'\]", "", text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable
+from pathlib import Path
 
 
 def closest(name: str, options: Iterable[str]) -> str:
@@ -16,6 +17,14 @@ def closest(name: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(str(name), [str(option) for option in options], n=1,
                                       cutoff=0.0)
     return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def not_a_directory(path: str | Path) -> str:
+    """Why `path` is not a directory, for a message: "does not exist", or what it is."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    return "is a file, not a directory" if path.is_file() else "is not a directory"
 
 
 def static_number(name: str, value, *, low: float | None = None, high: float | None = None,

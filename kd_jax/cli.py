@@ -111,9 +111,16 @@ def _cache_command(args) -> None:
         expected = None
         if args.config:
             cfg = config_lib.load(args.config, args.overrides)
+            from kd_jax.cache.fingerprints import fingerprints
+            from kd_jax.cache.manifest import check_fingerprints, read_manifest
             from kd_jax.train.run_data import load_data
 
-            expected = load_data(cfg).train.row_hashes()
+            data = load_data(cfg)
+            # What differs, named (the tokenizer, the data, the packing) before any shard is read.
+            check_fingerprints(read_manifest(args.dir), {
+                "fingerprints": fingerprints(cfg, data.tokenizer, data.train, None),
+                "seq_len": cfg.data.seq_len, "n_rows": data.train.n_rows}, args.dir)
+            expected = data.train.row_hashes()
         elif args.overrides:
             raise ConfigError("overrides need --config")
         result = shards.verify(args.dir, expected)

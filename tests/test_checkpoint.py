@@ -2,6 +2,7 @@
 (one flipped byte anywhere in its data files) is named and never used: a resumed run goes back
 to the checkpoint before it, `kd-jax eval` refuses it, a teacher run refuses to load from it."""
 
+import re
 import shutil
 
 import jax
@@ -81,6 +82,15 @@ def test_a_flipped_byte_in_the_student_is_named_at_every_offset(run_copy):
         with pytest.raises(checkpoint.DamagedCheckpoint,
                            match=f"^checkpoint {step} in .* (is damaged: array|cannot be read)"):
             checkpoint.restore_params(run_copy, abstract, step)
+    # A truncated file: the reason is TensorStore's, whole (the array, the byte range it
+    # misses), without the array spec orbax wraps it in.
+    shutil.copyfile(pristine, data)
+    data.write_bytes(pristine.read_bytes()[: size // 2])
+    with pytest.raises(checkpoint.DamagedCheckpoint) as caught:
+        checkpoint.restore_params(run_copy, abstract, step)
+    message = str(caught.value)
+    assert re.fullmatch(rf"checkpoint {step} in .* cannot be read \(\w+: Error reading \S+ "
+                        r".*byte range .* is not valid for value of size \d+\)", message), message
 
 
 def test_a_damaged_latest_checkpoint_resumes_from_the_one_before(run_copy, teacher_run, capsys):

@@ -266,8 +266,9 @@ def verify(cache_dir: str | Path, expected_hashes: np.ndarray | None = None) -> 
     if expected_hashes is not None:
         expected_hashes = np.asarray(expected_hashes, dtype=np.uint64)
         if expected_hashes.shape != (manifest["n_rows"],):
-            raise CacheError(f"expected_hashes has shape {expected_hashes.shape}, the cache "
-                             f"holds {manifest['n_rows']} rows")
+            raise CacheError(f"the data packs into {len(expected_hashes)} rows and cache "
+                             f"{cache_dir} holds {manifest['n_rows']}: it was built from "
+                             "other data")
     for shard_index in range(n_shards(manifest)):
         shard = open_shard(cache_dir, manifest, shard_index, verify_checksum=True)
         if expected_hashes is not None:

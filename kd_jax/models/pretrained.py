@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.checks import not_a_directory
 from kd_jax.config import ConfigError, ModelConfig
 from kd_jax.models import families
 from kd_jax.models.families import Tensor
@@ -60,7 +61,7 @@ def read_config(path: str | Path) -> dict:
     Enough for shapes (`kd-jax plan`): the weights need not be there."""
     path = Path(path)
     if not path.is_dir():
-        raise ConfigError(f"checkpoint directory '{path}' does not exist")
+        raise ConfigError(f"checkpoint directory '{path}' {not_a_directory(path)}")
     try:
         hf = json.loads((path / "config.json").read_text())
     except FileNotFoundError:

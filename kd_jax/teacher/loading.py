@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import checkpoint
+from kd_jax.checks import not_a_directory
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.models.pretrained import load_params, open_checkpoint, weight_digests
@@ -71,7 +72,7 @@ def latest_checkpoint(cfg: Config) -> int:
     """The latest checkpoint step of the teacher run `teacher.path`."""
     path = Path(cfg.teacher.path)
     if not path.is_dir():
-        raise ConfigError(f"teacher.path '{path}' does not exist")
+        raise ConfigError(f"teacher.path '{path}' {not_a_directory(path)}")
     step = checkpoint.latest_step(path)
     if step is None or not (path / "run.json").is_file():
         raise ConfigError(f"teacher.path '{path}' has no checkpoint")

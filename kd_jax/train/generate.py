@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from kd_jax import checkpoint
+from kd_jax.checks import not_a_directory
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.data.sources import iter_documents
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer, stop_token_ids
@@ -145,7 +146,7 @@ def load_generator(cfg: Config, mesh: Any) -> Generator:
     if cfg.teacher.source == "hf":
         tokenizer = load_tokenizer(str(path / "tokenizer.json"))
     elif not path.is_dir():
-        raise ConfigError(f"teacher.path '{path}' does not exist")
+        raise ConfigError(f"teacher.path '{path}' {not_a_directory(path)}")
     else:
         tokenizer = load_tokenizer(read_run(path)[0].data.tokenizer)
     # load_teacher checks that data.seq_len fits the teacher, which decoding does not read.

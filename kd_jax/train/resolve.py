@@ -15,6 +15,7 @@ import copy
 from pathlib import Path
 
 from kd_jax.cache.manifest import STUDENT_TOKENIZER_DIR, CacheError, read_manifest
+from kd_jax.checks import not_a_directory
 from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.config.validation import check_architecture
 from kd_jax.data.tokenizers import ByteTokenizer, file_fingerprint
@@ -98,5 +99,6 @@ def teacher_model_config(cfg: Config) -> ModelConfig:
     if cfg.teacher.source == "hf":
         return model_config(read_config(cfg.teacher.path))
     if not Path(cfg.teacher.path).is_dir():
-        raise ConfigError(f"teacher.path '{cfg.teacher.path}' does not exist")
+        raise ConfigError(f"teacher.path '{cfg.teacher.path}' "
+                          f"{not_a_directory(cfg.teacher.path)}")
     return read_run(cfg.teacher.path)[0].model
