@@ -56,10 +56,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="experiment YAML (data.tokenizer, data.seq_len, "
                                     "data.heldout_fraction, cache.value_dtype)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
-    p = sub.add_parser("eval", help="evaluate a run on held-out data",
-                       description="evaluate a run's latest checkpoint on held-out data")
-    p.add_argument("target", help="a run directory, or an experiment YAML (its train.run_dir)")
+    p = sub.add_parser("eval", help="evaluate a run on held-out data (and task files)",
+                       description="evaluate a run's latest checkpoint on held-out data, and "
+                                   "with --tasks, it and its teachers on multiple-choice task "
+                                   "files; or a Hugging Face checkpoint directory on task files")
+    p.add_argument("target", help="a run directory, an experiment YAML (its train.run_dir), or "
+                                  "a Hugging Face checkpoint directory (an export)")
     p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--tasks", action="append", default=[], metavar="FILE.jsonl",
+                   help="a task file, one JSON object a line: context, choices, answer "
+                        "(docs/tasks.md); repeat for several")
+    p.add_argument("--tokenizer", help="a checkpoint directory's tokenizer: byte, or a "
+                                       "tokenizer.json (default: its own tokenizer.json)")
     text = ("compile the configured step ahead of time from shapes alone, on N placeholder "
             "devices, and print per device what it needs and whether it fits")
     p = sub.add_parser("plan", help=text, description=text)
@@ -141,6 +149,41 @@ def _cache_command(args) -> None:
         print(f"{args.dir}: {summary}")
 
 
+def _eval_command(args) -> None:
+    from kd_jax.eval.report import eval_table, tasks_table
+
+    target = Path(args.target)
+    overrides = list(args.overrides)
+    if target.is_dir() and (target / "config.json").is_file() and not (
+            target / "config.yaml").is_file():  # a Hugging Face checkpoint directory
+        if not args.tasks:
+            raise ConfigError(f"{target} is a checkpoint directory, not a run: kd-jax eval "
+                              "scores it on task files (--tasks FILE.jsonl)")
+        if overrides:
+            raise ConfigError(f"overrides apply to a run, not to the checkpoint directory "
+                              f"{target}")
+        from kd_jax.train.tasks import evaluate_checkpoint_tasks
+
+        result = evaluate_checkpoint_tasks(target, args.tasks, args.tokenizer)
+        print(tasks_table(result["tasks"]))
+        return
+    if args.tokenizer:
+        raise ConfigError("--tokenizer applies to a checkpoint directory; a run reads with its "
+                          "own tokenizer")
+    if target.is_file():
+        cfg = config_lib.load(target, overrides)
+        target = Path(cfg.train.run_dir)
+    elif not target.is_dir():
+        raise ConfigError(f"{target} is neither a run directory nor a config file")
+    from kd_jax.train.loop import evaluate_checkpoint
+
+    result = evaluate_checkpoint(target, overrides, args.tasks)
+    print(eval_table(result))
+    if result.get("tasks"):
+        print(tasks_table(result["tasks"]))
+    print(f"wrote {target / 'report.json'}")
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = _parser()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -184,19 +227,7 @@ def main(argv: list[str] | None = None) -> int:
             if "student" in result:
                 print(eval_table(result))
         elif args.command == "eval":
-            target = Path(args.target)
-            overrides = list(args.overrides)
-            if target.is_file():
-                cfg = config_lib.load(target, overrides)
-                target = Path(cfg.train.run_dir)
-            elif not target.is_dir():
-                raise ConfigError(f"{target} is neither a run directory nor a config file")
-            from kd_jax.eval.report import eval_table
-            from kd_jax.train.loop import evaluate_checkpoint
-
-            result = evaluate_checkpoint(target, overrides)
-            print(eval_table(result))
-            print(f"wrote {target / 'report.json'}")
+            _eval_command(args)
         elif args.command == "prepare":
             cfg = config_lib.load(args.config, args.overrides)
             from kd_jax.train.run_data import prepare_data, prepare_teacher_data

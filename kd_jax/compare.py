@@ -7,7 +7,7 @@ writes two files into one directory:
                 cross-entropy at each evaluation, and the teacher's held-out level as a line
     report.md   the retention table (parameters, held-out quality, training throughput, and
                 each model's ratios to the teacher), the distillation gain over the hard-label
-                baseline, and the figure
+                baseline, the task results of `kd-jax eval --tasks`, and the figure
 
 A run's role comes from what it recorded. A `distill` run (run.json's `mode`) is a distilled
 student. A `train` run that another run names as its teacher (config.yaml's `teacher.path`,
@@ -225,8 +225,34 @@ def markdown(runs: Sequence[Run], image: str) -> str:
         "teacher's forward pass).", "",
         *table, "",
         *(line for line in gain_lines(runs) for line in (line, "")),
+        *task_lines(runs),
         f"![Training and held-out cross-entropy of the students, and the teacher's held-out "
         f"level]({image})", ""])
+
+
+TASK_HEADERS = ["task", "model", "run", "examples", "acc", "acc stderr", "acc_norm",
+                "acc_norm stderr"]
+
+
+def task_lines(runs: Sequence[Run]) -> list[str]:
+    """The task table (`kd-jax eval --tasks`, report.json's `tasks`): a row per task and model
+    of each run, the run's student under its role; nothing when no run has task results."""
+    rows = []
+    for run in by_role(runs):
+        for task, entry in ((run.report or {}).get("tasks") or {}).items():
+            for model, metrics in entry.items():
+                if isinstance(metrics, dict):
+                    rows.append([task, run.role if model == "student" else model,
+                                 f"`{run.path}`", cell(entry.get("examples")),
+                                 *(cell(metrics.get(key)) for key in (
+                                     "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"))])
+    if not rows:
+        return []
+    return ["Multiple-choice tasks (docs/tasks.md): accuracy of the most likely choice (acc) "
+            "and of the most likely per character (acc_norm), with standard errors.", "",
+            "| " + " | ".join(TASK_HEADERS) + " |",
+            "|---|---|---|" + "---:|" * (len(TASK_HEADERS) - 3),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
 
 
 def figure(runs: Sequence[Run], path: Path) -> None:

@@ -120,6 +120,8 @@ CASES = {
     "store directory not empty": ["prepare", "{config}", "data.store={tmp}/existing"],
     "eval of a directory that is no run": ["eval", "{tmp}/afile_dir"],
     "eval of neither file nor directory": ["eval", "{tmp}/nothing"],
+    "task file with a bad line": ["eval", "{teacher}", "--tasks", "{tmp}/bad_task.jsonl"],
+    "task file missing": ["eval", "{teacher}", "--tasks", "{tmp}/nowhere.jsonl"],
     "plan on no devices": ["plan", "{config}", "--devices", "0"],
     "truncated teacher checkpoint": ["distill", "{config}", "teacher.source=checkpoint",
                                      "teacher.path={tmp}/damaged_teacher"],
@@ -164,6 +166,9 @@ def world(teacher_run, sampled_cache, tmp_path_factory):
     (tmp / "afile_dir").mkdir()
     (tmp / "empty.txt").write_text("")
     (tmp / "afile.txt").write_text("a held-out file")
+    (tmp / "bad_task.jsonl").write_text(
+        '{"context": "a", "choices": ["b", "c"], "answer": 0}\n'
+        '{"context": "a", "choices": ["b", "c"], "answer": 2}\n')
     write_tokenizer(tmp / "tokenizer.json", corpus)
     word_level(tmp / "words.json", [line for line in corpus.read_text().splitlines() if line])
     existing = tmp / "existing"

@@ -42,6 +42,34 @@ loss:
     assert again["student"]["bits_per_byte"] == pytest.approx(report["student"]["bits_per_byte"],
                                                               rel=1e-5)
 
+    # Multiple-choice tasks: the student and its teacher scored, recorded, kept by a later eval
+    # of the same checkpoint, and shown by kd-jax report; the student scores as its export.
+    task = tmp_path / "defs.jsonl"
+    task.write_text("".join(json.dumps({"context": context, "choices": choices, "answer": 0})
+                            + "\n" for context, choices in (
+        ("def insort_left(a, x, lo=0, hi=None", ["):", "]]]]]", "qqq"]),
+        ("import ", ["heapq", "zzzzzzzzzzzzzzz"]),
+        ("    while lo < hi:\n       ", ["mid = (lo + hi) // 2", "x"]))))
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "student"), "--tasks", str(task)]) == 0
+    assert "acc_norm" in capsys.readouterr().out
+    tasks = json.loads((tmp_path / "student" / "report.json").read_text())["tasks"]
+    assert tasks["defs"]["examples"] == 3 and tasks["defs"]["file"] == str(task)
+    assert set(tasks["defs"]["student"]) == set(tasks["defs"]["teacher"]) == {
+        "acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
+    assert cli.main(["eval", str(tmp_path / "student")]) == 0
+    assert json.loads((tmp_path / "student" / "report.json").read_text())["tasks"] == tasks
+    assert cli.main(["report", str(tmp_path / "student"), "--out", str(tmp_path / "rep")]) == 0
+    student = tasks["defs"]["student"]
+    assert (f"| defs | distilled | `{tmp_path / 'student'}` | 3 | {student['acc']:.4f} | "
+            f"{student['acc_stderr']:.4f} | {student['acc_norm']:.4f} |"
+            in (tmp_path / "rep" / "report.md").read_text())
+    from kd_jax.train.tasks import evaluate_checkpoint_tasks
+
+    assert cli.main(["export", str(tmp_path / "student"), str(tmp_path / "export")]) == 0
+    exported = evaluate_checkpoint_tasks(tmp_path / "export", [task], "byte")["tasks"]
+    assert exported["defs"]["model"] == pytest.approx(student, rel=1e-12)
+
 
 def test_demo_quick_writes_the_report(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

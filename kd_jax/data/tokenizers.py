@@ -274,11 +274,17 @@ def stop_token_ids(stop: list[int | str], tokenizer: Tokenizer, name: str) -> np
 
 def end_of_sequence(tokenizer: Tokenizer) -> str | None:
     """The eos_token of the tokenizer_config.json beside a tokenizer.json, if there is one."""
+    return configured_token(tokenizer, "eos_token")
+
+
+def configured_token(tokenizer: Tokenizer, key: str) -> str | None:
+    """The token the tokenizer_config.json beside a tokenizer.json names under `key`
+    ("eos_token", "bos_token"), if it is one of the tokenizer's tokens."""
     if not isinstance(tokenizer, HFTokenizer):
         return None
     path = tokenizer.path.parent / "tokenizer_config.json"
     try:
-        token = json.loads(path.read_text(encoding="utf-8")).get("eos_token")
+        token = json.loads(path.read_text(encoding="utf-8")).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     token = token.get("content") if isinstance(token, dict) else token

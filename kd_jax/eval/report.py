@@ -8,6 +8,8 @@ the student `tokens_per_second`; with several teachers (`teachers:`), `teachers`
 another tokenizer is scored on its own tokens (its bits per byte over the bytes they spell), and
 compared with the student where positions align (`compared_tokens`, or the student's
 `aligned_tokens`): agreement is both most probable tokens in one bucket, KL over the buckets.
+After `kd-jax eval --tasks`, `tasks` maps each task's name to its `file`, `examples`, and per
+model (`student`, `teacher`, ...) `acc`, `acc_norm` and their standard errors (docs/tasks.md).
 """
 
 from __future__ import annotations
@@ -55,6 +57,21 @@ def eval_table(report: dict[str, Any]) -> str:
         rows.insert(-1, [name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
                          m.get("accuracy"), m.get("ece"), m.get("student_agreement"),
                          m.get("student_kl")])
+    return format_table(headers, rows)
+
+
+TASK_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+
+
+def tasks_table(tasks: dict[str, dict[str, Any]]) -> str:
+    """The table of task results (report.json's `tasks`): a row per task and model."""
+    headers = ["task", "model", "examples", "acc", "± stderr", "acc_norm", "± stderr"]
+    rows = []
+    for task, entry in tasks.items():
+        for model, metrics in entry.items():
+            if isinstance(metrics, dict):
+                rows.append([task, model, entry.get("examples"),
+                             *(metrics.get(key) for key in TASK_METRICS)])
     return format_table(headers, rows)
 
 

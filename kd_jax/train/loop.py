@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -28,6 +28,7 @@ from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
 from kd_jax.teacher.cross import vocabulary_of
 from kd_jax.train import builder, tensorboard
+from kd_jax.train import tasks as tasks_lib
 from kd_jax.train import step as step_lib
 from kd_jax.train.plan import figures_line, memory_figures
 from kd_jax.train.preemption import Preemption
@@ -193,9 +194,13 @@ def _stop_if_nonfinite(state, checkpointer: checkpoint.Checkpointer) -> None:
         "(train.on_nonfinite=skip skips such steps instead)")
 
 
-def evaluate_checkpoint(run_dir: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
-    """`kd-jax eval`: the latest checkpoint of a run (and its teacher), evaluated and reported."""
+def evaluate_checkpoint(run_dir: str | Path, overrides: list[str] = (),
+                        task_files: Sequence[str | Path] = ()) -> dict[str, Any]:
+    """`kd-jax eval`: the latest checkpoint of a run (and its teacher), evaluated and reported;
+    with `task_files`, scored on those tasks too (report.json's `tasks`). Task results of this
+    checkpoint from an earlier `kd-jax eval --tasks` are kept."""
     run_dir = Path(run_dir)
+    tasks = tasks_lib.read_tasks(task_files)
     cfg, info = run_dir_lib.read_run(run_dir)
     config_lib.apply_overrides(cfg, overrides)
     config_lib.validate(cfg)
@@ -205,9 +210,18 @@ def evaluate_checkpoint(run_dir: str | Path, overrides: list[str] = ()) -> dict[
     if step is None:
         raise ConfigError(f"{run_dir} has no checkpoint to evaluate")
     built = builder.build(cfg, "eval")
-    result = _evaluator(built)(builder.restore_params(built, run_dir, step))
+    scorers = tasks_lib.run_scorers(built)
+    requests = tasks_lib.encode_all(tasks, scorers)  # every task line checked before any run
+    params = builder.restore_params(built, run_dir, step)
+    result = _evaluator(built)(params)
     report = build_report(info["mode"], run_dir, step, result, info,
                           _measured_throughput(run_dir))
+    earlier = run_dir_lib.read_report(run_dir) or {}
+    if earlier.get("steps") == step and earlier.get("tasks"):
+        report["tasks"] = earlier["tasks"]
+    if tasks:
+        report["tasks"] = {**report.get("tasks", {}), **tasks_lib.evaluate_run_tasks(
+            built, scorers, requests, tasks, params)}
     if is_main_process():
         run_dir_lib.write_report(run_dir, report)
     return report

@@ -141,3 +141,21 @@ def test_missing_numbers_are_dashes(tmp_path):
     png, md = compare_runs([run_dir])  # not finished: no report.json, no evaluation
     assert png.is_file()
     assert table_rows(md.read_text())["model"][2:] == ["5"] + ["-"] * 8
+
+
+def test_task_results_are_a_table_of_their_own(three_runs):
+    """`kd-jax eval --tasks` results (report.json's `tasks`): a row per task and model, the
+    student under its run's role, a teacher evaluated beside it under its own name."""
+    teacher, distilled, baseline = three_runs
+    assert "Multiple-choice tasks" not in compare_runs([distilled, baseline])[1].read_text()
+    report = run_dir_lib.read_report(distilled)
+    report["tasks"] = {"arc": {"file": "arc.jsonl", "examples": 40,
+                               "student": {"acc": 0.35, "acc_stderr": 0.0764, "acc_norm": 0.175,
+                                           "acc_norm_stderr": 0.0608},
+                               "teacher": {"acc": 0.5, "acc_stderr": 0.08, "acc_norm": 0.45,
+                                           "acc_norm_stderr": None}}}
+    run_dir_lib.write_report(distilled, report)
+    table = compare_runs([distilled, baseline])[1].read_text()
+    assert f"| arc | distilled | `{distilled}` | 40 | 0.3500 | 0.0764 | 0.1750 | 0.0608 |" in table
+    assert f"| arc | teacher | `{distilled}` | 40 | 0.5000 | 0.0800 | 0.4500 | - |" in table
+    assert table.count("| arc |") == 2
