@@ -18,6 +18,7 @@ from kd_jax.config.validation import check_architecture
 from kd_jax.models import surgery
 from kd_jax.models.families import model_config
 from kd_jax.models.pretrained import read_config
+from kd_jax.models.quantize import unquantized
 from kd_jax.run_dir import read_run
 from kd_jax.teacher.loading import teacher_dtype
 
@@ -67,9 +68,10 @@ def tokenizer_spec(cfg: Config) -> str:
 
 
 def teacher_model_config(cfg: Config) -> ModelConfig:
-    """The teacher's architecture, as `teacher.path` describes it (checkpoint or hf)."""
+    """The teacher's architecture, as `teacher.path` describes it (checkpoint or hf), computing
+    in float (a kd-jax run trained with model.quantize runs unquantized as a teacher)."""
     if cfg.teacher.source == "hf":
         return model_config(read_config(cfg.teacher.path))
     if not Path(cfg.teacher.path).is_dir():
         raise ConfigError(f"teacher.path '{cfg.teacher.path}' does not exist")
-    return read_run(cfg.teacher.path)[0].model
+    return unquantized(read_run(cfg.teacher.path)[0].model)
