@@ -77,6 +77,37 @@ def test_bad_values_are_refused_with_the_key(override, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.quantize_group=-8"], "model.quantize_group must be >= 0, got -8"),
+    (["model.quantize=int8", "model.quantize_group=64", "model.d_ff=96"],
+     "model.quantize_group (64) must divide the dimension the weights are grouped along, "
+     "d_ff (96)"),
+    (["model.quantize=int4", "model.quantize_group=32", "model.n_heads=6", "model.head_dim=8",
+      "model.n_kv_heads=2"], "grouped along, n_heads x head_dim (48)"),
+    (["model.quantize_embedding=int4", "model.quantize_group=48"], "d_model (128)"),
+    (["model.quantize_activations=int8", "model.quantize_group=32"],
+     "model.quantize_group is 32 but no weight is quantized"),
+    (["model.tie_embeddings=true", "model.quantize_head=int4"],
+     "model.quantize_embedding is none and model.quantize_head int4: set them alike"),
+])
+def test_quantization_settings_that_cannot_apply_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        config_lib.load(None, overrides)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_quantization_formats_resolve_auto_and_group_only_what_is_quantized():
+    layers = config_lib.load(None, ["model.quantize=int4", "model.quantize_group=32"]).model
+    assert [layers.weight_format(part) for part in ("layers", "embedding", "head")] == [
+        "int4", "int8", "int8"]
+    assert config_lib.ModelConfig().weight_format("embedding") == "none"
+    # Only the embedding is quantized: its rows' d_model (128) is the one dimension grouped.
+    embedding = config_lib.load(None, ["model.quantize_embedding=int8", "model.quantize_group=64",
+                                       "model.d_ff=96"]).model
+    assert [embedding.weight_format(part) for part in ("layers", "embedding", "head")] == [
+        "none", "int8", "none"]
+
+
 def test_unknown_key_names_the_closest_valid_key(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("optimizer:\n  lr: 0.1\n  wieght_decay: 0.1\n")
@@ -147,6 +178,10 @@ def test_literal_fields_are_the_named_choices():
         ("mesh", "teacher_layout"): config_lib.MeshLayout,
         ("cache", "mode"): config_lib.CacheMode, ("cache", "value_dtype"): config_lib.ValueDType,
         ("train", "on_nonfinite"): config_lib.NonFinitePolicy,
+        ("model", "quantize"): config_lib.WeightFormat,
+        ("model", "quantize_embedding"): config_lib.EdgeFormat,
+        ("model", "quantize_head"): config_lib.EdgeFormat,
+        ("model", "quantize_activations"): config_lib.ActivationFormat,
         ("generate", "model"): config_lib.GenerateModel}
     assert config_lib.choices(config_lib.MeshLayout) == ("replicated", "fsdp", "tensor",
                                                          "fsdp_tensor")
@@ -186,6 +221,7 @@ def test_a_wrong_name_in_a_config_built_in_code_is_refused(section, key, kind):
 def test_the_implementations_read_their_choices_from_the_config():
     from kd_jax.cache import manifest
     from kd_jax.losses import divergences, whitebox
+    from kd_jax.models import quantize
     from kd_jax.parallel import mesh
 
     assert divergences.DIVERGENCES == config_lib.choices(config_lib.Divergence)
@@ -193,3 +229,6 @@ def test_the_implementations_read_their_choices_from_the_config():
     assert tuple(mesh.LAYOUTS) == config_lib.choices(config_lib.MeshLayout)
     assert manifest.MODES == config_lib.choices(config_lib.CacheMode)
     assert manifest.VALUE_DTYPES == config_lib.choices(config_lib.ValueDType)
+    assert ("none", *quantize.QMAX) == config_lib.choices(config_lib.WeightFormat)
+    assert set(config_lib.choices(config_lib.EdgeFormat)) == {"auto", "none", *quantize.QMAX}
+    assert set(config_lib.choices(config_lib.ActivationFormat)) <= {"none", *quantize.QMAX}

@@ -52,6 +52,13 @@ RematPolicy = Literal["none", "full", "dots"]
 # depth.
 LayerLoop = Literal["auto", "scan", "unroll"]
 NonFinitePolicy = Literal["stop", "skip"]
+# The format a weight is fake-quantized to (`kd_jax.models.quantize`): symmetric, a scale per
+# group, int8 codes in [-127, 127], int4 in [-7, 7]; none leaves it in float.
+WeightFormat = Literal["none", "int8", "int4"]
+# The embedding's and head's own format; auto: int8 where model.quantize is set, else none.
+EdgeFormat = Literal["auto", "none", "int8", "int4"]
+# The projections' inputs: int8, a scale per token from its own max |x| (dynamic range).
+ActivationFormat = Literal["none", "int8"]
 # Which model `kd-jax generate` runs: the student of train.run_dir, or the teacher at teacher.path.
 GenerateModel = Literal["student", "teacher"]
 
@@ -110,10 +117,25 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max: int = 8192  # llama3: the context the model was pretrained on
+    # Quantization-aware training (kd_jax.models.quantize): the forward pass sees the weights as
+    # they will be served, fake-quantized, with straight-through gradients; the optimizer and
+    # the checkpoints keep the float master weights. A teacher always runs in float.
+    quantize: WeightFormat = "none"  # the layers' q, k, v, o, gate, up and down projections
+    # Weights sharing a scale, consecutive along the contracted dimension (32: llama.cpp's
+    # Q8_0/Q4_0 blocks); 0: one scale per output channel. Applies to every quantized weight.
+    quantize_group: int = 0
+    quantize_embedding: EdgeFormat = "auto"  # the embedding rows; auto: int8 if quantize is set
+    quantize_head: EdgeFormat = "auto"  # the output head; tied, it must be the embedding's
+    quantize_activations: ActivationFormat = "none"  # the inputs of the layers' projections
 
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    def weight_format(self, part: str) -> str:
+        """The format of the `part` weights (layers, embedding or head), auto made concrete."""
+        own = self.quantize if part == "layers" else getattr(self, f"quantize_{part}")
+        return own if own != "auto" else ("none" if self.quantize == "none" else "int8")
 
 
 @dataclasses.dataclass

@@ -12,6 +12,7 @@ from kd_jax.config import SECTIONS, Config, ConfigError, ModelConfig, coerce, se
 # mesh sizes and distributed.process_id take -1 for "detect"; loss.chunk_tokens -1 for "never").
 _NOT_NEGATIVE = ("model.head_dim", "model.init_std", "model.seed", "model.sliding_window",
                  "model.prune_d_ff", "model.prune_kv_heads", "model.prune_batches",
+                 "model.quantize_group",
                  "data.max_documents", "data.seed", "optimizer.warmup_steps",
                  "optimizer.weight_decay", "optimizer.clip_norm", "optimizer.eps",
                  "train.seed", "train.eval_every", "train.eval_sequences", "train.stop_at",
@@ -164,6 +165,31 @@ def check_architecture(m: ModelConfig) -> None:
     if m.attention == "cudnn" and (m.resolved_head_dim % 8 or m.resolved_head_dim > 256):
         raise ConfigError(f"model.attention is cudnn, whose kernel takes head dimensions that "
                           f"are multiples of 8 up to 256, got {m.resolved_head_dim}")
+    check_quantize(m)
+
+
+def check_quantize(m: ModelConfig) -> None:
+    """model.quantize*: groups that tile every quantized weight's contracted dimension, one
+    format for a tied embedding and head, no setting that would do nothing."""
+    formats = {part: m.weight_format(part) for part in ("layers", "embedding", "head")}
+    if m.quantize_group and set(formats.values()) == {"none"}:
+        raise ConfigError(f"model.quantize_group is {m.quantize_group} but no weight is "
+                          "quantized: set model.quantize (or quantize_embedding, quantize_head)")
+    if m.tie_embeddings and formats["embedding"] != formats["head"]:
+        raise ConfigError(f"model.tie_embeddings shares one matrix, but model.quantize_embedding "
+                          f"is {formats['embedding']} and model.quantize_head {formats['head']}: "
+                          "set them alike")
+    # The dimensions each quantized weight's groups run along (kd_jax.models.quantize).
+    contracted = {}
+    if formats["embedding"] != "none" or formats["head"] != "none":
+        contracted["d_model"] = m.d_model
+    if formats["layers"] != "none":
+        contracted.update({"d_model": m.d_model, "d_ff": m.d_ff,
+                           "n_heads x head_dim": m.n_heads * m.resolved_head_dim})
+    for name, size in contracted.items():
+        if m.quantize_group and size % m.quantize_group:
+            raise ConfigError(f"model.quantize_group ({m.quantize_group}) must divide the "
+                              f"dimension the weights are grouped along, {name} ({size})")
 
 
 def _check_model(m: ModelConfig, config: Config) -> None:

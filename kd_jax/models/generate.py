@@ -42,8 +42,10 @@ from kd_jax.config import ModelConfig
 from kd_jax.models import attention
 from kd_jax.models.pure import logits_btv
 from kd_jax.models.transformer import (
+    embed,
     finish_layer,
     layer_weights,
+    output_head,
     project_qkv,
     rms_norm,
     rope_inv_freq,
@@ -149,14 +151,13 @@ def _forward(cfg: ModelConfig, params: Params, tokens_bt, start, pad_b, cache, p
                 & (key_slots_s[None, None, :] >= pad_b[:, None, None]))
     if cfg.sliding_window:
         seen_bts &= (slots_t[:, None] - key_slots_s[None, :] < cfg.sliding_window)[None]
-    dtype = jnp.dtype(cfg.dtype)
-    x_btd = jnp.take(params["embedding"], tokens_bt, axis=0).astype(dtype)
+    x_btd = embed(params["embedding"], tokens_bt, cfg)
     cos_btf, sin_btf = rotary_angles(positions_bt, rope_inv_freq(cfg))
 
     def layer_step(carry, layer_and_index):
         x_btd, cache_k, cache_v = carry
         layer, index = layer_and_index
-        w = layer_weights(layer, x_btd.dtype)
+        w = layer_weights(layer, x_btd.dtype, cfg)
         h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
         q_btnh, k_btkh, v_btkh = project_qkv(h_btd, w, cos_btf, sin_btf, cfg)
         # In place: the cache is the loop's carry, only t columns of one layer are written.
@@ -172,7 +173,7 @@ def _forward(cfg: ModelConfig, params: Params, tokens_bt, start, pad_b, cache, p
     (x_btd, cache_k, cache_v), _ = jax.lax.scan(
         layer_step, (pin(x_btd), cache_k, cache_v), (params["layers"], jnp.arange(n_layers)))
     hidden_b1d = rms_norm(x_btd[:, -1:], params["final_norm"], cfg.norm_eps)
-    head_vd = params["embedding"] if cfg.tie_embeddings else params["head"]
+    head_vd = output_head(params["embedding"], params.get("head"), cfg)
     return logits_btv(hidden_b1d, head_vd)[:, 0], (cache_k, cache_v)
 
 

@@ -34,7 +34,7 @@ class ModelOutputs:
     """What a model computes for a batch, before the vocabulary projection."""
 
     hidden_btd: jax.Array  # final-normed hidden states
-    head_vd: jax.Array  # the output head as stored (the embedding when tied)
+    head_vd: jax.Array  # the output head (the embedding when tied), fake-quantized if asked
     layers_lbtd: jax.Array | None = None  # each layer's output, on request
     # the attention log-probabilities of the requested layers [k, b, n, t, t] (-inf: masked)
     attention_kbnts: jax.Array | None = None

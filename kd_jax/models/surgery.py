@@ -30,7 +30,8 @@ from kd_jax.models.pure import Batch, Params, PureModel, abstract_model, bind, l
 _STUDENT_FIELDS = frozenset({
     "init", "path", "init_layers", "prune_d_ff", "prune_kv_heads", "prune_batches",
     "remat", "layer_loop", "attention", "attention_block", "dtype", "param_dtype", "init_std",
-    "seed"})
+    "seed", "quantize", "quantize_group", "quantize_embedding", "quantize_head",
+    "quantize_activations"})
 
 
 def _teacher_layers(teacher_cfg: ModelConfig, student_cfg: ModelConfig) -> list[int]:

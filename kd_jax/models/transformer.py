@@ -11,7 +11,9 @@ packed: each token carries its position (restarting at 0 in every document) and 
 Layers are stacked: every per-layer weight is a single parameter with a leading `layers` axis and
 the forward pass is one `jax.lax.scan`, so tracing and compile time do not grow with depth.
 `model.attention` chooses how attention is computed (`kd_jax.models.attention`), `model.remat`
-what each layer keeps for the backward pass (`REMAT_POLICIES`).
+what each layer keeps for the backward pass (`REMAT_POLICIES`), `model.quantize` the format the
+forward pass sees the weights in (`kd_jax.models.quantize`: fake-quantized, the stored weights
+float).
 
 Every parameter carries its logical axis names in the `logical_axes` metadata; the sharding table
 (`kd_jax.parallel.mesh`) maps them to mesh axes. Downstream code works on pure dicts of arrays
@@ -30,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from kd_jax.config import ModelConfig, RematPolicy, coerce
-from kd_jax.models import attention
+from kd_jax.models import attention, quantize
 from kd_jax.models.matmul import project
 
 # model.remat -> the jax.checkpoint policy of a layer (None: no checkpoint, keep everything).
@@ -140,7 +142,8 @@ def apply_rotary(x_btnh: jax.Array, cos_btf: jax.Array, sin_btf: jax.Array) -> j
 def project_qkv(h_btd, w, cos_btf, sin_btf, cfg: ModelConfig):
     """Queries [b, t, n, head_dim], keys and values [b, t, kv, head_dim] of normed inputs:
     biased, normed and rotated as the family flags say. `w` holds the layer's weights in the
-    activation dtype."""
+    activation dtype (`layer_weights`)."""
+    h_btd = quantize.activations(h_btd, cfg)
     q_btnh = project(h_btd, w["wq"])
     k_btkh = project(h_btd, w["wk"])
     v_btkh = project(h_btd, w["wv"])
@@ -158,23 +161,40 @@ def finish_layer(x_btd, attended_btnh, layer, w, cfg: ModelConfig):
     """The rest of a layer once its attention has run: the output projection added to the
     residual stream, then the MLP's. Returns the layer's output [b, t, d] and the MLP's
     activations [b, t, f]."""
-    x_btd = x_btd + project(attended_btnh, w["wo"], contract=2)
+    x_btd = x_btd + project(quantize.activations(attended_btnh, cfg, contract=2), w["wo"],
+                            contract=2)
     if cfg.o_bias:
         x_btd = x_btd + w["bo"]
 
-    h_btd = rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps)
+    h_btd = quantize.activations(rms_norm(x_btd, layer["mlp_norm"], cfg.norm_eps), cfg)
     gate_btf = project(h_btd, w["w_gate"])
     up_btf = project(h_btd, w["w_up"])
     # The gate in float32 whatever the activations' dtype: as exact as the matmuls' own
     # accumulation, and on a CPU 2.4x faster than bfloat16's emulated arithmetic.
     act_btf = (jax.nn.silu(gate_btf.astype(jnp.float32)) * up_btf.astype(jnp.float32)).astype(
         gate_btf.dtype)
-    return x_btd + project(act_btf, w["w_down"]), act_btf
+    return x_btd + project(quantize.activations(act_btf, cfg), w["w_down"]), act_btf
 
 
-def layer_weights(layer, dtype) -> dict[str, jax.Array]:
-    """A layer's weights in the activation dtype (the norms' scales are cast where used)."""
-    return {name: value.astype(dtype) for name, value in layer.items()}
+def layer_weights(layer, dtype, cfg: ModelConfig) -> dict[str, jax.Array]:
+    """A layer's weights in the activation dtype (the norms' scales are cast where used), its
+    projections fake-quantized first, from the weights as stored (`model.quantize`)."""
+    return {name: value.astype(dtype)
+            for name, value in quantize.layer_weights(layer, cfg).items()}
+
+
+def embed(embedding_vd: jax.Array, tokens_bt: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """The tokens' embedding rows [b, t, d] in the activation dtype, fake-quantized as
+    `model.quantize_embedding` says."""
+    rows_btd = quantize.rows(jnp.take(embedding_vd, tokens_bt, axis=0), cfg, "embedding")
+    return rows_btd.astype(jnp.dtype(cfg.dtype))
+
+
+def output_head(embedding_vd: jax.Array, head_vd: jax.Array | None,
+                cfg: ModelConfig) -> jax.Array:
+    """The output head [vocab, d] (the embedding when tied), fake-quantized as
+    `model.quantize_head` says."""
+    return quantize.rows(embedding_vd if cfg.tie_embeddings else head_vd, cfg, "head")
 
 
 def _decoder_layer(x_btd, layer, cos_btf, sin_btf, attend: attention.Attend, cfg: ModelConfig,
@@ -185,7 +205,7 @@ def _decoder_layer(x_btd, layer, cos_btf, sin_btf, attend: attention.Attend, cfg
     of each head's output [n] and the summed magnitude of each MLP activation [f], over the
     tokens (the importance scores of `kd_jax.models.surgery`).
     """
-    w = layer_weights(layer, x_btd.dtype)
+    w = layer_weights(layer, x_btd.dtype, cfg)
     h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
     # Grouped-query attention; the heads' outputs [b, t, n, head_dim], before the projection.
     attended_btnh = attend(*project_qkv(h_btd, w, cos_btf, sin_btf, cfg))
@@ -254,9 +274,11 @@ class Transformer(nnx.Module):
         return ModelConfig(**dict(self._config_items))
 
     def head_vd(self) -> jax.Array:
-        """Output head weight [vocab, d] as stored (the embedding when tied)."""
+        """Output head weight [vocab, d] (the embedding when tied), as the forward pass sees it:
+        fake-quantized where `model.quantize_head` says so."""
         cfg = self.cfg
-        return self.embedding[...] if cfg.tie_embeddings else self.head[...]
+        return output_head(self.embedding[...], None if cfg.tie_embeddings else self.head[...],
+                           cfg)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array,
                  segment_ids_bt: jax.Array, with_layers: bool = False,
@@ -322,15 +344,15 @@ class Transformer(nnx.Module):
         def one(inputs):
             x_btd, layer = inputs
             h_btd = rms_norm(x_btd, layer["attn_norm"], cfg.norm_eps)
-            q_btnh, k_btkh, _ = project_qkv(h_btd, layer_weights(layer, x_btd.dtype), cos_btf,
-                                            sin_btf, cfg)
+            q_btnh, k_btkh, _ = project_qkv(h_btd, layer_weights(layer, x_btd.dtype, cfg),
+                                            cos_btf, sin_btf, cfg)
             return attention.log_probs(q_btnh, k_btkh, mask_bts)
 
         return jax.lax.map(one, (inputs_kbtd, weights_k))
 
     def _embedded(self, tokens_bt, positions_bt):
         cfg = self.cfg
-        x_btd = jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.dtype(cfg.dtype))
+        x_btd = embed(self.embedding[...], tokens_bt, cfg)
         cos_btf, sin_btf = rotary_angles(positions_bt, rope_inv_freq(cfg))
         return x_btd, cos_btf, sin_btf
 

@@ -25,6 +25,7 @@ from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.models.pretrained import load_params, open_checkpoint, weight_digests
 from kd_jax.models.pure import PureModel, abstract_model, logical_axes
+from kd_jax.models.quantize import unquantized
 from kd_jax.parallel.cpu import bfloat16_matmul_units, cpu_only
 from kd_jax.parallel.mesh import param_shardings, rules_for
 from kd_jax.run_dir import read_run
@@ -112,7 +113,9 @@ def load_teacher(cfg: Config, tokenizer: Tokenizer, mesh: Any = None,
         if not other_tokenizer:
             raise ConfigError(difference + OTHER_TOKENIZER_HINT)
         own_tokenizer = _run_tokenizer(path, info)
-    model_cfg = dataclasses.replace(teacher_cfg.model, dtype=teacher_dtype(cfg), remat="none")
+    # In float whatever model.quantize the run trained with (kd_jax.models.quantize).
+    model_cfg = dataclasses.replace(unquantized(teacher_cfg.model), dtype=teacher_dtype(cfg),
+                                    remat="none")
     model, abstract, shardings = teacher_model(cfg, model_cfg, mesh, own_tokenizer is not None)
     if shardings is not None:
         abstract = checkpoint.placed(abstract, shardings)

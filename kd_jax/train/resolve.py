@@ -22,6 +22,7 @@ from kd_jax.data.tokenizers import ByteTokenizer, file_fingerprint
 from kd_jax.models import surgery
 from kd_jax.models.families import model_config
 from kd_jax.models.pretrained import read_config
+from kd_jax.models.quantize import unquantized
 from kd_jax.run_dir import read_run
 from kd_jax.teacher.loading import teacher_dtype
 
@@ -95,10 +96,11 @@ def _cache_tokenizer(cfg: Config) -> str:
 
 
 def teacher_model_config(cfg: Config) -> ModelConfig:
-    """The teacher's architecture, as `teacher.path` describes it (checkpoint or hf)."""
+    """The teacher's architecture, as `teacher.path` describes it (checkpoint or hf), computing
+    in float (a kd-jax run trained with model.quantize runs unquantized as a teacher)."""
     if cfg.teacher.source == "hf":
         return model_config(read_config(cfg.teacher.path))
     if not Path(cfg.teacher.path).is_dir():
         raise ConfigError(f"teacher.path '{cfg.teacher.path}' "
                           f"{not_a_directory(cfg.teacher.path)}")
-    return read_run(cfg.teacher.path)[0].model
+    return unquantized(read_run(cfg.teacher.path)[0].model)
