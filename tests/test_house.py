@@ -18,7 +18,7 @@ PACKAGE = ROOT / "kd_jax"
 MAX_LINES = 400
 
 # A stage may import itself and the stages listed; `kd_jax/<folder>/` is a stage, and so is each
-# top-level module. This is the pipeline, lowest first (README, Design).
+# top-level module. This is the pipeline, lowest first (docs/design.md).
 ALLOWED = {
     "checks": set(),
     "config": {"checks"},
