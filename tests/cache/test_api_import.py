@@ -186,8 +186,13 @@ def test_import_reads_back_exactly(tmp_path, bpe, which, value_dtype):
     assert manifest["params"]["temperature"] == 1.0 and manifest["value_dtype"] == value_dtype
     assert manifest["vocab_size"] == tokenizer.vocab_size
     assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "responses.jsonl"]
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == [
-        "manifest.json", "rows.npz", "shards"]
+    # A Hugging Face tokenizer is copied in: `data.tokenizer: auto` reads it back from there.
+    copied = ["tokenizer"] if which == "bpe" else []
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted([
+        "manifest.json", "rows.npz", "shards", *copied])
+    if which == "bpe":
+        assert (tmp_path / "cache" / "tokenizer" / "tokenizer.json").read_bytes() == \
+            bpe.path.read_bytes()
 
 
 def test_import_is_deterministic_and_the_heldout_split_is_seeded(tmp_path, bpe):
