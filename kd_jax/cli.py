@@ -234,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
 
             for summary in prepare_data(cfg):
                 done = (f"prepared in {summary['seconds']:.1f} s" if summary["prepared"]
-                        else "already prepared, nothing tokenized")
+                        else f"already prepared, nothing tokenized; every row read back and "
+                             f"matching its recorded hash ({summary['verified']:,} rows, "
+                             f"{summary['seconds']:.1f} s)")
                 print(f"{summary['store']}: {done}; {summary['documents']:,} documents, "
                       f"{summary['tokens']:,} tokens, {summary['train_rows']:,} training and "
                       f"{summary['heldout_rows']:,} held-out rows of {summary['seq_len']} "

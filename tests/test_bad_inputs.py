@@ -131,6 +131,8 @@ CASES = {
     "truncated teacher checkpoint": ["distill", "{config}", "teacher.source=checkpoint",
                                      "teacher.path={tmp}/damaged_teacher"],
     "pickle in a token store": ["train", "{config}", "data.store={tmp}/pickled_store"],
+    "damaged token store prepared again": ["prepare", "{config}",
+        "data.store={tmp}/damaged_store"],
     "eval of a damaged checkpoint": ["eval", "{tmp}/damaged_teacher"],
     "report of a missing run directory": ["report", "{tmp}/existing", "{tmp}/nothing"],
     "report of a directory that is no run": ["report", "{tmp}/afile_dir"],
@@ -195,6 +197,9 @@ def world(teacher_run, sampled_cache, tmp_path_factory):
                        heldout_fraction=0.1, store=str(tmp / "store")), ByteTokenizer(),
             progress=False)
     # A store whose token shard is a pickled object array, and a teacher with a truncated file.
+    shutil.copytree(tmp / "store", tmp / "damaged_store")
+    shard = tmp / "damaged_store" / "p0-00000.tokens.npy"
+    shard.write_bytes(shard.read_bytes()[:-1] + bytes([shard.read_bytes()[-1] ^ 1]))
     shutil.copytree(tmp / "store", tmp / "pickled_store")
     with open(tmp / "pickled_store" / "p0-00000.tokens.npy", "wb") as file:
         np.save(file, np.array([_Payload(marker)], dtype=object), allow_pickle=True)

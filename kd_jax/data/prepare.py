@@ -45,19 +45,30 @@ from kd_jax.data.tokenizers import Tokenizer
 _HASH_BLOCK_TOKENS = 1 << 22
 
 
-def prepare(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True) -> dict[str, Any]:
+def prepare(cfg: DataConfig, tokenizer: Tokenizer, progress: bool = True,
+            verify: bool = False) -> dict[str, Any]:
     """Make `cfg.store` hold `cfg`'s data, tokenized and packed; a summary of what it holds.
 
-    An existing store of the same data is kept as it is (nothing is tokenized again); one of
-    other data, another tokenizer or another packing is refused by name.
+    An existing store of the same data is kept as it is (nothing is tokenized again), and with
+    `verify` read whole, every row against its recorded hash (`store.verify_store`: summary
+    key `verified`, the rows checked); one of other data, another tokenizer or another packing
+    is refused by name, a damaged one names its first damaged row or file.
     """
     directory = Path(cfg.store)
     expected = store_lib.identity(cfg, tokenizer)
     if store_lib.is_prepared(directory):
+        started = time.perf_counter()
         recorded = store_lib.read_json(directory / store_lib.MANIFEST, directory)
         store_lib.check_identity(directory, recorded.get("identity", {}), expected,
                                  "was prepared with")
-        return _summary(directory, recorded, prepared=False, seconds=0.0)
+        summary = _summary(directory, recorded, prepared=False, seconds=0.0)
+        if verify:
+            total = sum(split["rows"] for split in recorded["splits"].values())
+            with tqdm(total=total, unit="row", desc="verifying", leave=False,
+                      disable=not (progress and sys.stderr.isatty())) as bar:
+                summary["verified"] = store_lib.verify_store(directory, bar.update)["rows"]
+            summary["seconds"] = round(time.perf_counter() - started, 2)
+        return summary
     check_source(cfg)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"data.store '{directory}' is a file, not a directory")
@@ -192,7 +203,10 @@ def _write_shard(directory: Path, part: int, shard: int, documents: list[Documen
     write_array(directory / f"{name}.untrained.npy", tokenized.untrained)
     write_json(directory / f"{name}.json", {
         "documents": len(documents), "tokens": int(len(ids)),
-        "text_bytes": sum(_text_bytes(doc) for doc in documents)})
+        "text_bytes": sum(_text_bytes(doc) for doc in documents),
+        # what `store.verify_store` checks the file against: a row's hash covers its tokens,
+        # not the label its last position predicts (a document's last token)
+        "sha256": store_lib.file_sha256(directory / f"{name}.tokens.npy")})
 
 
 def _finish(cfg: DataConfig, tokenizer: Tokenizer, directory: Path, n_parts: int,
@@ -206,7 +220,8 @@ def _finish(cfg: DataConfig, tokenizer: Tokenizer, directory: Path, n_parts: int
         for shard in range(count):
             name = _shard_name(part, shard)
             info = store_lib.read_json(directory / f"{name}.json", directory)
-            shards.append({"file": f"{name}.tokens.npy", "tokens": info["tokens"]})
+            shards.append({"file": f"{name}.tokens.npy", "tokens": info["tokens"],
+                           **({"sha256": info["sha256"]} if "sha256" in info else {})})
             lengths.append(np.load(directory / f"{name}.lengths.npy", allow_pickle=False))
             spans.append(np.load(directory / f"{name}.untrained.npy", allow_pickle=False)
                          + first_token)

@@ -25,11 +25,13 @@ Every file is written under a temporary name and renamed, so a kill leaves whole
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 
@@ -210,6 +212,53 @@ class StoreRows:
 
     def row_hashes(self) -> np.ndarray:
         return self.hashes
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file, read a few MiB at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_store(directory: str | Path, on_rows: Callable[[int], None] = lambda count: None,
+                 workers: int | None = None, block_tokens: int = 1 << 20) -> dict[str, int]:
+    """Read every row of a prepared store and check it against its recorded hash, blocks of
+    rows on `workers` threads (numpy's gathers and the hashing release the interpreter's lock
+    for most of the work); `on_rows(count)` after each block. Returns the rows and shards
+    checked; StoreError naming the first damaged row or file."""
+    store = TokenStore(directory)
+    for shard, tokens in zip(store.manifest["shards"], store.stream.tokens):
+        if len(tokens) != shard["tokens"]:
+            raise StoreError(f"data.store '{directory}': {shard['file']} holds {len(tokens):,} "
+                             f"tokens, not {shard['tokens']:,}: the store is damaged; delete "
+                             "it to prepare it again")
+
+    def check_file(shard: dict) -> None:
+        if "sha256" in shard and file_sha256(store.directory / shard["file"]) != shard["sha256"]:
+            raise StoreError(f"data.store '{directory}': {shard['file']} does not match its "
+                             "recorded sha256: the store is damaged; delete it to prepare it "
+                             "again")
+
+    splits = [store.split(name) for name in SPLITS]
+    blocks = [(rows, np.arange(first, min(first + max(1, block_tokens // rows.seq_len),
+                                          rows.n_rows)))
+              for rows in splits
+              for first in range(0, rows.n_rows, max(1, block_tokens // rows.seq_len))]
+
+    def check(block) -> int:
+        rows, indices = block
+        rows.take(indices)  # raises on a row that does not match its hash
+        return len(indices)
+
+    with ThreadPoolExecutor(workers or os.cpu_count() or 1) as pool:
+        list(pool.map(check_file, store.manifest["shards"]))  # stores older than the digests: none
+        for count in pool.map(check, blocks):
+            on_rows(count)
+    return {"rows": sum(rows.n_rows for rows in splits),
+            "shards": len(store.manifest["shards"])}
 
 
 def open_store(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[StoreRows, StoreRows]:

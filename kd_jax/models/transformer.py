@@ -297,8 +297,16 @@ class Transformer(nnx.Module):
                 return x_btd
             return jax.lax.with_sharding_constraint(x_btd, activation_sharding)
 
+        # Padding (segment 0) is cleared in the residual stream, at the input and after every
+        # layer. Nothing reads it (no query attends to a padding key, the loss masks it), but
+        # attention multiplies every key's value by its probability, 0 for a masked key, and
+        # 0 x NaN is NaN: a non-finite value at a padding position (an untrained embedding row,
+        # an overflow) would otherwise reach every real position, and every gradient.
+        real_bt1 = (segment_ids_bt > 0)[..., None]
+
         def layer_step(x_btd, layer):
-            x_btd = pin(_decoder_layer(x_btd, layer, cos_btf, sin_btf, attend, cfg))
+            x_btd = _decoder_layer(x_btd, layer, cos_btf, sin_btf, attend, cfg)
+            x_btd = pin(jnp.where(real_bt1, x_btd, 0))
             return x_btd, (x_btd if with_layers else None)
 
         # A config built in code may still say remat=True: coerce reads it as it reads YAML.
@@ -307,7 +315,7 @@ class Transformer(nnx.Module):
             layer_step = jax.checkpoint(layer_step, policy=policy)
         x_btd, cos_btf, sin_btf, attend = self._inputs(tokens_bt, positions_bt, segment_ids_bt)
         x_btd, layers_lbtd = jax.lax.scan(
-            layer_step, pin(x_btd), self._stacked(),
+            layer_step, pin(jnp.where(real_bt1, x_btd, 0)), self._stacked(),
             unroll=layer_loop(cfg, jax.default_backend()) == "unroll")
         hidden_btd = rms_norm(x_btd, self.final_norm[...], cfg.norm_eps)
         return (hidden_btd, layers_lbtd) if with_layers else hidden_btd
@@ -335,6 +343,7 @@ class Transformer(nnx.Module):
         """
         cfg = self.cfg
         embedded_btd, cos_btf, sin_btf = self._embedded(tokens_bt, positions_bt)
+        embedded_btd = jnp.where((segment_ids_bt > 0)[..., None], embedded_btd, 0)  # as __call__
         mask_bts = attention.attention_mask(segment_ids_bt, cfg.sliding_window)
         inputs_kbtd = jnp.stack([embedded_btd if index == 0 else layers_lbtd[index - 1]
                                  for index in indices])

@@ -81,7 +81,7 @@ def prepare_data(cfg: Config) -> list[dict[str, Any]]:
     tokenizer = load_tokenizer(tokenizer_spec(cfg))
     sources = ([source for _, source in mixture.components(cfg.data)] if cfg.data.mixture
                else [cfg.data])
-    return [prepare(source, tokenizer, cfg.train.progress) for source in sources]
+    return [prepare(source, tokenizer, cfg.train.progress, verify=True) for source in sources]
 
 
 def prepare_teacher_data(cfg: Config) -> list[str]:

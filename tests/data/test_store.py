@@ -18,7 +18,7 @@ from kd_jax.data.batches import Batches
 from kd_jax.data.packing import BATCH_KEYS, pack
 from kd_jax.data.prepare import prepare
 from kd_jax.data.sources import iter_documents, load_documents
-from kd_jax.data.store import StoreError, open_store
+from kd_jax.data.store import StoreError, open_store, verify_store
 from kd_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from tests.data.test_chat import CONVERSATION, TURN_END, write_checkpoint
 
@@ -256,6 +256,63 @@ def test_a_damaged_row_is_refused_when_read(tmp_path):
     with pytest.raises(StoreError, match="does not match its recorded hash"):
         for split in (train, heldout):
             split.take(np.arange(split.n_rows))
+
+
+def test_prepare_of_a_prepared_store_reads_every_row_back(tmp_path, capsys):
+    """kd-jax prepare on a store already there verifies it: every row against its hash, on
+    threads, blocks of rows at a time; a flipped byte anywhere, or a truncated shard, is named
+    in one line before any run reads it."""
+    from kd_jax import cli
+
+    corpus = write_corpus(tmp_path / "c.jsonl", 200)
+    cfg = data_config(corpus, tmp_path / "store")
+    prepare(cfg, ByteTokenizer(), progress=False)
+    train, heldout = open_store(cfg, ByteTokenizer())
+    summary = prepare(cfg, ByteTokenizer(), progress=False, verify=True)
+    assert not summary["prepared"] and summary["verified"] == train.n_rows + heldout.n_rows
+    # Blocks of one row on 3 threads read the same rows as one block.
+    assert verify_store(tmp_path / "store", workers=3, block_tokens=1)["rows"] == \
+        summary["verified"]
+    config = tmp_path / "p.yaml"
+    config.write_text(f"data: {{source: json, path: {corpus}, seq_len: 32, tokenizer: byte, "
+                      f"store: {tmp_path / 'store'}, store_shard_mb: 0.004}}\n")
+    capsys.readouterr()
+    assert cli.main(["prepare", str(config)]) == 0
+    assert f"every row read back and matching its recorded hash ({summary['verified']:,} rows" \
+        in capsys.readouterr().out
+
+    shards = sorted((tmp_path / "store").glob("p*-*.tokens.npy"))
+    for shard in (shards[0], shards[len(shards) // 2], shards[-1]):
+        pristine = shard.read_bytes()
+        damaged = bytearray(pristine)
+        damaged[-3] ^= 0x01
+        shard.write_bytes(bytes(damaged))
+        with pytest.raises(StoreError, match=f"^data.store '.*': {shard.name} does not match "
+                                             "its recorded sha256"):
+            prepare(cfg, ByteTokenizer(), progress=False, verify=True)
+        shard.write_bytes(pristine[:-8])  # truncated: numpy cannot map it
+        with pytest.raises(StoreError, match=f"cannot read {shard.name}"):
+            prepare(cfg, ByteTokenizer(), progress=False, verify=True)
+        shard.write_bytes(pristine)
+    damaged = bytearray(shards[1].read_bytes())
+    damaged[-1] ^= 0x01  # a document's last token: only a label, in no row's hash
+    shards[1].write_bytes(bytes(damaged))
+    assert cli.main(["prepare", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{shards[1].name} does not match its recorded sha256" in err[0]
+
+    # A store prepared before shards had digests: its rows' hashes still catch a token.
+    manifest_path = tmp_path / "store" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["shards"] = [{k: v for k, v in s.items() if k != "sha256"}
+                          for s in manifest["shards"]]
+    manifest_path.write_text(json.dumps(manifest))
+    damaged[-1] ^= 0x01
+    damaged[-3] ^= 0x01
+    shards[1].write_bytes(bytes(damaged))
+    with pytest.raises(StoreError, match=r"^data.store '.*': (train|heldout) row \d+ does not "
+                                         "match its recorded hash"):
+        prepare(cfg, ByteTokenizer(), progress=False, verify=True)
 
 
 def test_bad_stores_are_one_line_errors(tmp_path):

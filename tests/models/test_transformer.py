@@ -186,6 +186,46 @@ def test_padding_is_finite_and_invisible():
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize("attention_kind", ["dense", "blockwise"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_non_finite_padding_state_reaches_no_real_position_and_no_gradient(attention_kind,
+                                                                           value):
+    """A padding position whose embedding row is NaN or inf (an untrained row, say): the real
+    positions' hidden states, every layer's output there, and the gradient of every weight
+    (that row's included) are those of the clean model, bit for bit. Attention weighs a masked
+    key's value by 0, and 0 x NaN would be NaN: the padding is cleared in the residual stream."""
+    cfg = tiny_config(attention=attention_kind, attention_block=4)
+    model = build(cfg)
+    graphdef, state, params = split_params(model)
+    pad_id = cfg.vocab_size - 1
+    tokens = random_tokens(cfg, batch=2, length=12) % pad_id
+    segments = jnp.array([[1] * 12, [1] * 7 + [0] * 5])
+    tokens = jnp.where(segments > 0, tokens, pad_id)
+    positions = jnp.where(segments > 0, jnp.arange(12)[None], 0)
+    real = (segments > 0)[..., None]
+    poisoned = dict(params, embedding=params["embedding"].at[pad_id].set(value))
+
+    def outputs(params):
+        return bind(graphdef, state, params)(tokens, positions, segments, with_layers=True)
+
+    def real_token_loss(params):
+        hidden = outputs(params)[0]
+        logits = logits_btv(hidden, params["head"])[..., :pad_id]
+        return jnp.sum(jnp.where(real, jax.nn.log_softmax(logits), 0.0))
+
+    clean_hidden, clean_layers = outputs(params)
+    hidden, layers = outputs(poisoned)
+    np.testing.assert_array_equal(np.asarray(hidden)[np.asarray(segments) > 0],
+                                  np.asarray(clean_hidden)[np.asarray(segments) > 0])
+    assert np.isfinite(np.asarray(layers)).all()
+    np.testing.assert_array_equal(np.asarray(layers), np.asarray(clean_layers))
+    clean, dirty = (jax.grad(real_token_loss)(p) for p in (params, poisoned))
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(clean),
+                                 jax.tree.leaves(dirty)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want),
+                                      err_msg=jax.tree_util.keystr(path))
+
+
 # ---------------------------------------------------------------- remat, scan, dtypes
 
 
