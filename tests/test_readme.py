@@ -43,7 +43,7 @@ TINY = {
     "stdlib_teacher.yaml": SCRATCH_MODEL + STDLIB + TINY_RUN,
     "stdlib_distill.yaml": SCRATCH_MODEL + STDLIB + TINY_RUN,
     "generate_stdlib.yaml": ["generate.max_new_tokens=8"],
-    "quickstart.yaml": ["model.init_layers=[0,1]", "data.heldout_fraction=0.2", *TINY_RUN],
+    "quickstart.yaml": ["model.init_layers=[0,1]", *TINY_RUN],
     # Planned with the quickstart's tiny checkpoint in place of the published shapes.
     "qwen2.5-7b_to_qwen2.5-0.5b.yaml": ["teacher.path=checkpoints/SmolLM2-135M",
                                         "model.path=checkpoints/SmolLM2-135M",
@@ -71,7 +71,8 @@ def hf_download_stand_in(words: list[str], workdir: Path) -> None:
 
     assert words[:2] == ["hf", "download"] and "--local-dir" in words, words
     local_dir = workdir / words[words.index("--local-dir") + 1]
-    tokenizer = write_tokenizer(workdir / "tokenizer.json", workdir / "my_texts" / "a.txt")
+    tokenizer = write_tokenizer(workdir / "tokenizer.json",
+                                workdir / "my_texts" / "train" / "a.txt")
     with_tokenizer(make_checkpoint(local_dir, "smollm", vocab_size=224), tokenizer)
 
 
@@ -89,10 +90,11 @@ def tiny(words: list[str]) -> list[str]:
 def workdir(tmp_path, monkeypatch):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     texts = tmp_path / "my_texts"
-    texts.mkdir()
+    for folder in ("train", "validation"):
+        (texts / folder).mkdir(parents=True)
     corpus = write_corpus(tmp_path / "corpus.txt").read_text().splitlines()
-    for i, name in enumerate(("a.txt", "b.txt")):
-        (texts / name).write_text("\n".join(corpus[i::2]))
+    for i, name in enumerate(("train/a.txt", "train/b.txt", "validation/c.txt")):
+        (texts / name).write_text("\n".join(corpus[i::3]))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
@@ -152,6 +154,21 @@ def test_every_readme_command_runs_as_written(workdir):
     # The quickstart and every command the README lists ran.
     assert {"hf", "train", "distill", "eval", "export", "report", "generate", "prepare",
             "precompute", "cache", "plan"} <= set(ran), ran
-    assert (workdir / "exported" / "my_student" / "model.safetensors").exists()
+    # The quickstart ends with a report of student and teacher on the validation files, and an
+    # export that transformers loads and runs.
+    report = json.loads((workdir / "runs" / "quickstart" / "report.json").read_text())
+    assert {"student", "teacher"} <= set(report), sorted(report)
+    from kd_jax.run_dir import read_run
+
+    assert read_run(workdir / "runs" / "quickstart")[0].data.heldout_path == \
+        "my_texts/validation/*.txt"
+    import torch
+    import transformers
+
+    exported = transformers.AutoModelForCausalLM.from_pretrained(
+        workdir / "exported" / "my_student")
+    with torch.no_grad():
+        logits = exported(torch.arange(1, 9)[None]).logits
+    assert logits.shape == (1, 8, exported.config.vocab_size) and torch.isfinite(logits).all()
     assert (workdir / "runs" / "stdlib_generated.jsonl").exists()
     assert (workdir / "runs" / "report.png").exists()
