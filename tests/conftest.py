@@ -21,6 +21,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 # test_soft_targets.py alone: 42 s of CPU in a second process at 0.2 s, 15 s at 0.02 s).
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.02")
 
+# What kd_jax caches per machine (vocabulary maps) goes to the session's own directory, not the
+# user's ~/.cache.
+if "KD_JAX_CACHE" not in os.environ:
+    os.environ["KD_JAX_CACHE"] = tempfile.mkdtemp(prefix="kd_jax_cache_")
+    atexit.register(shutil.rmtree, os.environ["KD_JAX_CACHE"], ignore_errors=True)
+
 import pytest  # noqa: E402
 
 from kd_jax.parallel.cpu import keep_cpu_step_memory  # noqa: E402

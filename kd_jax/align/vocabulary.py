@@ -21,13 +21,22 @@ event for both tokenizers; the `hybrid` loss compares those token by token.
 
 How much two tokenizers share is measured on the text a run trains on (`overlap`): of one
 side's tokens in its rows, the share whose text the other vocabulary holds as one token.
+
+Making the map and its buckets walks both vocabularies in Python (1.5 s for 150,000 teacher and
+50,000 student tokens on a 2-core CPU): `cached_tables` keeps them per tokenizer pair in the
+user's cache directory (`$KD_JAX_CACHE`, else `$XDG_CACHE_HOME/kd_jax`, else
+`~/.cache/kd_jax`), as numpy files named by the pair's fingerprints.
 """
 
 from __future__ import annotations
 
 import bisect
+import hashlib
+import os
+import zipfile
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -162,3 +171,35 @@ def unmapped_mass(teacher_probs: np.ndarray, vocabulary: VocabularyMap) -> np.nd
     lose a small share to rounding."""
     probs = np.asarray(teacher_probs, dtype=np.float64)
     return probs[..., ~vocabulary.mapped].sum(axis=-1)
+
+
+def cache_home() -> Path:
+    """Where kd_jax keeps what it computes once per machine (the module docstring)."""
+    if os.environ.get("KD_JAX_CACHE"):
+        return Path(os.environ["KD_JAX_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "kd_jax"
+
+
+def cached_tables(key: str, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """`make()`'s arrays, kept under `cache_home()` by `key` (a tokenizer pair's fingerprints):
+    read back when there, made and written (whole or not at all) when not. A cache that cannot
+    be written, or a file that cannot be read, costs only the making."""
+    path = cache_home() / "vocabulary_maps" / (
+        hashlib.sha256(key.encode()).hexdigest()[:24] + ".npz")
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if str(stored["key"]) == key:
+                return {name: stored[name] for name in stored.files if name != "key"}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        pass  # absent or damaged: made again below
+    tables = make()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(temporary, "wb") as file:
+            np.savez(file, key=np.asarray(key), **tables)
+        os.replace(temporary, path)
+    except OSError:
+        pass  # a read-only home: nothing kept
+    return tables

@@ -32,6 +32,7 @@ from kd_jax.align.prepared import is_prepared, prepare_teacher_rows
 from kd_jax.align.rows import BACKOFF_KEYS, teacher_fields, teacher_seq_len_for
 from kd_jax.align.vocabulary import (
     VocabularyMap,
+    cached_tables,
     map_vocabularies,
     matched_buckets,
     overlap,
@@ -172,18 +173,32 @@ def check_overlap(cfg: Config, student: Tokenizer, teacher: Tokenizer,
     return shares
 
 
+# Names the way `vocabulary_of` makes its tables: another way must name another version, so that
+# no table cached by an earlier one is read.
+MAP_VERSION = "kd_jax.vocabulary_map/1"
+
+
 def vocabulary_of(student: Tokenizer, teacher: Tokenizer, teacher_width: int,
                   student_width: int) -> tuple[VocabularyMap, Buckets]:
     """How the teacher's vocabulary maps onto the student's, and the buckets both fall in,
     fitted to the two models' logits (`teacher_width`, `student_width` columns)."""
-    teacher_bytes, student_bytes = teacher.token_bytes(), student.token_bytes()
-    vocabulary = map_vocabularies(teacher_bytes, student.ids_by_bytes(), student.vocab_size)
-    teacher_bucket, student_bucket, count = vocabulary_buckets(vocabulary, teacher_bytes,
-                                                               student_bytes)
+    def make() -> dict[str, np.ndarray]:
+        teacher_bytes, student_bytes = teacher.token_bytes(), student.token_bytes()
+        vocabulary = map_vocabularies(teacher_bytes, student.ids_by_bytes(), student.vocab_size)
+        teacher_bucket, student_bucket, count = vocabulary_buckets(vocabulary, teacher_bytes,
+                                                                   student_bytes)
+        return {"student_id": vocabulary.student_id, "exact": vocabulary.exact,
+                "teacher_bucket": teacher_bucket, "student_bucket": student_bucket,
+                "matched": matched_buckets(teacher_bucket, student_bucket, count,
+                                           teacher_bytes, student_bytes)}
+
+    # Made once per tokenizer pair on a machine (`cached_tables`).
+    tables = cached_tables(f"{MAP_VERSION} {teacher.fingerprint} -> {student.fingerprint}",
+                           make)
+    vocabulary = VocabularyMap(tables["student_id"], tables["exact"], student.vocab_size)
     return vocabulary, Buckets.of(
-        teacher_bucket, student_bucket, count, teacher_width, student_width,
-        matched=matched_buckets(teacher_bucket, student_bucket, count, teacher_bytes,
-                                student_bytes))
+        tables["teacher_bucket"], tables["student_bucket"], len(tables["matched"]),
+        teacher_width, student_width, matched=tables["matched"])
 
 
 def _chat_template(tokenizer: Tokenizer) -> ChatTemplate | None:

@@ -332,6 +332,36 @@ def test_the_tests_pairs_are_not_refused(tokenizers, teacher, student):
     assert "\n" not in cross.note
 
 
+def test_the_vocabulary_map_is_made_once_per_tokenizer_pair(tokenizers, tmp_path, monkeypatch):
+    """vocabulary_of keeps its tables in the user's cache directory by the pair's fingerprints:
+    the second start reads them (making them would fail here) and gets the same map; the pair
+    the other way round, or a damaged file, is made again."""
+    from kd_jax.teacher import cross
+
+    monkeypatch.setenv("KD_JAX_CACHE", str(tmp_path))
+    teacher, student = tokenizers["split"], tokenizers["merged"]
+    made_map, made_buckets = cross.vocabulary_of(student, teacher, 512, 512)
+    files = sorted((tmp_path / "vocabulary_maps").iterdir())
+    assert len(files) == 1
+
+    def fail(*args):
+        raise AssertionError("made again")
+
+    monkeypatch.setattr(cross, "map_vocabularies", fail)
+    read_map, read_buckets = cross.vocabulary_of(student, teacher, 512, 512)
+    np.testing.assert_array_equal(read_map.student_id, made_map.student_id)
+    np.testing.assert_array_equal(read_map.exact, made_map.exact)
+    for name in ("teacher_w", "student_v", "matched"):
+        np.testing.assert_array_equal(getattr(read_buckets, name), getattr(made_buckets, name),
+                                      err_msg=name)
+    assert (read_buckets.count, read_buckets.drops) == (made_buckets.count, made_buckets.drops)
+    with pytest.raises(AssertionError, match="made again"):  # another pair: not in the cache
+        cross.vocabulary_of(teacher, student, 512, 512)
+    files[0].write_bytes(files[0].read_bytes()[:100])
+    with pytest.raises(AssertionError, match="made again"):  # a damaged file is not read
+        cross.vocabulary_of(student, teacher, 512, 512)
+
+
 def reference_masses(loaded, student_tok, fields, batch, temperature):
     """float64 from the teacher's float32 logits over its rows: the probability at the aligned,
     trained positions on tokens that map to nothing, and on tokens mapped by prefix only, each
