@@ -7,6 +7,9 @@ A run directory holds `checkpoints/<step>/` with three items:
   tokenizer's fingerprint;
 - `aux`, only with white-box losses: their projections (`kd_jax.losses.whitebox`), trained with
   the student and restored with it, never read as the student's parameters.
+A LoRA student's `params` hold its adapters only (`ADAPTERS`): its frozen base is written once,
+when the run starts, into `<run_dir>/base/` (with its digests, as a checkpoint's), and every
+restore of the student's parameters joins the two.
 Saving is asynchronous; orbax finalizes a step directory only once all of it is written, so an
 interrupted save never looks like a valid checkpoint.
 
@@ -34,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.multihost_utils import sync_global_devices
 
 from kd_jax.config import ConfigError
 
@@ -43,6 +47,9 @@ class DamagedCheckpoint(ConfigError):
 
 
 FILE_DIGESTS = "files.sha256.json"
+# A LoRA student's parameters hold its adapters under this key (kd_jax.models.lora.ADAPTERS):
+# they are saved with every checkpoint, the rest (the frozen base) once, in <run_dir>/base.
+ADAPTERS = "lora"
 
 
 def _hash_files(step_dir: Path) -> dict[str, str]:
@@ -143,6 +150,58 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir).absolute() / "checkpoints"
 
 
+def base_dir(run_dir: str | Path) -> Path:
+    """Where a LoRA student's frozen base lies, written once (an orbax step 0)."""
+    return Path(run_dir).absolute() / "base"
+
+
+def saved_per_step(params: Any) -> Any:
+    """What a checkpoint's `params` item holds: a LoRA student's adapters, or all parameters."""
+    return {ADAPTERS: params[ADAPTERS]} if ADAPTERS in params else params
+
+
+def _frozen_base(params: Any) -> Any:
+    return {key: value for key, value in params.items() if key != ADAPTERS}
+
+
+def save_base(run_dir: str | Path, params: Any) -> None:
+    """Write a LoRA student's frozen base (all its parameters but the adapters) into
+    `base_dir`, replacing one an earlier start wrote; returns once it is committed."""
+    ocp, directory = _ocp(), base_dir(run_dir)
+    base = _frozen_base(params)
+    if jax.process_index() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    sync_global_devices("lora base cleared")
+    with ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True),
+                               item_names=("params", "meta")) as manager:
+        manager.save(0, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(base),
+            meta=ocp.args.JsonSave({"digests": {"params": digests(base)}})))
+        manager.wait_until_finished()
+    if jax.process_index() == 0:
+        record_file_digests(directory / "0")
+
+
+def _with_base(run_dir: str | Path, adapters: Any, abstract_params: Any) -> Any:
+    """A LoRA student's parameters: `adapters` (restored from a step) joined with the frozen
+    base read from `base_dir`, onto `abstract_params`'s shapes (and shardings)."""
+    ocp, directory = _ocp(), base_dir(run_dir)
+    what = f"the frozen base of the LoRA student in {directory}"
+    if not (directory / "0").is_dir():
+        raise DamagedCheckpoint(f"{what} is missing: a LoRA run's checkpoints hold its adapters "
+                                "only")
+    check_file_digests(directory / "0", what)
+    try:
+        with ocp.CheckpointManager(directory, item_names=("params", "meta")) as manager:
+            restored = manager.restore(0, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(_frozen_base(abstract_params)),
+                meta=ocp.args.JsonRestore()))
+    except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside orbax
+        raise DamagedCheckpoint(f"{what} cannot be read ({_first_line(err)})") from None
+    check_digests(restored["meta"]["digests"]["params"], restored["params"], what)
+    return {**restored["params"], **adapters}
+
+
 def latest_step(run_dir: str | Path) -> int | None:
     """The newest finalized checkpoint step in a run directory, or None (read-only)."""
     directory = checkpoint_dir(run_dir)
@@ -181,7 +240,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         args = self._ocp.args
-        items = {"params": state.params, "opt_state": state.opt_state}
+        items = {"params": saved_per_step(state.params), "opt_state": state.opt_state}
         if state.aux:  # without white-box losses, the items are as they always were
             items["aux"] = state.aux
         meta = {**meta, "digests": {name: digests(tree) for name, tree in items.items()}}
@@ -233,7 +292,8 @@ class Checkpointer:
         args = self._ocp.args
         what = f"checkpoint {step} in {self._directory}"
         check_file_digests(self._directory / str(step), what)
-        items = {"params": abstract_state.params, "opt_state": abstract_state.opt_state}
+        items = {"params": saved_per_step(abstract_state.params),
+                 "opt_state": abstract_state.opt_state}
         if abstract_state.aux:
             items["aux"] = abstract_state.aux
         try:
@@ -246,9 +306,12 @@ class Checkpointer:
         recorded = meta.get("digests") or {}
         for name in items:
             check_digests(recorded.get(name), restored[name], what)
+        params = restored["params"]
+        if ADAPTERS in params:
+            params = _with_base(self._directory.parent, params, abstract_state.params)
         state = abstract_state.replace(
             step=np.asarray(meta["step"], np.int32),
-            params=restored["params"],
+            params=params,
             opt_state=restored["opt_state"],
             aux=restored["aux"] if "aux" in items else {},
             rng=np.asarray(meta["rng"], np.uint32),
@@ -291,12 +354,14 @@ def restore_params(run_dir: str | Path, abstract_params: Any, step: int | None =
         with ocp.CheckpointManager(checkpoint_dir(run_dir),
                                    item_names=("params", "meta")) as manager:
             restored = manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params),
+                params=ocp.args.StandardRestore(saved_per_step(abstract_params)),
                 meta=ocp.args.JsonRestore()))
     except Exception as err:  # noqa: BLE001 - a damaged file fails deep inside orbax
         raise DamagedCheckpoint(f"{what} cannot be read ({_first_line(err)})") from None
     check_digests((restored["meta"].get("digests") or {}).get("params"), restored["params"],
                   what)
+    if ADAPTERS in abstract_params:
+        return _with_base(run_dir, restored["params"], abstract_params)
     return restored["params"]
 
 

@@ -5,7 +5,10 @@ run used, and a model card (README.md) recording the teacher, the data, the reci
 evaluation, and the teacher's licence and provenance as the config declared them
 (`teacher.license`, `teacher.source_url`), or that none was declared, and `SHA256SUMS`, the
 digest of every file (checked whenever kd_jax loads the directory; `sha256sum -c` reads it
-too). Everything is written into a hidden sibling directory first and renamed into place once
+too). A LoRA student is exported merged: each adapted projection W + (alpha / r) A B, the
+base as its forward pass saw it (`kd_jax.models.lora.merged`: with `model.quantize`, the
+dequantized int8/int4 weights the adapters were trained against), a plain checkpoint of the
+family. Everything is written into a hidden sibling directory first and renamed into place once
 complete, so an interrupted export never leaves a directory that looks like a checkpoint.
 """
 
@@ -18,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from kd_jax import checkpoint
-from kd_jax.config import Config, ConfigError
+from kd_jax.config import Config, ConfigError, ModelConfig
 from kd_jax.eval.report import eval_table
+from kd_jax.models import lora
 from kd_jax.models.families import hf_config
 from kd_jax.models.pretrained import save_params, write_sums
 from kd_jax.models.pure import abstract_model, count_params
@@ -49,6 +53,10 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     model_cfg = dataclasses.replace(cfg.model, remat="none")
     _, abstract = abstract_model(model_cfg)
     params = checkpoint.restore_params(run_dir, abstract, step)
+    if model_cfg.lora_rank:  # merged: a plain student of the family, whose layers are float
+        params = lora.merged(params, model_cfg)
+        model_cfg = dataclasses.replace(model_cfg, lora_rank=0, quantize="none",
+                                        quantize_group=0, lora_targets=ModelConfig().lora_targets)
 
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
@@ -61,7 +69,7 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     report = read_report(run_dir)
     (partial / "README.md").write_text(model_card(
         cfg, info, report, step, dtype, str(tokenizer) if tokenizer else None,
-        count_params(abstract)))
+        count_params(params)))
     write_sums(partial)  # the digests a later load checks (weight_digests)
     if out_dir.exists():
         out_dir.rmdir()
@@ -153,7 +161,10 @@ def model_card(cfg: Config, info: dict, report: dict | None, step: int, dtype: s
         f"- Tokenizer: {tokenizer or 'the byte tokenizer (token i is byte i; no file)'}.",
         f"- Sequences of {data.seq_len} tokens (packed documents).", "",
         "## Recipe", "",
-        f"- Student initialization: {init}.",
+        f"- Student initialization: {init}."
+        + (f" LoRA: adapters of rank {m.lora_rank} (alpha {m.lora_alpha}) on "
+           f"{', '.join(m.lora_targets)} trained on the frozen base, merged into it here."
+           if m.lora_rank else ""),
         f"- Loss: {loss.kd_weight} x {loss.divergence} at temperature {loss.temperature}"
         f" + {loss.ce_weight} x cross-entropy on the labels.",
         f"- Optimizer: AdamW, learning rate {opt.lr} ({opt.schedule}, {opt.warmup_steps} "

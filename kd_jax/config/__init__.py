@@ -1,9 +1,8 @@
 """Experiment configuration: typed dataclasses, YAML files, `section.key=value` overrides.
 
 This module imports no JAX, so a bad config is refused before any accelerator work starts.
-Every value is coerced to its field's declared type (`yaml.safe_load("1e-3")` is the string
-"1e-3"; `optimizer.lr=1e-3` must still be a float), and an unknown key is an error that names
-the closest valid one.
+Every value is coerced to its field's declared type (`optimizer.lr=1e-3` is a float, where
+`yaml.safe_load("1e-3")` is a string); an unknown key is an error naming the closest valid one.
 
 Every choice a user makes by name is a `Literal` type below, declared once: validation reads
 the names from the type, and the modules that implement a choice (`kd_jax.losses.divergences`,
@@ -48,8 +47,7 @@ AttentionKind = Literal["auto", "dense", "blockwise", "cudnn"]
 RematPolicy = Literal["none", "full", "dots"]
 # How the forward pass runs over the layers (`kd_jax.models.transformer`): scan traces one layer
 # and loops over the stacked weights (compile time independent of depth); unroll writes every
-# layer out (faster steps on a CPU, compile time growing with depth); auto picks by platform and
-# depth.
+# layer out (faster steps on a CPU, compile time growing with depth); auto: by platform, depth.
 LayerLoop = Literal["auto", "scan", "unroll"]
 NonFinitePolicy = Literal["stop", "skip"]
 # The format a weight is fake-quantized to (`kd_jax.models.quantize`): symmetric, a scale per
@@ -59,6 +57,7 @@ WeightFormat = Literal["none", "int8", "int4"]
 EdgeFormat = Literal["auto", "none", "int8", "int4"]
 # The projections' inputs: int8, a scale per token from its own max |x| (dynamic range).
 ActivationFormat = Literal["none", "int8"]
+LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]  # the layers' projections
 # Which model `kd-jax generate` runs: the student of train.run_dir, or the teacher at teacher.path.
 GenerateModel = Literal["student", "teacher"]
 
@@ -127,6 +126,13 @@ class ModelConfig:
     quantize_embedding: EdgeFormat = "auto"  # the embedding rows; auto: int8 if quantize is set
     quantize_head: EdgeFormat = "auto"  # the output head; tied, it must be the embedding's
     quantize_activations: ActivationFormat = "none"  # the inputs of the layers' projections
+    # LoRA (kd_jax.models.lora): the base frozen (with quantize, fake-quantized: QLoRA), a pair
+    # of adapters per targeted projection trained: W x + (lora_alpha / lora_rank) B A x
+    lora_rank: int = 0  # r of A [in, r] and B [r, out]; 0: off, every weight trained
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # on the adapters' input, in training steps only
+    # LoraTarget's names; all by default (QLoRA: adapters on every linear layer, not attention's)
+    lora_targets: list[str] = dataclasses.field(default_factory=lambda: list(choices(LoraTarget)))
 
     @property
     def resolved_head_dim(self) -> int:
@@ -264,11 +270,9 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    """The device mesh ("data", "fsdp", "tensor") and how each model's parameters lie on it.
-
-    The batch is split over data x fsdp; "fsdp" layouts shard the parameters' `embed` dimension
-    over fsdp, "tensor" layouts shard heads, MLP width and vocabulary over tensor.
-    """
+    """The device mesh ("data", "fsdp", "tensor") and how each model's parameters lie on it. The
+    batch is split over data x fsdp; "fsdp" layouts shard the parameters' `embed` dimension over
+    fsdp, "tensor" layouts shard heads, MLP width and vocabulary over tensor."""
 
     data: int = -1  # -1: the devices left over by the other two axes
     fsdp: int = 1
@@ -284,10 +288,8 @@ class MeshConfig:
 @dataclasses.dataclass
 class CacheConfig:
     """The teacher-logit cache: written by `kd-jax precompute`, read with `teacher.source: cache`.
-
     topk keeps the k most likely tokens and the mass of the rest; sample keeps `draws` tokens
-    drawn from the teacher (an unbiased estimate of the full loss); full keeps every log-prob.
-    """
+    drawn from the teacher (an unbiased estimate of the full loss); full keeps every log-prob."""
 
     dir: str = ""
     mode: CacheMode = "topk"
@@ -305,11 +307,9 @@ class CacheConfig:
 
 @dataclasses.dataclass
 class DistributedConfig:
-    """Multi-host runs: one process per host, every process running the same command.
-
-    With `enabled`, `jax.distributed.initialize` runs before anything else touches JAX. Fields
-    left empty are detected by JAX where it can (TPU pod slices, SLURM, `JAX_COORDINATOR_ADDRESS`).
-    """
+    """Multi-host runs: one process per host, every process running the same command. With
+    `enabled`, `jax.distributed.initialize` runs before anything else touches JAX. Fields left
+    empty are detected by JAX where it can (TPU pod slices, SLURM, `JAX_COORDINATOR_ADDRESS`)."""
 
     enabled: bool = False
     coordinator: str = ""  # host:port of process 0
@@ -320,9 +320,9 @@ class DistributedConfig:
 
 @dataclasses.dataclass
 class GenerateConfig:
-    """`kd-jax generate`: responses to a set of prompts, one JSON line each: prompt, response,
-    prompt_tokens, response_tokens (a prompt/response dataset for `data.prompt_column: prompt`
-    and `data.response_column: response`). Decoding is `kd_jax.models.generate`."""
+    """`kd-jax generate`: responses to prompts, a JSON line each (prompt, response,
+    prompt_tokens, response_tokens: a dataset for `data.prompt_column: prompt` and
+    `data.response_column: response`). Decoding is `kd_jax.models.generate`."""
 
     # student: the latest checkpoint of train.run_dir; teacher: teacher.path (a kd-jax run or a
     # Hugging Face checkpoint directory, as teacher.source says)

@@ -63,6 +63,10 @@ def coerce(value: Any, kind: type, where: str) -> Any:
             return [list(pair) for pair in value]
         raise ConfigError(f"{where}: expected a list of [student layer, teacher layer] pairs, "
                           f"got {value!r}")
+    elif kind == list[str]:  # names (model.lora_targets)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ConfigError(f"{where}: expected a list of names, got {value!r}")
     elif typing.get_origin(kind) is list:  # a list of integers
         if isinstance(value, (list, tuple)) and all(
                 isinstance(v, int) and not isinstance(v, bool) for v in value):

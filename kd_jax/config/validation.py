@@ -6,13 +6,22 @@ import math
 import typing
 from typing import Literal
 
-from kd_jax.config import SECTIONS, Config, ConfigError, ModelConfig, coerce, section_types
+from kd_jax.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    LoraTarget,
+    ModelConfig,
+    choices,
+    coerce,
+    section_types,
+)
 
 # Numeric fields that must not be negative (those that must be > 0 are listed in `check`; the
 # mesh sizes and distributed.process_id take -1 for "detect"; loss.chunk_tokens -1 for "never").
 _NOT_NEGATIVE = ("model.head_dim", "model.init_std", "model.seed", "model.sliding_window",
                  "model.prune_d_ff", "model.prune_kv_heads", "model.prune_batches",
-                 "model.quantize_group",
+                 "model.quantize_group", "model.lora_rank",
                  "data.max_documents", "data.seed", "optimizer.warmup_steps",
                  "optimizer.weight_decay", "optimizer.clip_norm", "optimizer.eps",
                  "train.seed", "train.eval_every", "train.eval_sequences", "train.stop_at",
@@ -166,6 +175,48 @@ def check_architecture(m: ModelConfig) -> None:
         raise ConfigError(f"model.attention is cudnn, whose kernel takes head dimensions that "
                           f"are multiples of 8 up to 256, got {m.resolved_head_dim}")
     check_quantize(m)
+    check_lora_rank(m)
+
+
+def check_lora_rank(m: ModelConfig) -> None:
+    """A LoRA rank no larger than either dimension of any projection it adapts (a rank beyond
+    the smaller one adds parameters and no expressiveness)."""
+    if not m.lora_rank:
+        return
+    d, heads = m.d_model, m.n_heads * m.resolved_head_dim
+    kv_heads = m.n_kv_heads * m.resolved_head_dim
+    sizes = {"q": (d, heads), "k": (d, kv_heads), "v": (d, kv_heads), "o": (heads, d),
+             "gate": (d, m.d_ff), "up": (d, m.d_ff), "down": (m.d_ff, d)}
+    for target in m.lora_targets:  # (an unknown name is refused with the other lora fields)
+        if target in sizes and m.lora_rank > min(sizes[target]):
+            raise ConfigError(f"model.lora_rank ({m.lora_rank}) exceeds the smaller dimension of "
+                              f"the {target} projection ({sizes[target][0]} -> "
+                              f"{sizes[target][1]})")
+
+
+def _check_lora(m: ModelConfig) -> None:
+    """model.lora_*: known projections, a dropout probability, a base to adapt; no LoRA
+    setting without model.lora_rank (it would do nothing)."""
+    if not m.lora_rank:
+        unused = [name for name in ("lora_alpha", "lora_dropout", "lora_targets")
+                  if getattr(m, name) != getattr(ModelConfig(), name)]
+        if unused:
+            raise ConfigError(f"model.{unused[0]} is set but model.lora_rank is 0: LoRA is off")
+        return
+    for target in m.lora_targets:
+        if target not in choices(LoraTarget):
+            raise ConfigError(f"model.lora_targets: unknown projection {target!r}; choose from "
+                              f"{', '.join(choices(LoraTarget))}")
+    if not m.lora_targets or len(set(m.lora_targets)) != len(m.lora_targets):
+        raise ConfigError(f"model.lora_targets must name each adapted projection once, got "
+                          f"{m.lora_targets}")
+    if not 0.0 <= m.lora_dropout < 1.0:
+        raise ConfigError(f"model.lora_dropout must be in [0, 1), got {m.lora_dropout}")
+    if not m.lora_alpha > 0:
+        raise ConfigError(f"model.lora_alpha must be > 0, got {m.lora_alpha}")
+    if m.init == "scratch":
+        raise ConfigError("model.lora_rank adapts frozen pretrained weights, and a student from "
+                          "scratch has none: set model.init to hf or teacher")
 
 
 def check_quantize(m: ModelConfig) -> None:
@@ -193,6 +244,7 @@ def check_quantize(m: ModelConfig) -> None:
 
 
 def _check_model(m: ModelConfig, config: Config) -> None:
+    _check_lora(m)
     for name in ("sliding_window", "prune_d_ff", "prune_kv_heads", "prune_batches"):
         if getattr(m, name) < 0:
             raise ConfigError(f"model.{name} must be >= 0, got {getattr(m, name)}")

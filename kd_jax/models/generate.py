@@ -39,7 +39,7 @@ import numpy as np
 from flax import struct
 
 from kd_jax.config import ModelConfig
-from kd_jax.models import attention
+from kd_jax.models import attention, lora
 from kd_jax.models.pure import logits_btv
 from kd_jax.models.transformer import (
     embed,
@@ -171,7 +171,8 @@ def _forward(cfg: ModelConfig, params: Params, tokens_bt, start, pad_b, cache, p
 
     n_layers = cache_k.shape[0]
     (x_btd, cache_k, cache_v), _ = jax.lax.scan(
-        layer_step, (pin(x_btd), cache_k, cache_v), (params["layers"], jnp.arange(n_layers)))
+        layer_step, (pin(x_btd), cache_k, cache_v),
+        (lora.stacked_layers(params), jnp.arange(n_layers)))
     hidden_b1d = rms_norm(x_btd[:, -1:], params["final_norm"], cfg.norm_eps)
     head_vd = output_head(params["embedding"], params.get("head"), cfg)
     return logits_btv(hidden_b1d, head_vd)[:, 0], (cache_k, cache_v)

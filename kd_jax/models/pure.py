@@ -60,20 +60,24 @@ class PureModel:
 
     def apply(self, params: Params, batch: Batch, with_layers: bool = False,
               activation_sharding: Any = None,
-              attention_layers: tuple[int, ...] = ()) -> ModelOutputs:
+              attention_layers: tuple[int, ...] = (),
+              dropout_key: jax.Array | None = None) -> ModelOutputs:
         """The model's outputs; `activation_sharding` pins the residual stream between layers
         (see `Transformer.__call__`); `attention_layers` asks for those layers' attention
-        distributions (`Transformer.attention_logprobs`), from the same forward pass."""
+        distributions (`Transformer.attention_logprobs`), from the same forward pass;
+        `dropout_key` (training steps) drops the LoRA adapters' inputs."""
         module = bind(self.graphdef, self.template, params)
         args = batch["tokens"], batch["positions"], batch["segment_ids"]
         if with_layers or attention_layers:
             hidden_btd, layers_lbtd = module(*args, with_layers=True,
-                                             activation_sharding=activation_sharding)
+                                             activation_sharding=activation_sharding,
+                                             dropout_key=dropout_key)
             attention_kbnts = (module.attention_logprobs(*args, layers_lbtd, attention_layers)
                                if attention_layers else None)
             return ModelOutputs(hidden_btd, module.head_vd(),
                                 layers_lbtd if with_layers else None, attention_kbnts)
-        hidden_btd = module(*args, activation_sharding=activation_sharding)
+        hidden_btd = module(*args, activation_sharding=activation_sharding,
+                            dropout_key=dropout_key)
         return ModelOutputs(hidden_btd, module.head_vd())
 
     def logits(self, params: Params, batch: Batch) -> jax.Array:

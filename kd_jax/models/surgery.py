@@ -31,7 +31,7 @@ _STUDENT_FIELDS = frozenset({
     "init", "path", "init_layers", "prune_d_ff", "prune_kv_heads", "prune_batches",
     "remat", "layer_loop", "attention", "attention_block", "dtype", "param_dtype", "init_std",
     "seed", "quantize", "quantize_group", "quantize_embedding", "quantize_head",
-    "quantize_activations"})
+    "quantize_activations", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets"})
 
 
 def _teacher_layers(teacher_cfg: ModelConfig, student_cfg: ModelConfig) -> list[int]:

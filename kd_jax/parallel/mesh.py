@@ -31,14 +31,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 
 # Every logical axis a model parameter may name (see kd_jax.models.transformer).
-LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm")
+LOGICAL_AXES = ("layers", "vocab", "embed", "heads", "kv_heads", "head_dim", "mlp", "norm",
+                "lora_rank")
 
 _REPLICATED = dict.fromkeys(LOGICAL_AXES)
 _TENSOR = {"heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 
 # layout -> logical axis -> mesh axis (None: that dimension is not split).
-# `layers` is scanned over, `head_dim` is contracted inside one head and `norm` vectors are tiny:
-# none of them is split in any layout.
+# `layers` is scanned over, `head_dim` is contracted inside one head, `norm` vectors are tiny and
+# `lora_rank` (a LoRA adapter's r) is a few dozen: none of them is split in any layout.
 LAYOUTS: dict[str, dict[str, str | None]] = {
     "replicated": _REPLICATED,
     "fsdp": {**_REPLICATED, "embed": "fsdp"},

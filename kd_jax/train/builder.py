@@ -23,9 +23,9 @@ from kd_jax.config.teachers import members
 from kd_jax.data.batches import Batches
 from kd_jax.data.tokenizers import Tokenizer, stop_token_ids
 from kd_jax.losses.whitebox import WhiteBox
-from kd_jax.models import surgery
+from kd_jax.models import lora, surgery
 from kd_jax.models.pretrained import check_params, load_params, open_checkpoint
-from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
+from kd_jax.models.pure import PureModel, abstract_model, count_params, init_params, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import (
     BatchPlacement,
@@ -151,9 +151,14 @@ class Run:
                                           self.state_shardings, self.init_aux)
         if model_cfg.init == "hf":
             params = load_params(open_checkpoint(model_cfg.path), model_cfg,
-                                 self.abstract_params, self.param_shardings)
+                                 lora.base_of(self.abstract_params),
+                                 lora.base_of(self.param_shardings))
         else:
             params = self._params_from_teacher()
+        if model_cfg.lora_rank:  # the adapters as `init_params` draws them (B zero)
+            params[lora.ADAPTERS] = jax.jit(
+                lambda: init_params(model_cfg)[lora.ADAPTERS],
+                out_shardings=self.param_shardings[lora.ADAPTERS])()
         dtypes = jax.tree.map(lambda leaf: leaf.dtype, self.abstract_params)
         return jax.jit(
             lambda params: step_lib.init_state(
@@ -170,7 +175,10 @@ class Run:
                 self.batches.rows(step, self.placement.positions)))
                 for step in range(model_cfg.prune_batches))
             heads, mlp = surgery.importance(teacher.model, teacher.params, batches)
-        return surgery.init_from_teacher(teacher.params, teacher.config, model_cfg, heads, mlp)
+        # A LoRA teacher's own adapters, merged: its layers as its forward pass computes them.
+        return surgery.init_from_teacher(
+            lora.merged(teacher.params, teacher.config),
+            dataclasses.replace(teacher.config, lora_rank=0), model_cfg, heads, mlp)
 
     def close(self) -> None:
         if isinstance(self.teacher, (CachedTeacher, SeveralTeachers)):
@@ -194,7 +202,8 @@ def build(cfg: Config, mode: str) -> Run:
     data = load_data(cfg)
     if cfg.model.init == "hf" and mode in ("train", "distill"):
         check_same_tokenizer(Path(cfg.model.path), "model.path", data.tokenizer)
-        check_params(open_checkpoint(cfg.model.path), cfg.model, abstract_model(cfg.model)[1])
+        check_params(open_checkpoint(cfg.model.path), cfg.model,
+                     lora.base_of(abstract_model(cfg.model)[1]))
     initialize_distributed(cfg.distributed)  # before anything else touches JAX's devices
 
     # Where every array lies: the student's state and each teacher's parameters by their own
@@ -327,7 +336,10 @@ def restore_or_init(run: Run, checkpointer: checkpoint.Checkpointer, log=print
     """
     steps = checkpointer.all_steps()
     if not steps:
-        return run.fresh_state(), 0
+        state = run.fresh_state()
+        if run.cfg.model.lora_rank:  # its frozen base, once; checkpoints hold the adapters
+            checkpoint.save_base(run.cfg.train.run_dir, state.params)
+        return state, 0
     damaged = []
     for start in reversed(steps):
         try:

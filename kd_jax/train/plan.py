@@ -38,7 +38,7 @@ from kd_jax.config.teachers import members
 from kd_jax.data.tokenizers import Tokenizer, load_tokenizer
 from kd_jax.losses.cross_bytes import ByteTables
 from kd_jax.losses.whitebox import WhiteBox
-from kd_jax.models.pure import PureModel, abstract_model, logical_axes
+from kd_jax.models.pure import PureModel, abstract_model, count_params, logical_axes
 from kd_jax.parallel import mesh as mesh_lib
 from kd_jax.parallel.hosts import BatchPlacement
 from kd_jax.teacher.cross import CrossTokenizerTeacher, vocabulary_of
@@ -111,7 +111,10 @@ def plan(cfg: Config, device_memory_gb: float | None = None, top: int = 5) -> di
                    device_memory=device_memory_gb * GIB if device_memory_gb else None,
                    student=cfg.model.family, seq_len=cfg.data.seq_len,
                    teacher_seq_len=cfg.data.teacher_seq_len if _reads_own_rows(teacher) else None,
-                   batch_size=cfg.train.batch_size, microbatches=cfg.train.microbatches)
+                   batch_size=cfg.train.batch_size, microbatches=cfg.train.microbatches,
+                   # a LoRA student trains its adapters alone (the optimizer state is theirs)
+                   params=count_params(abstract),
+                   trainable_params=count_params(step_lib.trainable(abstract, {})))
     return figures
 
 
@@ -273,6 +276,9 @@ def plan_table(figures: dict[str, Any]) -> str:
              f"{figures['batch_size']} x {figures['seq_len']} tokens{teacher_rows} in "
              f"{figures['microbatches']} microbatches"]
     lines += [f"  {label:20s} {_size(figures[key]):>12s}" for label, key in rows]
+    if figures.get("trainable_params", figures.get("params")) != figures.get("params"):
+        lines.append(f"  trained: {figures['trainable_params']:,} of the student's "
+                     f"{figures['params']:,} parameters (LoRA adapters; the base frozen)")
     if figures.get("device_memory"):
         fits = figures["total"] <= figures["device_memory"]
         lines.append(f"  {'device memory':20s} {_size(figures['device_memory']):>12s}: "

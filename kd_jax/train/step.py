@@ -23,6 +23,11 @@ pass as its targets, and the state's `aux` holds their projections: the optimize
 with the student's parameters (`trainable`), one clipping norm over both; without, `aux` is
 empty and everything is as it was (the same optimizer state, the same checkpoints).
 
+A LoRA student (`kd_jax.models.lora`) is differentiated and updated in its adapters only: they
+are what `trainable` gives the optimizer (whose state is then theirs alone), the frozen base
+enters the loss as a constant and leaves the step as it came, bit for bit. With
+`model.lora_dropout`, every step draws its dropout from the state's key.
+
 Metrics stay on device as sums (see `losses`); the loop fetches them at log intervals only. The
 state records the first step whose loss or gradients were not finite; such an update is skipped,
 so the parameters in the state are always finite and safe to checkpoint.
@@ -43,10 +48,14 @@ from kd_jax.config import LossConfig, ModelConfig, OptimizerConfig
 from kd_jax.losses.objective import objective
 from kd_jax.losses.soft_targets import SoftTargets
 from kd_jax.losses.whitebox import WhiteBox
+from kd_jax.models import lora
 from kd_jax.models.pure import Batch, Params, PureModel, init_params
 from kd_jax.models.transformer import NOT_DECAYED
 from kd_jax.parallel.mesh import activation_sharding
 from kd_jax.train.onpolicy import OnPolicy
+
+
+DROPOUT_STREAM = 0x10EA  # folded into the step's key for LoRA dropout (onpolicy has its own)
 
 
 class Teacher(Protocol):
@@ -73,9 +82,10 @@ class TrainState:
 
 
 def trainable(params: Params, aux: Params) -> Params:
-    """What the optimizer updates: the student's parameters, or with white-box projections,
-    (student's parameters, aux)."""
-    return (params, aux) if aux else params
+    """What the optimizer updates: the student's parameters (a LoRA student's adapters only,
+    `lora.adapters`), or with white-box projections, (those, aux)."""
+    own = lora.adapters(params) or params
+    return (own, aux) if aux else own
 
 
 def split_trainable(tree: Params, with_aux: bool) -> tuple[Params, Params]:
@@ -132,25 +142,30 @@ def init_state(params: Params, tx: optax.GradientTransformation, seed: int,
 def make_loss_fn(student: PureModel, teacher: Teacher | None, loss_cfg: LossConfig,
                  valid_vocab: int, logits_sharding: Any = None,
                  whitebox: WhiteBox | None = None) -> Callable:
-    """loss_fn(params, teacher_params, batch, num_valid_tokens) -> (loss, metric sums).
+    """loss_fn(params, teacher_params, batch, num_valid_tokens, frozen={}, dropout_key=None)
+    -> (loss, metric sums).
 
-    `params` is the `trainable` tree. `logits_sharding` pins the student's [batch, tokens,
-    vocab] logits to a sharding (None: left to XLA's propagation); the teacher pins its own.
-    `whitebox` adds its terms, the teacher (online) giving its layers from the same pass.
+    `params` is the `trainable` tree; `frozen` what the student's parameters hold beside it (a
+    LoRA student's base, `lora.frozen`); `dropout_key` drops the LoRA adapters' inputs.
+    `logits_sharding` pins the student's [batch, tokens, vocab] logits to a sharding (None: left
+    to XLA's propagation); the teacher pins its own. `whitebox` adds its terms, the teacher
+    (online) giving its layers from the same pass.
     """
 
     activations = activation_sharding(logits_sharding)
     with_aux = whitebox is not None and bool(whitebox.hidden_pairs)
 
-    def loss_fn(params, teacher_params, batch, num_valid_tokens):
+    def loss_fn(params, teacher_params, batch, num_valid_tokens, frozen=None, dropout_key=None):
         params, aux = split_trainable(params, with_aux)
+        params = {**(frozen or {}), **params}
         if whitebox is None:
-            outputs = student.apply(params, batch, activation_sharding=activations)
+            outputs = student.apply(params, batch, activation_sharding=activations,
+                                    dropout_key=dropout_key)
             soft_targets = None if teacher is None else teacher.soft_targets(teacher_params,
                                                                              batch)
         else:
             outputs = student.apply(params, batch, activation_sharding=activations,
-                                    **whitebox.request(0))
+                                    dropout_key=dropout_key, **whitebox.request(0))
             soft_targets, teacher_outputs = teacher.soft_targets_and_outputs(
                 teacher_params, batch, whitebox.request(1))
         loss, metrics = objective(outputs, soft_targets, batch["labels"], batch["loss_mask"],
@@ -167,10 +182,21 @@ def make_loss_fn(student: PureModel, teacher: Teacher | None, loss_cfg: LossConf
 
 
 def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Params, batch: Batch,
-                         microbatches: int) -> tuple[Params, dict[str, jax.Array]]:
-    """Sum gradients and metric sums over `microbatches` slices of `batch`, scanned in order."""
+                         microbatches: int, frozen: Params | None = None,
+                         dropout_key: jax.Array | None = None
+                         ) -> tuple[Params, dict[str, jax.Array]]:
+    """Sum gradients and metric sums over `microbatches` slices of `batch`, scanned in order;
+    `frozen` and `dropout_key` are `make_loss_fn`'s (microbatch m drops with the key folded
+    with m)."""
     num_valid_tokens = jnp.sum(batch["loss_mask"].astype(jnp.float32))
-    grad_fn = jax.grad(loss_fn, has_aux=True)
+    loss_grad = jax.grad(loss_fn, has_aux=True)
+
+    def grad_fn(params, teacher_params, batch, num_valid_tokens, index=0):
+        key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+        if frozen is None and key is None:  # the loss functions of the tests take four
+            return loss_grad(params, teacher_params, batch, num_valid_tokens)
+        return loss_grad(params, teacher_params, batch, num_valid_tokens, frozen, key)
+
     if microbatches == 1:
         return grad_fn(params, teacher_params, batch, num_valid_tokens)
 
@@ -187,13 +213,15 @@ def accumulate_gradients(loss_fn: Callable, params: Params, teacher_params: Para
         grad_fn, params, teacher_params, first, num_valid_tokens)
     zeros = lambda tree: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)  # noqa: E731
 
-    def body(carry, microbatch):
+    def body(carry, microbatch_and_index):
         grads_acc, metrics_acc = carry
-        grads, metrics = grad_fn(params, teacher_params, microbatch, num_valid_tokens)
+        grads, metrics = grad_fn(params, teacher_params, *microbatch_and_index[:1],
+                                 num_valid_tokens, microbatch_and_index[1])
         return (jax.tree.map(jnp.add, grads_acc, grads),
                 jax.tree.map(jnp.add, metrics_acc, metrics)), None
 
-    (grads, metrics), _ = jax.lax.scan(body, (zeros(grads_shape), zeros(metrics_shape)), micro)
+    (grads, metrics), _ = jax.lax.scan(body, (zeros(grads_shape), zeros(metrics_shape)),
+                                       (micro, jnp.arange(microbatches)))
     return grads, metrics
 
 
@@ -215,8 +243,13 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
         if onpolicy is not None:
             batch, answers = onpolicy.answer(state.params, batch, state.rng)
         current = trainable(state.params, state.aux)
+        frozen = lora.frozen(state.params)  # a LoRA student's base: a constant of the loss
+        # A LoRA student's dropout draws (used where model.lora_dropout > 0): from the step's key,
+        # a stream of its own.
+        dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                         DROPOUT_STREAM) if frozen else None
         grads, metrics = accumulate_gradients(
-            loss_fn, current, teacher_params, batch, microbatches)
+            loss_fn, current, teacher_params, batch, microbatches, frozen or None, dropout_key)
         # One reduction a parameter serves the norm and the check: a NaN or an infinity in a
         # gradient makes its sum of squares non-finite (so does a gradient whose square
         # overflows float32, which is counted as non-finite too).
@@ -231,6 +264,7 @@ def make_update(student: PureModel, teacher: Teacher | None, tx: optax.GradientT
         first_bad = (state.nonfinite_step < 0) & ~finite
         updates, opt_state = tx.update(grads, state.opt_state, current)
         params, aux = split_trainable(optax.apply_updates(current, updates), with_aux)
+        params = {**state.params, **params}  # a LoRA student's base, as it came
         # A non-finite step leaves the state as it was: what gets checkpointed is always finite.
         keep = lambda new, old: jax.tree.map(  # noqa: E731
             lambda n, o: jnp.where(finite, n, o), new, old)

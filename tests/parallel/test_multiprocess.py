@@ -194,7 +194,7 @@ MESH_ERRORS = {
     "logical_axis": (["mesh.student_rules={mpl: tensor}"],
                      "mesh.student_rules: unknown logical axis 'mpl' (did you mean 'mlp'?); "
                      "logical axes are layers, vocab, embed, heads, kv_heads, head_dim, mlp, "
-                     "norm"),
+                     "norm, lora_rank"),
 }
 
 _CHECK_ERRORS = """

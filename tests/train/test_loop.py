@@ -188,3 +188,45 @@ def test_a_non_finite_step_stops_the_run_or_is_skipped(teacher_run, tmp_path, ca
                (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
     skipped = {r["step"]: r["skipped"] for r in records if "skipped" in r}
     assert skipped == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
+
+
+def test_a_qlora_run_resumed_is_the_uninterrupted_run_bit_for_bit(teacher_run, tmp_path):
+    """LoRA on an int4 base with adapter dropout, from the teacher's layers: stopped at step 3
+    and rerun, its losses and weights are the uninterrupted run's; its checkpoints hold the
+    adapters, the frozen base lies once in base/, and it is the teacher's weights, unchanged."""
+    import jax
+
+    root, corpus = teacher_run
+    extra = """
+model:
+  init: teacher
+  quantize: int4
+  quantize_group: 16
+  lora_rank: 4
+  lora_dropout: 0.1
+"""
+    whole = distill_config(tmp_path / "whole.yaml", corpus, root / "teacher",
+                           tmp_path / "whole", extra)
+    assert cli.main(["distill", str(whole)]) == 0
+    stopped = distill_config(tmp_path / "stopped.yaml", corpus, root / "teacher",
+                             tmp_path / "stopped", extra)
+    assert cli.main(["distill", str(stopped), "train.stop_at=3"]) == 0
+    assert cli.main(["distill", str(stopped)]) == 0
+    assert losses_by_step(tmp_path / "stopped") == losses_by_step(tmp_path / "whole")
+    whole_params, stopped_params = (_final_params(tmp_path / name)
+                                    for name in ("whole", "stopped"))
+    assert whole_params.keys() == stopped_params.keys()
+    for key, value in whole_params.items():
+        np.testing.assert_array_equal(stopped_params[key], value, err_msg=key)
+
+    for step in (3, 6):
+        saved = (tmp_path / "stopped" / "checkpoints" / str(step) / "params" / "_METADATA")
+        assert "a_wq" in saved.read_text() and "embedding" not in saved.read_text()
+    assert "embedding" in (tmp_path / "stopped" / "base" / "0" / "params" / "_METADATA"
+                           ).read_text()
+    teacher = _final_params(root / "teacher")
+    adapters = {key for key in whole_params if key.startswith("['lora']")}
+    assert adapters and set(whole_params) - adapters == set(teacher)
+    for key, value in teacher.items():
+        np.testing.assert_array_equal(whole_params[key], value, err_msg=key)
+    assert any(np.any(whole_params[key]) for key in adapters if "'b_" in key)

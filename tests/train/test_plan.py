@@ -167,3 +167,25 @@ def test_a_teacher_of_another_tokenizer_is_planned_on_its_own_rows(teacher_run, 
                                                          r"the teacher's max_seq_len \(64\)")]:
         with pytest.raises(ConfigError, match=message):
             plan_of(config_lib.load(config, [*overrides, *more]))
+
+
+def test_a_lora_students_optimizer_state_is_under_5_percent_of_the_full_students(tmp_path):
+    """Llama 3.2 1B's shapes (config.json alone), bfloat16: rank-16 adapters on all seven
+    projections of its 16 layers are 11,272,192 parameters, 0.91% of its 1,235,814,400, and
+    AdamW keeps two moments of each; the full student's keeps two of every parameter."""
+    config = tmp_path / "llama-1b.yaml"
+    config.write_text(f"""
+model: {{init: hf, path: {SHAPES / 'Llama-3.2-1B'}, dtype: bfloat16, param_dtype: bfloat16}}
+data: {{seq_len: 128}}
+train: {{batch_size: 1}}
+""")
+    code, full = plan(config, "--devices", "1")
+    assert code == 0, full
+    code, adapted = plan(config, "--devices", "1", "model.lora_rank=16")
+    assert code == 0, adapted
+    assert "trained: 11,272,192 of the student's 1,247,086,592 parameters" in adapted
+    assert figure(adapted, "optimizer state") <= 0.05 * figure(full, "optimizer state")
+    assert figure(adapted, "optimizer state") == pytest.approx(
+        2 * 11_272_192 * 2 / 2**20, rel=0.01)  # m and v in bfloat16
+    assert figure(adapted, "student parameters") == pytest.approx(
+        figure(full, "student parameters") * (1 + 11_272_192 / 1_235_814_400), rel=0.01)

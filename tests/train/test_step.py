@@ -307,3 +307,57 @@ def test_an_unsupported_divergence_is_refused_when_the_step_is_traced(
     update_for(supported).trace(state, None, batch)  # the same step traces with a divergence
     with pytest.raises(ValueError, match=reason):  # it supports; tracing runs nothing
         update_for(divergence).trace(state, None, batch)
+
+
+def test_a_lora_step_updates_the_adapters_alone(tiny_models):
+    """The optimizer state holds the adapters' moments only; after steps the base is the same
+    bits and every adapter has moved (B from zero, A once B is no longer zero)."""
+    from kd_jax.models import lora
+    from kd_jax.models.pure import count_params, init_model
+
+    _, _, teacher, teacher_params = tiny_models
+    cfg = dataclasses.replace(STUDENT, init="hf", lora_rank=4, lora_alpha=8.0)
+    student, params = init_model(cfg)
+    tx, schedule = make_optimizer(OptimizerConfig(lr=1e-2, warmup_steps=0), 10)
+    state = init_state(params, tx, seed=0)
+    moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if np.ndim(leaf) > 0]
+    assert count_params(moments) == 2 * count_params(params["lora"])  # AdamW's m and v
+    update = jax.jit(make_update(student, OnlineTeacher(teacher), tx, schedule, LOSS, 2,
+                                 VALID_VOCAB))
+    base = jax.tree.map(np.array, lora.base_of(params))
+    for step in range(3):
+        state, metrics = update(state, teacher_params, make_batch(step))
+    assert float(metrics["skipped"]) == 0
+    for got, want in zip(jax.tree.leaves(lora.base_of(state.params)), jax.tree.leaves(base),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    for name, value in state.params["lora"].items():
+        assert not np.array_equal(value, params["lora"][name]), name
+
+
+def test_lora_gradients_are_those_of_the_merged_weights(tiny_models):
+    """The step's adapter gradients against the plain model's loss with merged weights
+    W + (alpha / r) A B, differentiated through the merge."""
+    from kd_jax.models import lora
+    from kd_jax.models.pure import init_model
+
+    _, _, teacher, teacher_params = tiny_models
+    cfg = dataclasses.replace(STUDENT, init="hf", lora_rank=4, lora_alpha=8.0,
+                              lora_targets=["q", "o", "down"])
+    student, params = init_model(cfg)
+    keys = iter(jax.random.split(jax.random.key(4), len(params["lora"])))
+    params["lora"] = {name: 0.1 * jax.random.normal(next(keys), value.shape)
+                      for name, value in params["lora"].items()}
+    plain, _ = init_model(STUDENT)
+    batch = make_batch(5)
+    plain_loss = make_loss_fn(plain, OnlineTeacher(teacher), LOSS, VALID_VOCAB)
+    num_valid = jnp.sum(batch["loss_mask"].astype(jnp.float32))
+    expected = jax.grad(lambda adapters: plain_loss(
+        lora.merged({**params, "lora": adapters}, cfg), teacher_params, batch, num_valid)[0])(
+        params["lora"])
+    tx = capture_gradients()
+    update = jax.jit(make_update(student, OnlineTeacher(teacher), tx,
+                                 optax.constant_schedule(1.0), LOSS, 1, VALID_VOCAB))
+    state, _ = update(init_state(params, tx, seed=0), teacher_params, batch)
+    assert set(state.opt_state) == {"lora"}
+    assert_trees_close(state.opt_state["lora"], expected)
