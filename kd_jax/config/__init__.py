@@ -52,15 +52,11 @@ RematPolicy = Literal["none", "full", "dots"]
 # depth.
 LayerLoop = Literal["auto", "scan", "unroll"]
 NonFinitePolicy = Literal["stop", "skip"]
-# The format a weight is fake-quantized to (`kd_jax.models.quantize`): symmetric, a scale per
-# group, int8 codes in [-127, 127], int4 in [-7, 7]; q8_0 and q4_0 are llama.cpp's formats as
-# it computes them (blocks of 32, float16 scales), which a GGUF export stores exactly; none
-# leaves it in float.
+# A weight's fake-quantized format (kd_jax.models.quantize); q8_0, q4_0: llama.cpp's formats.
 WeightFormat = Literal["none", "int8", "int4", "q8_0", "q4_0"]
-# The embedding's and head's own format; auto: none where model.quantize is none, q8_0 where it
-# is a llama.cpp format, else int8.
+# The embedding's and head's; auto: none, q8_0 for llama.cpp's formats, else int8.
 EdgeFormat = Literal["auto", "none", "int8", "int4", "q8_0", "q4_0"]
-LLAMA_CPP_FORMATS = ("q8_0", "q4_0")  # the formats above that are llama.cpp's, blocks of 32
+LLAMA_CPP_FORMATS = ("q8_0", "q4_0")  # blocks of 32
 # The projections' inputs: int8, a scale per token from its own max |x| (dynamic range).
 ActivationFormat = Literal["none", "int8"]
 # Which model `kd-jax generate` runs: the student of train.run_dir, or the teacher at teacher.path.
@@ -121,14 +117,13 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max: int = 8192  # llama3: the context the model was pretrained on
-    # Quantization-aware training (kd_jax.models.quantize): the forward pass sees the weights as
-    # they will be served, fake-quantized, with straight-through gradients; the optimizer and
-    # the checkpoints keep the float master weights. A teacher always runs in float.
+    # Quantization-aware training (kd_jax.models.quantize): the forward pass sees the weights
+    # fake-quantized (straight-through gradients, float master weights); a teacher runs in float.
     quantize: WeightFormat = "none"  # the layers' q, k, v, o, gate, up and down projections
-    # int8 and int4 weights sharing a scale, consecutive along the contracted dimension; 0: one
-    # scale per output channel. q8_0 and q4_0 always have llama.cpp's blocks of 32.
+    # int8/int4 weights sharing a scale along the contracted dimension; 0: per output channel.
+    # q8_0 and q4_0 always have llama.cpp's blocks of 32.
     quantize_group: int = 0
-    quantize_embedding: EdgeFormat = "auto"  # the embedding rows; auto: int8 if quantize is set
+    quantize_embedding: EdgeFormat = "auto"  # the embedding rows; auto: see EdgeFormat
     quantize_head: EdgeFormat = "auto"  # the output head; tied, it must be the embedding's
     quantize_activations: ActivationFormat = "none"  # the inputs of the layers' projections
 
@@ -139,9 +134,8 @@ class ModelConfig:
     def weight_format(self, part: str) -> str:
         """The format of the `part` weights (layers, embedding or head), auto made concrete."""
         own = self.quantize if part == "layers" else getattr(self, f"quantize_{part}")
-        if own != "auto":
-            return own
-        return {"none": "none", "q8_0": "q8_0", "q4_0": "q8_0"}.get(self.quantize, "int8")
+        auto = {"none": "none", "q8_0": "q8_0", "q4_0": "q8_0"}.get(self.quantize, "int8")
+        return own if own != "auto" else auto
 
 
 @dataclasses.dataclass
