@@ -215,6 +215,7 @@ def test_float_export_round_trip(teacher_run, bpe_tokenizer, tmp_path):
     assert int(fields["llama.vocab_size"][0]) == VOCAB_ROWS
     assert bytes(fields["tokenizer.ggml.model"]).decode() == "gpt2"
     assert bytes(fields["tokenizer.ggml.pre"]).decode() == "gpt-2"
-    sums = dict(reversed(line.split("  ")) for line in (out / "SHA256SUMS").read_text().splitlines())
+    sums = dict(reversed(line.split("  "))
+                for line in (out / "SHA256SUMS").read_text().splitlines())
     assert sums == {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
                     for name in (GGUF_FILE, "README.md")}

@@ -76,7 +76,8 @@ def unquantized(cfg: ModelConfig) -> ModelConfig:
 
 def quantize(x: jax.Array, fmt: str, group: int, axis: int) -> tuple[jax.Array, jax.Array]:
     """(codes, scales) of `x`, groups of `group` consecutive elements along `axis` (0: the whole
-    axis; llama.cpp's formats: always their blocks of 32). `axis` is split in place into (groups, group): codes int8 [..., groups, group, ...],
+    axis; llama.cpp's formats: always their blocks of 32). `axis` is split in place into
+    (groups, group): codes int8 [..., groups, group, ...],
     scales float32 [..., groups, 1, ...]."""
     axis = axis % x.ndim
     size = x.shape[axis]
