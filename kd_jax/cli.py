@@ -81,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a run directory (its latest checkpoint is exported)")
     p.add_argument("out_dir", help="the directory to create")
     p.add_argument("--dtype", help="weights dtype: float32, bfloat16 or float16 (default: the "
-                                   "run's model.param_dtype)")
+                                   "run's model.param_dtype); with gguf, of the weights left "
+                                   "in float")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors: a Hugging Face checkpoint directory (default); gguf: "
+                        "model.gguf for llama.cpp, q8_0/q4_0 weights as the run trained them "
+                        "(docs/quantization.md)")
     text = ("compare finished runs (a teacher, distilled students, hard-label baselines): "
             "report.png with their curves, report.md with the retention table")
     p = sub.add_parser("report", help=text, description=text)
@@ -260,7 +265,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config_lib.load(args.config, args.overrides)
             print(plan_table(plan(cfg, args.device_memory)))
         elif args.command == "export":
-            from kd_jax.export import export
+            if args.format == "gguf":
+                from kd_jax.export_gguf import export_gguf as export
+            else:
+                from kd_jax.export import export
 
             result = export(args.run_dir, args.out_dir, args.dtype)
             print(f"wrote {result['out_dir']}: step {result['step']}, {result['dtype']}, "

@@ -229,6 +229,6 @@ def test_the_implementations_read_their_choices_from_the_config():
     assert tuple(mesh.LAYOUTS) == config_lib.choices(config_lib.MeshLayout)
     assert manifest.MODES == config_lib.choices(config_lib.CacheMode)
     assert manifest.VALUE_DTYPES == config_lib.choices(config_lib.ValueDType)
-    assert ("none", *quantize.QMAX) == config_lib.choices(config_lib.WeightFormat)
-    assert set(config_lib.choices(config_lib.EdgeFormat)) == {"auto", "none", *quantize.QMAX}
+    assert ("none", *quantize.FORMATS) == config_lib.choices(config_lib.WeightFormat)
+    assert set(config_lib.choices(config_lib.EdgeFormat)) == {"auto", "none", *quantize.FORMATS}
     assert set(config_lib.choices(config_lib.ActivationFormat)) <= {"none", *quantize.QMAX}

@@ -36,9 +36,11 @@ ALLOWED = {
     "train": {"config", "checks", "data", "align", "models", "losses", "parallel", "cache",
               "teacher", "eval", "checkpoint", "run_dir"},
     "export": {"config", "checks", "models", "eval", "checkpoint", "run_dir"},
+    "export_gguf": {"config", "checks", "models", "eval", "checkpoint", "run_dir", "export"},
     "compare": {"config", "run_dir"},
     "demo": {"config", "eval", "train", "compare"},
-    "cli": {"config", "cache", "data", "parallel", "eval", "train", "demo", "export", "compare"},
+    "cli": {"config", "cache", "data", "parallel", "eval", "train", "demo", "export", "export_gguf",
+            "compare"},
 }
 # The core runs on a bare accelerator image: these import only jax, flax, optax, numpy, the
 # standard library, and other core modules.

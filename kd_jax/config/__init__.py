@@ -50,11 +50,11 @@ RematPolicy = Literal["none", "full", "dots"]
 # layer out (faster steps on a CPU, compile time growing with depth); auto: by platform, depth.
 LayerLoop = Literal["auto", "scan", "unroll"]
 NonFinitePolicy = Literal["stop", "skip"]
-# The format a weight is fake-quantized to (`kd_jax.models.quantize`): symmetric, a scale per
-# group, int8 codes in [-127, 127], int4 in [-7, 7]; none leaves it in float.
-WeightFormat = Literal["none", "int8", "int4"]
-# The embedding's and head's own format; auto: int8 where model.quantize is set, else none.
-EdgeFormat = Literal["auto", "none", "int8", "int4"]
+# A weight's fake-quantized format (kd_jax.models.quantize); q8_0, q4_0: llama.cpp's formats.
+WeightFormat = Literal["none", "int8", "int4", "q8_0", "q4_0"]
+# The embedding's and head's; auto: none, q8_0 for llama.cpp's formats, else int8.
+EdgeFormat = Literal["auto", "none", "int8", "int4", "q8_0", "q4_0"]
+LLAMA_CPP_FORMATS = ("q8_0", "q4_0")  # blocks of 32
 # The projections' inputs: int8, a scale per token from its own max |x| (dynamic range).
 ActivationFormat = Literal["none", "int8"]
 LoraTarget = Literal["q", "k", "v", "o", "gate", "up", "down"]  # the layers' projections
@@ -116,14 +116,13 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max: int = 8192  # llama3: the context the model was pretrained on
-    # Quantization-aware training (kd_jax.models.quantize): the forward pass sees the weights as
-    # they will be served, fake-quantized, with straight-through gradients; the optimizer and
-    # the checkpoints keep the float master weights. A teacher always runs in float.
+    # Quantization-aware training (kd_jax.models.quantize): the forward pass sees the weights
+    # fake-quantized (straight-through gradients, float master weights); a teacher runs in float.
     quantize: WeightFormat = "none"  # the layers' q, k, v, o, gate, up and down projections
-    # Weights sharing a scale, consecutive along the contracted dimension (32: llama.cpp's
-    # Q8_0/Q4_0 blocks); 0: one scale per output channel. Applies to every quantized weight.
+    # int8/int4 weights sharing a scale along the contracted dimension; 0: per output channel.
+    # q8_0 and q4_0 always have llama.cpp's blocks of 32.
     quantize_group: int = 0
-    quantize_embedding: EdgeFormat = "auto"  # the embedding rows; auto: int8 if quantize is set
+    quantize_embedding: EdgeFormat = "auto"  # the embedding rows; auto: see EdgeFormat
     quantize_head: EdgeFormat = "auto"  # the output head; tied, it must be the embedding's
     quantize_activations: ActivationFormat = "none"  # the inputs of the layers' projections
     # LoRA (kd_jax.models.lora): the base frozen (with quantize, fake-quantized: QLoRA), a pair
@@ -141,7 +140,8 @@ class ModelConfig:
     def weight_format(self, part: str) -> str:
         """The format of the `part` weights (layers, embedding or head), auto made concrete."""
         own = self.quantize if part == "layers" else getattr(self, f"quantize_{part}")
-        return own if own != "auto" else ("none" if self.quantize == "none" else "int8")
+        auto = {"none": "none", "q8_0": "q8_0", "q4_0": "q8_0"}.get(self.quantize, "int8")
+        return own if own != "auto" else auto
 
 
 @dataclasses.dataclass

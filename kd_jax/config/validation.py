@@ -7,6 +7,7 @@ import typing
 from typing import Literal
 
 from kd_jax.config import (
+    LLAMA_CPP_FORMATS,
     SECTIONS,
     Config,
     ConfigError,
@@ -230,17 +231,25 @@ def check_quantize(m: ModelConfig) -> None:
         raise ConfigError(f"model.tie_embeddings shares one matrix, but model.quantize_embedding "
                           f"is {formats['embedding']} and model.quantize_head {formats['head']}: "
                           "set them alike")
-    # The dimensions each quantized weight's groups run along (kd_jax.models.quantize).
-    contracted = {}
-    if formats["embedding"] != "none" or formats["head"] != "none":
-        contracted["d_model"] = m.d_model
-    if formats["layers"] != "none":
-        contracted.update({"d_model": m.d_model, "d_ff": m.d_ff,
-                           "n_heads x head_dim": m.n_heads * m.resolved_head_dim})
-    for name, size in contracted.items():
-        if m.quantize_group and size % m.quantize_group:
-            raise ConfigError(f"model.quantize_group ({m.quantize_group}) must divide the "
-                              f"dimension the weights are grouped along, {name} ({size})")
+    if m.quantize_group and not {"int8", "int4"} & set(formats.values()):
+        raise ConfigError(f"model.quantize_group is {m.quantize_group} but no weight is int8 or "
+                          "int4: q8_0 and q4_0 always have llama.cpp's blocks of 32")
+    # The dimensions each quantized weight's groups run along (kd_jax.models.quantize), and the
+    # group of each format (llama.cpp's: its blocks of 32).
+    contracted = []
+    for part, fmt in formats.items():
+        group = 32 if fmt in LLAMA_CPP_FORMATS else m.quantize_group
+        if fmt == "none" or not group:
+            continue
+        contracted.append(("d_model", m.d_model, group, fmt))
+        if part == "layers":
+            contracted += [("d_ff", m.d_ff, group, fmt),
+                           ("n_heads x head_dim", m.n_heads * m.resolved_head_dim, group, fmt)]
+    for name, size, group, fmt in contracted:
+        if size % group:
+            what = f"{fmt}'s block" if fmt in LLAMA_CPP_FORMATS else "model.quantize_group"
+            raise ConfigError(f"{what} ({group}) must divide the dimension the weights are "
+                              f"grouped along, {name} ({size})")
 
 
 def _check_model(m: ModelConfig, config: Config) -> None:

@@ -94,18 +94,105 @@ def test_per_token_activations_are_the_reference():
     np.testing.assert_array_equal(np.asarray(unquantized), x_btnh)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def llama_cpp_reference(w: np.ndarray, fmt: str) -> np.ndarray:
+    """The values of llama.cpp's q8_0 or q4_0 from ggml's definition, blocks of 32 along the
+    last axis, each float32 operation done by numpy alone (which never fuses or reorders):
+    q8_0: d = amax / 127, codes = roundf(w * (1 / d)) (halves away from zero, taken exactly in
+    float64); q4_0: d = m / -8 (m the first weight of largest magnitude, signed), codes =
+    min(15, floor(w * (1 / d) + 8.5)) - 8; values = codes * float16(d)."""
+    blocks = np.asarray(w, np.float32).reshape(*w.shape[:-1], -1, 32)
+    if fmt == "q8_0":
+        d = np.abs(blocks).max(-1, keepdims=True) / np.float32(127)
+    else:
+        largest = np.abs(blocks).argmax(-1)[..., None]
+        d = np.take_along_axis(blocks, largest, -1) / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    y = blocks * inverse
+    if fmt == "q8_0":
+        codes = np.sign(y) * np.floor(np.abs(y).astype(np.float64) + 0.5)
+    else:
+        codes = np.minimum(np.floor(y + np.float32(8.5)), 15) - 8
+    scales = d.astype(np.float16).astype(np.float32)
+    return (codes.astype(np.float32) * scales).reshape(w.shape)
+
+
+def llama_cpp_hazards(fmt: str) -> np.ndarray:
+    """Blocks [n, 32] on which a computation that is not ggml's float32 sequence, operation by
+    operation, gives other values: for q8_0, weights whose codes change when d = amax / 127 is
+    taken as amax times the reciprocal of 127 (what XLA makes of a division by a constant); for
+    q4_0, weights whose codes change when w * (1 / d) + 8.5 is one fused multiply-add (what
+    LLVM makes of it), all found by search."""
+    blocks = []
+    for amax in np.linspace(1, 3, 400, dtype=np.float32):
+        if fmt == "q8_0":
+            exact, product = amax / np.float32(127), amax * np.float32(1 / 127)
+            if exact == product:
+                continue
+            inverses = np.float32(1) / np.array([exact, product], np.float32)
+            halves = (np.arange(-126, 127, dtype=np.float64) + 0.5) * np.float64(exact)
+        else:
+            inverses = np.float32(1) / (np.array([-amax], np.float32) / np.float32(-8))
+            halves = (np.arange(-8, 8, dtype=np.float64) + 0.5) / np.float64(inverses[0])
+        # float32 weights within a few steps of each boundary between two codes
+        near = (halves[:, None] * (1 + np.arange(-4, 5) * 2.0**-23)).astype(np.float32).ravel()
+        near = near[np.abs(near) < amax]
+        if fmt == "q8_0":
+            rounded = [np.floor(np.abs(near * inverse).astype(np.float64) + 0.5)
+                       for inverse in inverses]
+            differ = near[rounded[0] != rounded[1]]
+        else:
+            fused = np.floor(near.astype(np.float64) * np.float64(inverses[0]) + 8.5)
+            differ = near[np.floor(near * inverses[0] + np.float32(8.5)) != fused]
+        for start in range(0, len(differ), 31):
+            block = np.zeros(32, np.float32)
+            block[0] = -amax  # the block's largest magnitude (q4_0: its signed maximum)
+            block[1:1 + len(differ[start:start + 31])] = differ[start:start + 31]
+            blocks.append(block)
+    return np.stack(blocks)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0"])
+def test_llama_cpp_formats_are_ggml_reference(fmt):
+    """q8_0 and q4_0 give ggml's values bit for bit, jitted and eagerly: on normal weights of
+    four magnitudes (scales from float16 subnormals to large), all-zero blocks, weights on the
+    codes' half-way points, and the blocks where XLA's or LLVM's rewriting of the float32
+    operations would change a code."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((256, 96)) * rng.choice([1e-4, 0.02, 1, 30], (256, 1))).astype(
+        np.float32)
+    w[:4] = np.round(w[:4] * 2) / 2  # halves: roundf and floor(+ 8.5) differ from ties to even
+    w[4, :32] = 0
+    hazards = llama_cpp_hazards(fmt)
+    assert len(hazards) >= 2
+    w = np.concatenate([w, np.pad(hazards, ((0, 0), (0, 64)))])
+    expected = llama_cpp_reference(w, fmt)
+    jitted = jax.jit(quantize.fake_quantize, static_argnums=(1, 2, 3))
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(w), fmt, 0, -1)), expected)
+    np.testing.assert_array_equal(np.asarray(quantize.fake_quantize(jnp.asarray(w), fmt, 0, -1)),
+                                  expected)
+    # The blocks along the input of a [in, out] weight: the same values, transposed.
+    np.testing.assert_array_equal(np.asarray(jitted(jnp.asarray(w.T), fmt, 0, 0)), expected.T)
+    codes, scales = quantize.quantize(jnp.asarray(w), fmt, 16, -1)  # the group is always 32
+    assert codes.shape == (len(w), 3, 32) and scales.shape == (len(w), 3, 1)
+    low, high = (-127, 127) if fmt == "q8_0" else (-8, 7)
+    assert np.asarray(codes).min() == low and np.asarray(codes).max() == high
+    assert np.all(np.asarray(scales) == np.asarray(scales).astype(np.float16))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4", "q8_0", "q4_0"])
 def test_the_gradient_is_straight_through(fmt):
     """The vector-Jacobian product of fake quantization returns the upstream gradient as it is,
     all-zero groups included, through the weight, row and activation paths alike."""
-    w = jnp.asarray(weights_with_zero_groups((32, 24), seed=1))
-    upstream = jnp.asarray(np.random.default_rng(2).standard_normal((32, 24)), jnp.float32)
+    columns = 32 if fmt in quantize.LLAMA_CPP_FORMATS else 24  # rows hold whole blocks of 32
+    w = jnp.asarray(weights_with_zero_groups((32, columns), seed=1))
+    upstream = jnp.asarray(np.random.default_rng(2).standard_normal((32, columns)), jnp.float32)
     cfg = dataclasses.replace(STUDENT, quantize=fmt, quantize_group=8, quantize_activations="int8")
     paths = {
         "per channel": lambda w: quantize.fake_quantize(w, fmt, 0, 0),
         "groups": lambda w: quantize.fake_quantize(w, fmt, 8, 0),
         "two contracted dimensions": lambda w: quantize.fake_quantize_weight(
-            w.reshape(4, 8, 24), fmt, 8, contract=2).reshape(32, 24),
+            w.reshape(4, 8, columns), fmt, 8, contract=2).reshape(32, columns),
         "rows": lambda w: quantize.rows(w, cfg, "embedding"),
         "activations": lambda w: quantize.activations(w, cfg),
     }
