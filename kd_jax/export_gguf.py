@@ -23,6 +23,7 @@ merges, and llama.cpp reads no BPE vocabulary without them).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +35,7 @@ import numpy as np
 from kd_jax import checkpoint
 from kd_jax.config import LLAMA_CPP_FORMATS, Config, ConfigError, ModelConfig
 from kd_jax.export import EXPORT_DTYPES, _tokenizer_file, model_card
-from kd_jax.models import quantize
+from kd_jax.models import lora, quantize
 from kd_jax.models.pretrained import write_sums
 from kd_jax.models.pure import abstract_model, count_params
 from kd_jax.run_dir import read_report, read_run
@@ -69,16 +70,27 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     except ImportError:
         raise ConfigError("--format gguf needs the gguf package: pip install "
                           "'kd_jax[gguf]'") from None
+    if cfg.model.lora_rank and cfg.model.weight_format("layers") != "none":
+        raise ConfigError("--format gguf: a LoRA student's merged projections, its quantized "
+                          "base plus the adapters' product, lie off the grid the base was "
+                          "quantized to; export it with --format safetensors")
     architecture = check_expressible(cfg.model)
     tokenizer = _tokenizer_file(cfg)
     vocabulary = tokenizer_metadata(tokenizer, cfg.model.vocab_size)
     _, abstract = abstract_model(cfg.model)
     params = checkpoint.restore_params(run_dir, abstract, step)
+    served = cfg
+    if cfg.model.lora_rank:  # merged, as the safetensors export merges it: a plain student
+        params = lora.merged(params, cfg.model)
+        plain = ModelConfig()
+        served = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, lora_rank=0, lora_alpha=plain.lora_alpha,
+            lora_dropout=plain.lora_dropout, lora_targets=plain.lora_targets))
 
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    types = write_gguf(partial / GGUF_FILE, params, cfg, architecture, vocabulary, dtype,
+    types = write_gguf(partial / GGUF_FILE, params, served, architecture, vocabulary, dtype,
                        run_dir.name, gguf)
     weights = ", ".join(f"{part} {kind}" for part, kind in types.items())
     card = model_card(cfg, info, read_report(run_dir), step, f"GGUF ({weights})",

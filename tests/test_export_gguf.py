@@ -15,6 +15,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import yaml
 
 gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
@@ -219,3 +220,44 @@ def test_float_export_round_trip(teacher_run, bpe_tokenizer, tmp_path):
                 for line in (out / "SHA256SUMS").read_text().splitlines())
     assert sums == {name: hashlib.sha256((out / name).read_bytes()).hexdigest()
                     for name in (GGUF_FILE, "README.md")}
+
+
+def test_a_lora_student_is_written_merged(teacher_run, bpe_tokenizer, tmp_path, capsys):
+    """LoRA on a float base: the file holds W + (alpha / r) A B, and transformers computes the
+    adapted student's logits from it. On a base quantized to a llama.cpp format the merged
+    weights lie off its grid: refused in one line."""
+    _, corpus = teacher_run
+    (tmp_path / "base").mkdir()
+    base = train(tmp_path / "base", corpus, bpe_tokenizer, [])
+    lora_dir = tmp_path / "lora"
+    lora_dir.mkdir()
+    config = write_config(lora_dir / "run.yaml", corpus, lora_dir / "run")
+    assert cli.main(["distill", str(config), f"data.tokenizer={bpe_tokenizer}",
+                     f"model.vocab_size={VOCAB_ROWS}", "teacher.source=checkpoint",
+                     f"teacher.path={base}", "model.init=teacher", "model.lora_rank=4",
+                     "model.lora_alpha=8", "optimizer.lr=3e-2"]) == 0
+    out = tmp_path / "out"
+    assert cli.main(["export", str(lora_dir / "run"), str(out), "--format", "gguf"]) == 0
+    cfg, _ = read_run(lora_dir / "run")
+    _, abstract = abstract_model(cfg.model)
+    params = checkpoint.restore_params(lora_dir / "run", abstract)
+    assert np.any(np.asarray(params["lora"]["b_wq"]))  # the adapters trained
+    model, _ = load_back(out)
+    tokens_bt = np.arange(48)[None] + 40
+    adapted = kd_jax_logits(cfg, params, tokens_bt)
+    with torch.no_grad():
+        theirs = model(torch.tensor(tokens_bt)).logits.numpy()
+    np.testing.assert_allclose(theirs, adapted, rtol=0, atol=LOGITS_ATOL)
+    base_cfg, _ = read_run(base)
+    base_params = checkpoint.restore_params(base, abstract_model(base_cfg.model)[1])
+    assert np.abs(kd_jax_logits(base_cfg, base_params, tokens_bt) - adapted).max() > 1e-3
+
+    quantized = yaml.safe_load((lora_dir / "run" / "config.yaml").read_text())
+    quantized["model"]["quantize"] = "q4_0"
+    (lora_dir / "run" / "config.yaml").write_text(yaml.safe_dump(quantized))
+    capsys.readouterr()
+    assert cli.main(["export", str(lora_dir / "run"), str(tmp_path / "q"), "--format",
+                     "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lie off the grid the base was quantized to" in err[0]
+    assert not (tmp_path / "q").exists()
