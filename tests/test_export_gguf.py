@@ -57,8 +57,11 @@ def bpe_tokenizer(tmp_path_factory, teacher_run):
 def train(tmp_path, corpus, tokenizer, overrides):
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "run.yaml", corpus, run_dir)
+    # Two steps: the weights need not be good, only trained through the quantized forward pass.
     assert cli.main(["train", str(config), f"data.tokenizer={tokenizer}",
-                     f"model.vocab_size={VOCAB_ROWS}", *overrides]) == 0
+                     f"model.vocab_size={VOCAB_ROWS}", "train.steps=2",
+                     "train.checkpoint_every=2", "train.microbatches=1",
+                     "train.eval_sequences=4", *overrides]) == 0
     return run_dir
 
 
