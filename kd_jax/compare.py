@@ -166,6 +166,9 @@ def retention_rows(runs: Sequence[Run]) -> list[list[str]]:
         rows.append(["teacher", source, *_quality_cells(teacher, teacher)])
     for run in by_role(runs):
         rows.append([run.role, f"`{run.path}`", *_quality_cells(run.heldout(), teacher)])
+        if run.report is not None and "student_float" in run.report:  # a quantized student
+            rows.append([f"{run.role}, float weights", f"`{run.path}`",
+                         *_quality_cells(run.report["student_float"], teacher)])
     return rows
 
 

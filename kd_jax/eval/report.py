@@ -47,16 +47,20 @@ def eval_table(report: dict[str, Any]) -> str:
     headers = ["model", "params", "bits/byte", "bits/token", "accuracy", "ECE",
                "agreement", "KL(T||S)"]
     rows = []
-    for name in ("teacher", "student"):
+    for name, label in (("teacher", "teacher"), ("student", "student"),
+                        ("student_float", "student, float weights")):
         if name in report:
             m = report[name]
-            rows.append([name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
+            rows.append([label, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
                          m.get("accuracy"), m.get("ece"), m.get("agreement"), m.get("kl")])
-    # Several teachers: a row each, its agreement and KL the student's with it.
+    # Several teachers: a row each, before the student's, its agreement and KL the student's
+    # with it.
+    at = next((i for i, row in enumerate(rows) if row[0] == "student"), len(rows))
     for name, m in (report.get("teachers") or {}).items():
-        rows.insert(-1, [name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
+        rows.insert(at, [name, m.get("params"), m.get("bits_per_byte"), m.get("bits_per_token"),
                          m.get("accuracy"), m.get("ece"), m.get("student_agreement"),
                          m.get("student_kl")])
+        at += 1
     return format_table(headers, rows)
 
 
@@ -87,6 +91,8 @@ def build_report(mode: str, run_dir: str, steps: int, result: dict[str, dict],
     }
     if "teacher" in result:
         report["teacher"] = dict(result["teacher"], params=info["teacher_params"])
+    if "student_float" in result:  # a quantized student's float master weights
+        report["student_float"] = dict(result["student_float"], params=info["student_params"])
     if "student~teacher" in result:  # a teacher of another tokenizer: where positions align
         versus = result["student~teacher"]
         report["student"].update(agreement=versus.get("agreement"), kl=versus.get("kl"),

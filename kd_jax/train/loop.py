@@ -24,6 +24,8 @@ from kd_jax.align.rows import teacher_rows, teacher_seq_len_for
 from kd_jax.eval.evaluate import OTHER_ROWS, OtherTokenizer, evaluate, make_eval_fn
 from kd_jax.eval.report import build_report
 from kd_jax.models import attention
+from kd_jax.models.pure import abstract_model
+from kd_jax.models.quantize import unquantized
 from kd_jax.parallel.hosts import is_main_process
 from kd_jax.parallel.mesh import mesh_shape, replicated
 from kd_jax.teacher.cross import vocabulary_of
@@ -268,11 +270,23 @@ def _evaluator(built: builder.Run):
             batch, built.data.tokenizer, tokenizer, length, starts).items()
             if key != "same_next"} for name, (tokenizer, length) in others.items()}}
 
+    # A quantized student (model.quantize) is what is served; its float master weights are
+    # scored beside it (`student_float`), so a report says what the rounding costs.
+    float_fn = None
+    if unquantized(built.cfg.model) != built.cfg.model:
+        float_fn = jax.jit(make_eval_fn(abstract_model(unquantized(built.cfg.model))[0], None,
+                                        built.valid_vocab), out_shardings=replicated(built.mesh))
+
     def evaluator(student_params) -> dict[str, dict]:
-        return evaluate(eval_fn, student_params, params or None, built.data.heldout,
-                        byte_lengths, built.eval_placement.rows,
-                        built.cfg.train.eval_sequences, place=place,
-                        host_fields=host_fields if others else None)
+        result = evaluate(eval_fn, student_params, params or None, built.data.heldout,
+                          byte_lengths, built.eval_placement.rows,
+                          built.cfg.train.eval_sequences, place=place,
+                          host_fields=host_fields if others else None)
+        if float_fn is not None:
+            result["student_float"] = evaluate(
+                float_fn, student_params, None, built.data.heldout, byte_lengths,
+                built.eval_placement.rows, built.cfg.train.eval_sequences, place=place)["student"]
+        return result
 
     return evaluator
 

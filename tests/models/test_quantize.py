@@ -7,6 +7,7 @@ against the float model's, sampling with it, a distillation run through the CLI.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoint, cli
+from kd_jax.eval.report import eval_table
 from kd_jax.models import quantize
 from kd_jax.models.generate import make_sampler
 from kd_jax.models.pure import abstract_model, init_model
@@ -367,3 +369,21 @@ teacher:
     seen = np.asarray(quantize.layer_weights({"wq": params["layers"]["wq"][0]},
                                              run_cfg.model)["wq"]).reshape(4, 8, 32)
     assert not np.array_equal(seen, wq)
+
+    # What is served, and beside it the float master weights: report.json, kd-jax eval's table
+    # and kd-jax report's table. The float row is the run evaluated without quantization.
+    report = json.loads((tmp_path / "student" / "report.json").read_text())
+    served, master = report["student"], report["student_float"]
+    # int4 moves the score by far more than float32 noise (7e-7 between two programs, below)
+    assert abs(served["bits_per_byte"] - master["bits_per_byte"]) > 1e-5
+    assert master["params"] == served["params"] and "agreement" not in master
+    assert "student, float weights" in eval_table(report)
+    assert cli.main(["report", str(tmp_path / "student"), "--out", str(tmp_path / "cmp")]) == 0
+    assert ", float weights | `" in (tmp_path / "cmp" / "report.md").read_text()
+    assert cli.main(["eval", str(tmp_path / "student"), "model.quantize=none",
+                     "model.quantize_group=0", "model.quantize_activations=none"]) == 0
+    unrounded = json.loads((tmp_path / "student" / "report.json").read_text())
+    assert "student_float" not in unrounded
+    # The same sums in float32, from another compiled program (with the teacher in it).
+    assert unrounded["student"]["bits_per_byte"] == pytest.approx(master["bits_per_byte"],
+                                                                 rel=1e-6)
