@@ -75,7 +75,7 @@ def main() -> None:
              "int4 distilled (in the loop)", "int4 hard labels (in the loop)"]
     print(f"int4 in groups of {args.group} (embedding and head int8); held-out bits/byte; "
           f"{time.perf_counter() - started:.0f} s")
-    print(f"| student | seed 0 | seed 1 | mean |\n|---|---|---|---|")
+    print("| student | seed 0 | seed 1 | mean |\n|---|---|---|---|")
     for name in names:
         a, b = results[name, 0], results[name, 1]
         print(f"| {name} | {a:.4f} | {b:.4f} | {(a + b) / 2:.4f} |")

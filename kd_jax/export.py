@@ -34,9 +34,10 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
-def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> dict[str, Any]:
-    """Write the latest checkpoint of `run_dir` to `out_dir`; returns what was written."""
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+def checked_export(run_dir: str | Path, out_dir: str | Path, dtype: str | None
+                   ) -> tuple[Config, dict[str, Any], int, str]:
+    """(the run's config, its run.json, its latest checkpoint step, the dtype to write) for an
+    export of `run_dir` into `out_dir`, each checked before anything is written."""
     cfg, info = read_run(run_dir)
     step = checkpoint.latest_step(run_dir)
     if step is None:
@@ -44,19 +45,35 @@ def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -
     dtype = dtype or cfg.model.param_dtype
     if dtype not in EXPORT_DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
+    out_dir = Path(out_dir)
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} exists and is not empty: export into a new directory")
+    return cfg, info, step, dtype
+
+
+def merged_student(params: dict, model_cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+    """A LoRA student as a plain one of its family: each adapted projection W + (alpha / r) A B
+    (`lora.merged`), its layers float, the config without adapters. Others unchanged."""
+    if not model_cfg.lora_rank:
+        return params, model_cfg
+    plain = ModelConfig()
+    return lora.merged(params, model_cfg), dataclasses.replace(
+        model_cfg, lora_rank=0, lora_alpha=plain.lora_alpha, lora_dropout=plain.lora_dropout,
+        lora_targets=plain.lora_targets, quantize="none", quantize_group=0)
+
+
+def export(run_dir: str | Path, out_dir: str | Path, dtype: str | None = None) -> dict[str, Any]:
+    """Write the latest checkpoint of `run_dir` to `out_dir`; returns what was written."""
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    cfg, info, step, dtype = checked_export(run_dir, out_dir, dtype)
     source = _source_dir(cfg)
     base = _source_config(source)
     hf_config(dataclasses.replace(cfg.model, param_dtype="float32"), base)  # refuse early
     tokenizer = _tokenizer_file(cfg)
     model_cfg = dataclasses.replace(cfg.model, remat="none")
     _, abstract = abstract_model(model_cfg)
-    params = checkpoint.restore_params(run_dir, abstract, step)
-    if model_cfg.lora_rank:  # merged: a plain student of the family, whose layers are float
-        params = lora.merged(params, model_cfg)
-        model_cfg = dataclasses.replace(model_cfg, lora_rank=0, quantize="none",
-                                        quantize_group=0, lora_targets=ModelConfig().lora_targets)
+    params, model_cfg = merged_student(checkpoint.restore_params(run_dir, abstract, step),
+                                       model_cfg)
 
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)

@@ -34,11 +34,11 @@ import numpy as np
 
 from kd_jax import checkpoint
 from kd_jax.config import LLAMA_CPP_FORMATS, Config, ConfigError, ModelConfig
-from kd_jax.export import EXPORT_DTYPES, _tokenizer_file, model_card
-from kd_jax.models import lora, quantize
+from kd_jax.export import _tokenizer_file, checked_export, merged_student, model_card
+from kd_jax.models import quantize
 from kd_jax.models.pretrained import write_sums
 from kd_jax.models.pure import abstract_model, count_params
-from kd_jax.run_dir import read_report, read_run
+from kd_jax.run_dir import read_report
 
 GGUF_FILE = "model.gguf"
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -56,15 +56,7 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     """Write the latest checkpoint of `run_dir` as OUT_DIR/model.gguf; returns what was
     written."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg, info = read_run(run_dir)
-    step = checkpoint.latest_step(run_dir)
-    if step is None:
-        raise ConfigError(f"{run_dir} has no checkpoint to export")
-    dtype = dtype or cfg.model.param_dtype
-    if dtype not in EXPORT_DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(EXPORT_DTYPES)}, got {dtype}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ConfigError(f"{out_dir} exists and is not empty: export into a new directory")
+    cfg, info, step, dtype = checked_export(run_dir, out_dir, dtype)
     try:
         import gguf
     except ImportError:
@@ -78,14 +70,10 @@ def export_gguf(run_dir: str | Path, out_dir: str | Path, dtype: str | None = No
     tokenizer = _tokenizer_file(cfg)
     vocabulary = tokenizer_metadata(tokenizer, cfg.model.vocab_size)
     _, abstract = abstract_model(cfg.model)
-    params = checkpoint.restore_params(run_dir, abstract, step)
-    served = cfg
-    if cfg.model.lora_rank:  # merged, as the safetensors export merges it: a plain student
-        params = lora.merged(params, cfg.model)
-        plain = ModelConfig()
-        served = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, lora_rank=0, lora_alpha=plain.lora_alpha,
-            lora_dropout=plain.lora_dropout, lora_targets=plain.lora_targets))
+    # A LoRA student merged, as the safetensors export merges it (its base is float here).
+    params, served_model = merged_student(checkpoint.restore_params(run_dir, abstract, step),
+                                          cfg.model)
+    served = dataclasses.replace(cfg, model=served_model)
 
     partial = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)

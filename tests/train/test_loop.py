@@ -194,7 +194,6 @@ def test_a_qlora_run_resumed_is_the_uninterrupted_run_bit_for_bit(teacher_run, t
     """LoRA on an int4 base with adapter dropout, from the teacher's layers: stopped at step 3
     and rerun, its losses and weights are the uninterrupted run's; its checkpoints hold the
     adapters, the frozen base lies once in base/, and it is the teacher's weights, unchanged."""
-    import jax
 
     root, corpus = teacher_run
     extra = """
